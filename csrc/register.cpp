@@ -1,0 +1,16 @@
+// Schemas of every CUDA op in maskedssl._C, in one place. Each op's kernels live in their own .cu file
+// and register their CUDA implementations with TORCH_LIBRARY_IMPL(maskedssl, CUDA, m). Fake (meta)
+// implementations, autograd and argument validation live in Python (maskedssl/ops/), so these schemas
+// are the low-level kernel entry points, named <op>_cuda, and not the public ops.
+#include <torch/library.h>
+
+TORCH_LIBRARY(maskedssl, m) {
+  // --- token gather / scatter (csrc/token_gather.cu) ---
+  // --- end token gather / scatter ---
+
+  // --- ncut bi-partition (csrc/ncut.cu) ---
+  // --- end ncut bi-partition ---
+
+  // --- mix + patchify (csrc/mix_patchify.cu) ---
+  // --- end mix + patchify ---
+}

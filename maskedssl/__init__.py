@@ -1,0 +1,6 @@
+"""maskedssl: fused kernels and compact trainers for masked-image-modeling pretraining."""
+
+from . import ops
+
+__version__ = "0.1.0"
+__all__ = ["ops"]

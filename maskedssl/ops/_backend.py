@@ -1,0 +1,109 @@
+"""Backend selection shared by every op: ``torch`` (reference), ``triton`` (kernels/), ``cuda`` (csrc/).
+
+The choice comes from the op's ``backend=`` argument, else ``MASKEDSSL_BACKEND``, else ``auto``.
+``auto`` picks the op's fastest available backend for CUDA tensors and ``torch`` for CPU tensors.
+A backend that was asked for but cannot run here (extension not built, CPU tensors without the Triton
+interpreter) falls back to the next one in the op's preference order, saying so once in a log line.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("maskedssl")
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+ENV_VAR = "MASKEDSSL_BACKEND"
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+@functools.cache
+def cuda_extension_loaded() -> bool:
+    """Load ``maskedssl._C`` (the CUDA kernels) into ``torch.ops.maskedssl`` if it was built."""
+    spec = importlib.util.find_spec("maskedssl._C")
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        torch.ops.load_library(spec.origin)
+    except OSError as err:  # built against another torch, missing CUDA runtime, ...
+        warn_once(f"maskedssl: the CUDA extension at {spec.origin} failed to load ({err})")
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _runs_here(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not triton_importable():
+            return "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return None
+        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"CUDA kernels need CUDA tensors, got {device.type}"
+        if not cuda_extension_loaded():
+            return "the CUDA extension maskedssl._C was not built"
+        return None
+    raise AssertionError(backend)
+
+
+def requested_backend(backend: str | None) -> str:
+    """The backend asked for: the argument, else the environment variable, else ``auto``."""
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        source = "backend" if backend is not None else ENV_VAR
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device,
+                    auto_order: tuple[str, ...] = ("cuda", "triton", "torch")) -> str:
+    """The concrete backend ``op`` runs with on ``device``.
+
+    ``auto_order`` is the op's preference on CUDA tensors, fastest first (from its benchmarks).
+    """
+    name = requested_backend(backend)
+    if name == "auto":
+        if device.type != "cuda":
+            return "torch"
+        return next(b for b in auto_order if _runs_here(b, device) is None)
+    reason = _runs_here(name, device)
+    if reason is None:
+        return name
+    order = [b for b in auto_order if b != name] if device.type == "cuda" else ["torch"]
+    fallback = next(b for b in (*order, "torch") if _runs_here(b, device) is None)
+    warn_once(f"maskedssl.{op}: backend {name!r} unavailable ({reason}); using {fallback!r}")
+    return fallback
+
+
+def available_backends(device: torch.device | str = "cuda") -> list[str]:
+    """Backends that can run on ``device`` in this process."""
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if _runs_here(b, device) is None]

@@ -1,0 +1,89 @@
+"""Argument checks for the public ops: run once, at the op boundary, before any kernel launches.
+
+Wrong type or dtype raises ``TypeError``; wrong shape, device or value raises ``ValueError``. Messages
+name the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None,
+                 shape: Sequence[int | None] | None = None, what: str = "") -> torch.Tensor:
+    """``t`` is a tensor with ``ndim`` dims, one of ``dtypes``, and ``shape`` (None = any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {t.dtype}")
+    if shape is not None:
+        ndim = len(shape)
+    if ndim is not None and t.dim() != ndim:
+        hint = f" {what}" if what else ""
+        raise ValueError(f"{name} must be {ndim}-D{hint}, got shape {tuple(t.shape)}")
+    if shape is not None:
+        for got, want in zip(t.shape, shape):
+            if want is not None and got != want:
+                expected = tuple("*" if s is None else s for s in shape)
+                raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors (None skipped) live on one device; returns it."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}; "
+                             "all tensors must be on one device")
+    return first
+
+
+def check_probability(name: str, value: float, *, low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (0.0 < value if low_open else 0.0 <= value) or not (value < 1.0 if high_open else value <= 1.0):
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}0, 1{hi}, got {value}")
+    return value
+
+
+def check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def index_checks_enabled() -> bool:
+    """Index range checks cost one small reduction and a device->host sync per call.
+
+    They are on by default in eager mode; ``MASKEDSSL_CHECK_INDICES=0`` turns them off, and they are
+    skipped while ``torch.compile`` traces (a data-dependent check would break the graph).
+    """
+    if os.environ.get("MASKEDSSL_CHECK_INDICES", "1") == "0":
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def check_index_range(name: str, ids: torch.Tensor, high: int) -> None:
+    """Every entry of ``ids`` lies in [0, high): out-of-range indices never reach a kernel."""
+    if ids.numel() == 0 or not index_checks_enabled():
+        return
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both bounds
+    if lo < 0 or hi >= high:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} must hold indices in [0, {high}), found {bad}")

@@ -1,0 +1,139 @@
+"""``mix_patchify``: mix two images of a batch, patchify, keep the encoder's rows, and build the
+per-patch normalised reconstruction targets of the unmixed images, in one op.
+
+Semantics (the torch backend spells them out): pixels are read as float32 (uint8 scaled to [0, 1]),
+normalised per channel with ``mean``/``std`` when given, then
+``mixed[b] = lam[b] * imgs[b] + (1 - lam[b]) * imgs[partner[b]]``. ``inputs`` = patchify(mixed) at rows
+``ids_keep``; ``targets`` = patchify(imgs) (and patchify(imgs[partner]) when mixing) at rows
+``ids_masked``, each row normalised as MAE's norm_pix_loss (unbiased variance, + 1e-6) when ``norm_pix``.
+No gradient flows through it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import resolve_backend
+from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_device, check_tensor
+from .patchify import grid_size, patchify
+
+AUTO_ORDER = ("cuda", "triton", "torch")
+IMAGE_DTYPES = (*FLOAT_DTYPES, torch.uint8)
+
+
+def normalize_rows(t: torch.Tensor) -> torch.Tensor:
+    """MAE's norm_pix_loss target: (t - mean) / sqrt(var + 1e-6) per row, unbiased var, in float32."""
+    t = t.float()
+    mean = t.mean(dim=-1, keepdim=True)
+    var = t.var(dim=-1, keepdim=True)
+    return (t - mean) / (var + 1.0e-6) ** 0.5
+
+
+def _rows(x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    if ids is None:
+        return x
+    return torch.gather(x, 1, ids.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _mix_patchify_torch(imgs, patch_size, partner, lam, ids_keep, ids_masked, norm_pix, mean, std,
+                        out_dtype):
+    x = imgs.float()
+    if imgs.dtype == torch.uint8:
+        x = x / 255.0
+    if mean is not None:
+        x = (x - mean.float().view(1, -1, 1, 1)) / std.float().view(1, -1, 1, 1)
+    unmixed = [x] if partner is None else [x, x[partner.long()]]
+    mixed = x if partner is None else torch.lerp(unmixed[1], x, lam.float().view(-1, 1, 1, 1))
+    inputs = _rows(patchify(mixed, patch_size), ids_keep).to(out_dtype)
+    targets = []
+    for img in unmixed:
+        t = _rows(patchify(img, patch_size), ids_masked)
+        targets.append((normalize_rows(t) if norm_pix else t).to(out_dtype))
+    if partner is None:
+        targets.append(inputs.new_empty(0))
+    return inputs, targets[0], targets[1]
+
+
+@torch.library.custom_op("maskedssl::mix_patchify", mutates_args=())
+def _mix_patchify_op(imgs: torch.Tensor, patch_size: int, partner: torch.Tensor | None,
+                     lam: torch.Tensor | None, ids_keep: torch.Tensor | None, ids_masked: torch.Tensor | None,
+                     norm_pix: bool, mean: torch.Tensor | None, std: torch.Tensor | None,
+                     out_dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mix_patchify_torch(imgs, patch_size, partner, lam, ids_keep, ids_masked, norm_pix, mean, std,
+                               out_dtype)
+
+
+@_mix_patchify_op.register_fake
+def _(imgs, patch_size, partner, lam, ids_keep, ids_masked, norm_pix, mean, std, out_dtype, backend):
+    b, c, height, width = imgs.shape
+    length = (height // patch_size) * (width // patch_size)
+    row = patch_size * patch_size * c
+    kept = length if ids_keep is None else ids_keep.shape[1]
+    masked = length if ids_masked is None else ids_masked.shape[1]
+    inputs = imgs.new_empty(b, kept, row, dtype=out_dtype)
+    target = imgs.new_empty(b, masked, row, dtype=out_dtype)
+    other = imgs.new_empty(b, masked, row, dtype=out_dtype) if partner is not None else \
+        imgs.new_empty(0, dtype=out_dtype)
+    return inputs, target, other
+
+
+def _check_rows(name, ids, b, length):
+    if ids is None:
+        return
+    check_tensor(name, ids, ndim=2, dtypes=INDEX_DTYPES, what="(B, rows)")
+    if ids.shape[0] != b:
+        raise ValueError(f"{name} must have shape ({b}, rows), got {tuple(ids.shape)}")
+    check_index_range(name, ids, length)
+
+
+def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor | None = None,
+                 lam: torch.Tensor | float | None = None, ids_keep: torch.Tensor | None = None,
+                 ids_masked: torch.Tensor | None = None, norm_pix: bool = True,
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None, backend: str | None = None):
+    """Mix, patchify, select rows and build targets -> ``(inputs, targets)``.
+
+    imgs: (B, C, H, W) float32/bfloat16/float16/uint8, H and W divisible by ``patch_size``;
+    partner: (B,) int indices into the batch, with ``lam`` (float or (B,) tensor in [0, 1]) the weight of
+    ``imgs[b]``; ids_keep: (B, K) rows for ``inputs``; ids_masked: (B, M) rows for ``targets``;
+    mean/std: (C,) per-channel normalisation; out_dtype: defaults to imgs' dtype (float32 for uint8).
+    Returns ``inputs`` (B, K, p*p*C) and ``targets``, a tuple of one (B, M, p*p*C) tensor per unmixed
+    image: ``(imgs,)``, or ``(imgs, imgs[partner])`` when mixing.
+    """
+    check_tensor("imgs", imgs, ndim=4, dtypes=IMAGE_DTYPES, what="(B, C, H, W)")
+    b, c, height, width = imgs.shape
+    h, w = grid_size(height, width, patch_size)
+    length = h * w
+    if norm_pix and patch_size * patch_size * c < 2:
+        raise ValueError("norm_pix needs at least 2 values per patch (p*p*C >= 2)")
+    if out_dtype is None:
+        out_dtype = torch.float32 if imgs.dtype == torch.uint8 else imgs.dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be one of float32, bfloat16, float16, got {out_dtype}")
+    if (partner is None) != (lam is None):
+        raise ValueError("partner and lam go together: pass both to mix, or neither")
+    if partner is not None:
+        check_tensor("partner", partner, shape=(b,), dtypes=INDEX_DTYPES)
+        check_index_range("partner", partner, b)
+        if isinstance(lam, bool):
+            raise TypeError("lam must be a float or a (B,) tensor, got bool")
+        if isinstance(lam, (int, float)):
+            if not 0.0 <= lam <= 1.0:
+                raise ValueError(f"lam must be in [0, 1], got {lam}")
+            lam = torch.full((b,), float(lam), device=imgs.device)
+        check_tensor("lam", lam, shape=(b,), dtypes=FLOAT_DTYPES)
+        lam = lam.float()
+    _check_rows("ids_keep", ids_keep, b, length)
+    _check_rows("ids_masked", ids_masked, b, length)
+    if (mean is None) != (std is None):
+        raise ValueError("mean and std go together: pass both, or neither")
+    if mean is not None:
+        check_tensor("mean", mean, shape=(c,), dtypes=FLOAT_DTYPES)
+        check_tensor("std", std, shape=(c,), dtypes=FLOAT_DTYPES)
+    device = check_same_device(imgs=imgs, partner=partner, lam=lam, ids_keep=ids_keep, ids_masked=ids_masked,
+                               mean=mean, std=std)
+    name = resolve_backend("mix_patchify", backend, device, AUTO_ORDER)
+    inputs, target, other = torch.ops.maskedssl.mix_patchify(
+        imgs.detach(), patch_size, partner, lam, ids_keep, ids_masked, bool(norm_pix), mean, std, out_dtype,
+        name)
+    return inputs, (target,) if partner is None else (target, other)

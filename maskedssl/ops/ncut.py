@@ -1,0 +1,108 @@
+"""``ncut_bipartition``: per-sample normalized-cut bi-partition of patch features (TokenCut), for
+Self-guided MAE's informed masks.
+
+Affinity A = cos(f_i, f_j) clamped below at eps (or TokenCut's binary graph with ``tau``: 1 where
+cos > tau, eps elsewhere); degrees d = A 1. The Fiedler vector is the second-largest eigenvector u of
+D^-1/2 A D^-1/2 mapped back, v = D^-1/2 u (= the second-smallest generalized eigenvector of
+(D - A) v = lambda D v). Split at mean(v); the foreground is the side holding argmax |v| (TokenCut's seed).
+
+Output convention: ``fiedler`` is v scaled to unit norm and signed so that the foreground is the side
+above the mean (``foreground == fiedler > fiedler.mean()``); ``score`` is each patch's cosine to the
+mean normalised feature of the foreground.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._backend import resolve_backend
+from ._validate import FLOAT_DTYPES, check_tensor
+
+AUTO_ORDER = ("cuda", "triton", "torch")
+
+
+class NCut(NamedTuple):
+    fiedler: torch.Tensor  # (B, N) float32, unit norm, foreground above its mean
+    foreground: torch.Tensor  # (B, N) bool
+    score: torch.Tensor  # (B, N) float32, cosine to the foreground mean feature
+
+
+def affinity(feats: torch.Tensor, tau: float | None, eps: float) -> torch.Tensor:
+    """(B, N, N) affinity of L2-normalised features, in feats' dtype."""
+    f = torch.nn.functional.normalize(feats, dim=-1)
+    cos = f @ f.transpose(1, 2)
+    if tau is None:
+        return cos.clamp_min(eps)
+    return torch.where(cos > tau, 1.0, eps).to(cos.dtype)
+
+
+def finish_partition(feats: torch.Tensor, v: torch.Tensor) -> NCut:
+    """From a (B, N) generalized eigenvector ``v`` (any sign/scale): sign, split, foreground, score.
+
+    Shared by every backend that solves for v on its own, so the rules live in one place.
+    """
+    v = v.float()
+    seed = v.abs().argmax(dim=1, keepdim=True)
+    above = v > v.mean(dim=1, keepdim=True)
+    seed_above = above.gather(1, seed)
+    # flip so the seed's side is the one above the mean
+    sign = torch.where(seed_above, 1.0, -1.0)
+    fiedler = torch.nn.functional.normalize(v * sign, dim=1)
+    foreground = fiedler > fiedler.mean(dim=1, keepdim=True)
+    # a constant v leaves no side above the mean: then everything is foreground
+    empty = ~foreground.any(dim=1, keepdim=True)
+    foreground = foreground | empty
+    f = torch.nn.functional.normalize(feats.float(), dim=-1)
+    fg_mean = (f * foreground.unsqueeze(-1)).sum(1) / foreground.sum(1, keepdim=True)
+    score = torch.einsum("bnd,bd->bn", f, torch.nn.functional.normalize(fg_mean, dim=-1))
+    return NCut(fiedler, foreground, score)
+
+
+def _ncut_torch(feats, tau, eps):
+    a = affinity(feats.double(), tau, eps)
+    d_isqrt = a.sum(-1).rsqrt()
+    m = d_isqrt.unsqueeze(-1) * a * d_isqrt.unsqueeze(-2)
+    _, vecs = torch.linalg.eigh(m)
+    v = vecs[..., -2] * d_isqrt  # eigh sorts ascending: -1 is the known top vector D^1/2 1
+    return finish_partition(feats, v)
+
+
+@torch.library.custom_op("maskedssl::ncut_bipartition", mutates_args=())
+def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_ncut_torch(feats, tau, eps))
+
+
+@_ncut_op.register_fake
+def _(feats, tau, eps, backend):
+    b, n, _ = feats.shape
+    return (feats.new_empty(b, n, dtype=torch.float32), feats.new_empty(b, n, dtype=torch.bool),
+            feats.new_empty(b, n, dtype=torch.float32))
+
+
+def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float = 1e-5, *,
+                     backend: str | None = None) -> NCut:
+    """Normalized-cut bi-partition of each sample's N patch features (B, N, D) -> ``NCut``.
+
+    feats: float32/bfloat16/float16, N >= 2; tau: TokenCut's binary-graph threshold in (-1, 1) or None
+    for the clamped cosine graph; eps > 0: the affinity floor. No gradient flows through the result.
+    """
+    check_tensor("feats", feats, ndim=3, dtypes=FLOAT_DTYPES, what="(B, N, D)")
+    b, n, d = feats.shape
+    if b < 1 or n < 2 or d < 1:
+        raise ValueError(f"feats must have B >= 1, N >= 2 patches and D >= 1, got {tuple(feats.shape)}")
+    if tau is not None:
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+            raise TypeError(f"tau must be a float or None, got {type(tau).__name__}")
+        if not -1.0 < tau < 1.0:
+            raise ValueError(f"tau must be in (-1, 1), got {tau}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps must be in (0, 1], got {eps}")
+    name = resolve_backend("ncut_bipartition", backend, feats.device, AUTO_ORDER)
+    fiedler, foreground, score = torch.ops.maskedssl.ncut_bipartition(
+        feats.detach(), None if tau is None else float(tau), float(eps), name)
+    return NCut(fiedler, foreground, score)

@@ -1,0 +1,45 @@
+"""``random_masking``: MAE's per-sample random shuffle, as index tensors only (no data moved).
+
+Kept as plain PyTorch (rand + two argsorts): it touches B*L integers, and staying traceable lets
+``torch.compile`` fuse it. Same RNG calls as facebookresearch/mae, so a seeded run picks the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validate import check_positive_int
+
+
+def num_kept(length: int, mask_ratio: float) -> int:
+    """K = int(L * (1 - mask_ratio)), MAE's ``len_keep``."""
+    return int(length * (1 - mask_ratio))
+
+
+def random_masking(batch: int, length: int, mask_ratio: float, device=None,
+                   generator: torch.Generator | None = None):
+    """Random per-sample masks with MAE semantics.
+
+    Returns ``(ids_keep, ids_restore, mask)``: ``ids_keep`` (B, K) int64, the kept patch indices in
+    shuffled order; ``ids_restore`` (B, L) int64, the inverse shuffle (``r < K`` means kept at slot r);
+    ``mask`` (B, L) float32, 1 = removed, 0 = kept, in original patch order.
+    """
+    check_positive_int("batch", batch)
+    check_positive_int("length", length)
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+        raise TypeError(f"mask_ratio must be a float, got {type(mask_ratio).__name__}")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    keep = num_kept(length, mask_ratio)
+    if keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps no token of length={length}")
+    if generator is not None and device is not None and generator.device != torch.device(device):
+        raise ValueError(f"generator is on {generator.device} but device is {device}")
+    if generator is not None and device is None:
+        device = generator.device
+    noise = torch.rand(batch, length, device=device, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    mask = (ids_restore >= keep).float()
+    return ids_keep, ids_restore, mask

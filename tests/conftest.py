@@ -1,0 +1,52 @@
+"""Shared test setup: poisoned kernel outputs, GPU skipping, the dtype tolerance table, backends."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Kernels allocate outputs NaN-filled under test, so an element they never write cannot pass.
+os.environ.setdefault("MASKEDSSL_POISON_OUTPUTS", "1")
+
+# (dtype, atol, rtol) from KERNELS.md
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (1e-2, 1e-2),
+}
+DTYPES = list(TOLERANCES)
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cpu_kernel_backends() -> list[str]:
+    """Kernel backends that can run on CPU tensors in this process (Triton only through its interpreter)."""
+    return ["triton"] if INTERPRET else []
+
+
+def gpu_kernel_backends() -> list[str]:
+    from maskedssl.ops import available_backends
+
+    return [b for b in ("triton", "cuda") if HAS_CUDA and b in available_backends("cuda")]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    atol, rtol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
