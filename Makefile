@@ -35,7 +35,7 @@ install: $(STAMP)
 # One build_ext call; ninja keeps the objects in build/ so an unchanged csrc/ rebuilds nothing.
 build: $(STAMP)
 ifneq ($(NVCC),)
-	$(PY) setup.py -q build_ext --inplace
+	MASKEDSSL_BUILD_CUDA=1 $(PY) setup.py -q build_ext --inplace
 else
 	@echo "nvcc not found: skipping the CUDA extension (pure-Python install)"
 endif

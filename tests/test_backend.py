@@ -1,0 +1,56 @@
+"""Backend selection: argument, environment variable, auto, fallback with one log line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from maskedssl import ops
+from maskedssl.ops import _backend
+
+
+def test_auto_is_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert _backend.resolve_backend("op", None, torch.device("cpu")) == "torch"
+    assert _backend.resolve_backend("op", "auto", torch.device("cpu")) == "torch"
+
+
+def test_environment_variable_selects(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "TORCH")
+    assert _backend.requested_backend(None) == "torch"
+    monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="MASKEDSSL_BACKEND must be one of"):
+        _backend.requested_backend(None)
+    assert _backend.requested_backend("cuda") == "cuda"  # the argument wins over the environment
+
+
+def test_bad_backend_argument():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _backend.requested_backend("numpy")
+    with pytest.raises(ValueError):
+        _backend.requested_backend(3)
+
+
+def test_unavailable_backend_falls_back_once(caplog, monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="maskedssl"):
+        for _ in range(3):
+            assert _backend.resolve_backend("some_op", "cuda", torch.device("cpu")) == "torch"
+    lines = [r for r in caplog.records if "some_op" in r.getMessage()]
+    assert len(lines) == 1 and "unavailable" in lines[0].getMessage()
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in _backend.available_backends("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ("triton" in _backend.available_backends("cpu")) == _backend.triton_importable()
+
+
+def test_ops_run_with_environment_backend(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "torch")
+    x = torch.randn(2, 4, 3)
+    ids = torch.tensor([[0, 3], [1, 2]])
+    assert ops.gather_tokens(x, ids).shape == (2, 2, 3)
