@@ -26,7 +26,7 @@ $(PY):
 $(STAMP): pyproject.toml setup.py | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q setuptools wheel ninja pybind11
+	$(PY) -m pip install -q 'setuptools>=69' wheel
 	MASKEDSSL_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 

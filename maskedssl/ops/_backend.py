@@ -84,12 +84,19 @@ def requested_backend(backend: str | None) -> str:
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device,
-                    auto_order: tuple[str, ...] = ("cuda", "triton", "torch")) -> str:
+                    auto_order: tuple[str, ...] = ("cuda", "triton", "torch"), dtype: torch.dtype | None = None
+                    ) -> str:
     """The concrete backend ``op`` runs with on ``device``.
 
     ``auto_order`` is the op's preference on CUDA tensors, fastest first (from its benchmarks).
+    float64 data (gradchecks, float64 references) always runs the torch backend: the kernels serve the
+    training dtypes.
     """
     name = requested_backend(backend)
+    if dtype == torch.float64:
+        if name not in ("auto", "torch"):
+            warn_once(f"maskedssl.{op}: backend {name!r} has no float64 kernels; using 'torch'")
+        return "torch"
     if name == "auto":
         if device.type != "cuda":
             return "torch"

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The torch backend also takes float64 (gradchecks); kernel backends fall back to it for float64.
+REFERENCE_DTYPES = (*FLOAT_DTYPES, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
