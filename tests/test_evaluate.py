@@ -1,0 +1,238 @@
+"""Evaluation metrics on inputs with a known answer, then the model-facing wrappers on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from maskedssl import evaluate as ev
+
+
+def _clusters(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=gen) * 4
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    feats = centres[labels] + spread * torch.randn(labels.shape[0], dim, generator=gen)
+    perm = torch.randperm(labels.shape[0], generator=gen)
+    return feats[perm], labels[perm]
+
+
+# ---------------------------------------------------------------- probes
+
+def test_linear_probe_separable_data_reaches_full_accuracy():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 3, generator=gen)
+    x = torch.randn(1500, 16, generator=gen)
+    scores = (x @ w).sort(1, descending=True).values
+    x = x[scores[:, 0] - scores[:, 1] > 1.0][:600]  # separable by construction, with a margin
+    y = (x @ w).argmax(1)
+    out = ev.linear_probe(x[:400], y[:400], x[400:], y[400:], epochs=100, lr=0.05)
+    assert out["acc"] >= 0.97 and out["train_acc"] >= 0.98
+    assert out["num_classes"] == 3
+
+
+def test_linear_probe_random_labels_is_chance():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(800, 8, generator=gen)
+    y = torch.randint(0, 4, (800,), generator=gen)
+    assert ev.linear_probe(x[:400], y[:400], x[400:], y[400:], epochs=30)["acc"] < 0.4
+
+
+def test_linear_probe_is_scale_invariant():
+    feats, labels = _clusters(30, 3, 8, 1.0)
+    a = ev.linear_probe(feats[:60], labels[:60], feats[60:], labels[60:], epochs=20)
+    b = ev.linear_probe(feats[:60] * 1e3 + 5, labels[:60], feats[60:] * 1e3 + 5, labels[60:], epochs=20)
+    assert a["acc"] == pytest.approx(b["acc"])
+
+
+def test_knn_on_clustered_data():
+    feats, labels = _clusters(40, 4, 16, 0.3)
+    assert ev.knn_accuracy(feats[:100], labels[:100], feats[100:], labels[100:], k=5) == 1.0
+    # k larger than the train set is clipped, chunking does not change the answer
+    assert ev.knn_accuracy(feats[:100], labels[:100], feats[100:], labels[100:], k=500, chunk=7) == \
+        ev.knn_accuracy(feats[:100], labels[:100], feats[100:], labels[100:], k=100)
+
+
+def test_knn_vote_is_temperature_weighted():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[1.0, 0.05]])  # nearest is class 0; two far neighbours of class 1
+    assert ev.knn_accuracy(train, labels, test, torch.tensor([0]), k=3, temperature=0.07) == 1.0
+    assert ev.knn_accuracy(train, labels, test, torch.tensor([1]), k=3, temperature=100.0) == 1.0
+
+
+def test_probe_bad_inputs():
+    with pytest.raises(ValueError, match="train_labels"):
+        ev.linear_probe(torch.randn(4, 2), torch.zeros(3, dtype=torch.long), torch.randn(2, 2),
+                        torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="k must"):
+        ev.knn_accuracy(torch.randn(4, 2), torch.zeros(4, dtype=torch.long), torch.randn(2, 2),
+                        torch.zeros(2, dtype=torch.long), k=0)
+
+
+# ---------------------------------------------------------------- separability
+
+def _mixtures(n: int, alpha: float, seed: int):
+    """Sub images live on the first 6 pixels and dom images on the last 6: mixtures are separable."""
+    gen = torch.Generator().manual_seed(seed)
+    sub = torch.cat([torch.randn(n, 6, generator=gen), torch.zeros(n, 6)], 1)
+    dom = torch.cat([torch.zeros(n, 6), torch.randn(n, 6, generator=gen)], 1)
+    return alpha * sub + (1 - alpha) * dom, sub, dom
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.3, 0.5])
+def test_separable_mixtures_with_linear_encoder_give_r2_one(alpha):
+    f = torch.randn(12, 20, generator=torch.Generator().manual_seed(3))  # injective linear encoder
+    train = [t @ f for t in _mixtures(200, alpha, 4)]
+    test = [t @ f for t in _mixtures(100, alpha, 5)]
+    out = ev.separability_r2(*train, *test, ridge=1e-9)
+    assert out["r2"] == pytest.approx(1.0, abs=1e-5)
+    assert out["r2_sub"] == pytest.approx(1.0, abs=1e-5) and out["r2_dom"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_overlapping_mixtures_are_not_separable():
+    """Sub and dom on the same pixels: f(mix) only holds the weighted sum, R^2 well below 1."""
+    gen = torch.Generator().manual_seed(6)
+    sub, dom = torch.randn(300, 8, generator=gen), torch.randn(300, 8, generator=gen)
+    mix = 0.5 * sub + 0.5 * dom
+    out = ev.separability_r2(mix[:200], sub[:200], dom[:200], mix[200:], sub[200:], dom[200:])
+    assert 0.3 < out["r2"] < 0.7  # the best linear guess of each is half the sum: R^2 = 1/2
+
+
+def test_random_targets_give_r2_near_zero():
+    gen = torch.Generator().manual_seed(7)
+    x, sub, dom = (torch.randn(2000, 8, generator=gen) for _ in range(3))
+    out = ev.separability_r2(x[:1500], sub[:1500], dom[:1500], x[1500:], sub[1500:], dom[1500:])
+    assert abs(out["r2"]) < 0.03
+
+
+def test_ridge_recovers_affine_map_and_r2():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(100, 5, generator=gen)
+    w, b = torch.randn(5, 3, generator=gen), torch.randn(1, 3, generator=gen)
+    weight, bias = ev.ridge_fit(x, x @ w + b, ridge=1e-12)
+    torch.testing.assert_close(weight.float(), w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bias.float(), b, atol=1e-5, rtol=1e-5)
+    y = torch.randn(50, 2, generator=gen)
+    assert ev.r2_score(y, y) == 1.0
+    assert ev.r2_score(y, y.mean(0, keepdim=True).expand_as(y)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_other_class_partners():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    partners = ev.sample_other_class_partners(labels, torch.Generator().manual_seed(0))
+    assert (labels[partners] != labels).all()
+
+
+# ---------------------------------------------------------------- patch clustering
+
+def _two_clusters(m: int, theta: float):
+    """2m unit features: the first m along e1, the rest at angle theta from e1 (so cos = cos(theta))."""
+    a = torch.tensor([1.0, 0.0, 0.0])
+    b = torch.tensor([math.cos(theta), math.sin(theta), 0.0])
+    return torch.cat([a.expand(m, 3), b.expand(m, 3)]).unsqueeze(0)
+
+
+@pytest.mark.parametrize("theta", [math.pi / 2, math.pi / 3])
+def test_planted_clusters_gap_variances_and_ncut(theta):
+    m = 8
+    feats = _two_clusters(m, theta) * 3.0  # feature scale must not matter
+    truth = torch.arange(2 * m).unsqueeze(0) < m
+    sim = ev.cosine_similarity_matrix(feats)
+    out = ev.intra_inter_gap(sim, truth)
+    assert out["intra"].item() == pytest.approx(1.0, abs=1e-6)
+    assert out["inter"].item() == pytest.approx(math.cos(theta), abs=1e-6)
+    assert out["gap"].item() == pytest.approx(1.0 - math.cos(theta), abs=1e-6)
+    # a planted partition is recovered by the normalized cut, up to which side is foreground
+    from maskedssl.ops import ncut_bipartition
+    fg = ncut_bipartition(feats).foreground
+    assert torch.equal(fg, truth) or torch.equal(fg, ~truth)
+    assert ev.intra_inter_gap(sim, fg)["gap"].item() == pytest.approx(1.0 - math.cos(theta), abs=1e-6)
+    # sigma_F = 1 - ||mean||^2, mean = (e1 + b) / 2
+    mean_sq = (2 + 2 * math.cos(theta)) / 4
+    assert ev.feature_variance(feats).item() == pytest.approx(1 - mean_sq, abs=1e-6)
+    # sigma_s: each row holds m-1 ones and m values cos(theta) off the diagonal
+    p = (m - 1) / (2 * m - 1)
+    expected = p * (1 - p) * (1 - math.cos(theta)) ** 2
+    assert ev.similarity_variance(feats).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_identical_features_have_zero_variances():
+    feats = torch.randn(1, 1, 5).expand(2, 6, 5)
+    assert torch.allclose(ev.feature_variance(feats), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(ev.similarity_variance(feats), torch.zeros(2), atol=1e-6)
+
+
+def test_gap_with_empty_side_is_nan():
+    sim = torch.eye(4).unsqueeze(0)
+    assert torch.isnan(ev.intra_inter_gap(sim, torch.ones(1, 4, dtype=torch.bool))["gap"]).all()
+    with pytest.raises(ValueError, match="partition"):
+        ev.intra_inter_gap(sim, torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_relation_kl():
+    feats = torch.randn(2, 7, 4)
+    rel = ev.token_relations(feats)
+    torch.testing.assert_close(rel.sum(-1), torch.ones(2, 7))
+    assert (rel.diagonal(dim1=1, dim2=2) == 0).all()
+    assert torch.allclose(ev.relation_kl(rel, rel), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert (ev.relation_kl(rel, ev.token_relations(torch.randn(2, 7, 4))) > 0).all()
+    # known value: KL([1/2, 1/2] || [1/4, 3/4]) = 1/2 log 2 + 1/2 log(2/3)
+    p = torch.tensor([[[0.5, 0.5]]])
+    q = torch.tensor([[[0.25, 0.75]]])
+    expected = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert ev.relation_kl(p, q).item() == pytest.approx(expected)
+
+
+def test_exploitation_rates_of_hand_made_attention():
+    # cls + 4 patches; patches 1 and 3 (0-based) are masked
+    mask = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    attn = torch.zeros(1, 2, 5, 5)
+    # head 0: every query puts 0.2 on cls, 0.5 on visible patch 0, 0.3 on mask patch 3
+    attn[0, 0, :, 0], attn[0, 0, :, 1], attn[0, 0, :, 4] = 0.2, 0.5, 0.3
+    # head 1: mask queries put everything on the other mask token; visible queries on cls
+    attn[0, 1, 2, 4] = 1.0
+    attn[0, 1, 4, 2] = 1.0
+    attn[0, 1, [0, 1, 3], 0] = 1.0
+    out = ev.exploitation_rates(attn, mask)
+    assert out["visible"] == pytest.approx(0.25)
+    assert out["mask"] == pytest.approx(0.65)
+    assert out["prefix"] == pytest.approx(0.10)
+    with pytest.raises(ValueError, match="mask"):
+        ev.exploitation_rates(attn, mask[:, :3])
+
+
+def test_attention_distance_of_known_maps():
+    grid, n = (3, 4), 12
+    eye = torch.eye(n + 1).view(1, 1, n + 1, n + 1)
+    assert ev.attention_distance(eye, grid, patch_size=4).item() == 0.0
+    # every query attends to patch 0 only (plus cls, which is dropped): mean distance to the corner
+    attn = torch.zeros(1, 1, n + 1, n + 1)
+    attn[..., 0] = 0.5
+    attn[..., 1] = 0.5
+    ys, xs = torch.meshgrid(torch.arange(3.0), torch.arange(4.0), indexing="ij")
+    expected = (ys.square() + xs.square()).sqrt().mean().item() * 4
+    assert ev.attention_distance(attn, grid, patch_size=4).item() == pytest.approx(expected, rel=1e-6)
+    # uniform attention over two heads, no prefix token
+    uniform = torch.full((2, 2, n, n), 1.0 / n)
+    centres = torch.stack([ys.flatten(), xs.flatten()], 1)
+    expected = torch.cdist(centres, centres).mean().item()
+    torch.testing.assert_close(ev.attention_distance(uniform, grid, num_prefix=0),
+                               torch.full((2,), expected))
+
+
+def test_patch_object_mask_and_iou():
+    obj = torch.zeros(8, 8, dtype=torch.bool)
+    obj[:4, :4] = True  # the top-left 2 x 2 patches of a 4 x 4 grid (patch 2)
+    obj[4, 4] = True  # a quarter of a patch: below threshold
+    patches = ev.patch_object_mask(obj, 2)
+    expected = torch.zeros(1, 16, dtype=torch.bool)
+    expected[0, [0, 1, 4, 5]] = True
+    assert torch.equal(patches, expected)
+    pred = torch.zeros(1, 16, dtype=torch.bool)
+    pred[0, [0, 1, 2]] = True  # 2 hits, union 5
+    assert ev.mask_iou(pred, expected).item() == pytest.approx(2 / 5)
+    assert ev.mask_iou(expected, expected).item() == 1.0
+    assert ev.mask_iou(torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool)).item() == 1.0
