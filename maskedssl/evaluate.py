@@ -297,3 +297,332 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter = (pred & target).sum(1).float()
     union = (pred | target).sum(1).float()
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model-facing wrappers: collect features and attention maps from a model
+# --------------------------------------------------------------------------------------------------
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_input(model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> the float, normalised, model-sized batch the trainer feeds (floats pass through).
+
+    Normalisation is affine with weights summing to one, so mixing normalised images equals normalising
+    the pixel mixture: separability mixes after this."""
+    from .data import normalize_batch
+
+    imgs = imgs.to(_device_of(model))
+    if imgs.dtype == torch.uint8:
+        return normalize_batch(imgs, getattr(model, "img_size", None))
+    return imgs.float()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def load_images(dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` (all when None) images and labels of a dataset, as uint8 (N,C,H,W), long (N,)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
+        return dataset.images[:n], torch.as_tensor(dataset.labels[:n]).long()
+    items = [dataset[i] for i in range(n)]
+    return torch.stack([img for img, _ in items]), torch.tensor([label for _, label in items])
+
+
+def _batches(images: torch.Tensor, batch_size: int):
+    return [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, loader: Iterable, pool: str = "cls",
+                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen, unmasked features of every batch ``(imgs, labels)`` in ``loader``: (feats (N, D) float32 on
+    the CPU, labels (N,) long). ``pool``: "cls" (the cls token after the final norm) or "mean" (mean of
+    the patch tokens)."""
+    if pool not in ("cls", "mean"):
+        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+    if device is not None:
+        model = model.to(device)
+    feats, labels = [], []
+    with _eval_mode(model):
+        for imgs, y in loader:
+            feats.append(model.forward_features(model_input(model, imgs), pool=pool).float().cpu())
+            labels.append(torch.as_tensor(y).long().cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def features_of_images(model: torch.nn.Module, images: torch.Tensor, pool: str = "cls",
+                       batch_size: int = 256) -> torch.Tensor:
+    """``extract_features`` for an in-memory uint8 or normalised float batch (N, C, H, W) -> (N, D)."""
+    with _eval_mode(model):
+        return torch.cat([model.forward_features(model_input(model, chunk), pool=pool).float().cpu()
+                          for chunk in _batches(images, batch_size)])
+
+
+def _attention_probs(attn_module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Recompute softmax(q k^T * scale) (B, H, T, T) from a timm-style Attention's own qkv projection
+    (fused attention never materialises the map)."""
+    b, t, _ = x.shape
+    heads = attn_module.num_heads
+    qkv = attn_module.qkv(x)
+    head_dim = qkv.shape[-1] // (3 * heads)
+    q, k, _ = qkv.reshape(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q = getattr(attn_module, "q_norm", torch.nn.Identity())(q)
+    k = getattr(attn_module, "k_norm", torch.nn.Identity())(k)
+    scale = getattr(attn_module, "scale", head_dim ** -0.5)
+    return ((q * scale) @ k.transpose(-2, -1)).float().softmax(-1)
+
+
+@contextlib.contextmanager
+def capture(blocks: Sequence[torch.nn.Module], attention: bool = True, outputs: bool = True):
+    """Record, for each block, its attention maps (recomputed from ``block.attn``'s input) and its output
+    tokens on every forward inside the context: yields dict(attention=[[...] per block], outputs=[...])."""
+    record = dict(attention=[[] for _ in blocks], outputs=[[] for _ in blocks])
+    handles = []
+    for i, block in enumerate(blocks):
+        if attention:
+            handles.append(block.attn.register_forward_pre_hook(
+                lambda mod, args, i=i: record["attention"][i].append(_attention_probs(mod, args[0]).detach())))
+        if outputs:
+            handles.append(block.register_forward_hook(
+                lambda mod, args, out, i=i: record["outputs"][i].append(out.detach().float())))
+    try:
+        yield record
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def encoder_maps(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict:
+    """Unmasked encoder pass: per encoder block, patch tokens (N, L, D) (prefix tokens dropped) and
+    attention maps (N, H, T, T) with T = num_prefix + L. Returns dict(feats, attention, num_prefix)."""
+    blocks = list(model.blocks)
+    feats, attn = [[] for _ in blocks], [[] for _ in blocks]
+    with _eval_mode(model):
+        for chunk in _batches(images, batch_size):
+            with capture(blocks) as rec:
+                model.forward_features(model_input(model, chunk), pool=None)
+            for i in range(len(blocks)):
+                feats[i].append(rec["outputs"][i][0].cpu())
+                attn[i].append(rec["attention"][i][0].cpu())
+    feats = [torch.cat(f) for f in feats]
+    num_prefix = feats[0].shape[1] - model.num_patches
+    return dict(feats=[f[:, num_prefix:] for f in feats], attention=[torch.cat(a) for a in attn],
+                num_prefix=num_prefix)
+
+
+def _model_forward(model: torch.nn.Module, x: torch.Tensor, progress: float, seed: int):
+    """One training-style forward for analysis: i-MAE gets a partner permutation and lam = 0.5 weight
+    split drawn as in training; the others their masks (Self-guided MAE's informed ones at ``progress``)."""
+    gen = torch.Generator().manual_seed(seed)
+    kwargs = dict(progress=progress)
+    if getattr(model.config, "method", None) == "imae" or type(model).__name__.lower().startswith("imae") \
+            or hasattr(model, "disentangle_heads"):
+        kwargs["partner"] = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    torch.manual_seed(seed)
+    return model(x, **kwargs)
+
+
+@torch.no_grad()
+def decoder_maps(model: torch.nn.Module, images: torch.Tensor, progress: float = 1.0, seed: int = 0,
+                 batch_size: int = 64) -> dict:
+    """A masked forward through encoder and decoder: per decoder block, attention maps (N, H, T, T) and
+    tokens (N, L, Dd) (of the first decoder call when a model decodes twice, as i-MAE's branches do),
+    and the mask (N, L) 1 = masked. Returns dict(attention, feats, mask, informed)."""
+    blocks = list(model.decoder_blocks)
+    attn, feats, masks, informed = [[] for _ in blocks], [[] for _ in blocks], [], []
+    with _eval_mode(model):
+        for j, chunk in enumerate(_batches(images, batch_size)):
+            with capture(blocks) as rec:
+                out = _model_forward(model, model_input(model, chunk), progress, seed + j)
+            masks.append(out.mask.float().cpu())
+            informed.append(bool(out.extras.get("informed", False)))
+            for i in range(len(blocks)):
+                attn[i].append(rec["attention"][i][0].cpu())
+                feats[i].append(rec["outputs"][i][0].cpu())
+    mask = torch.cat(masks)
+    num_prefix = attn[0][0].shape[-1] - mask.shape[1]
+    return dict(attention=[torch.cat(a) for a in attn], feats=[torch.cat(f)[:, num_prefix:] for f in feats],
+                mask=mask, num_prefix=num_prefix, informed=all(informed))
+
+
+def _layer_index(layer: int, depth: int) -> int:
+    if not -depth <= layer < depth:
+        raise ValueError(f"layer must be in [{-depth}, {depth}), got {layer}")
+    return layer % depth
+
+
+@torch.no_grad()
+def clustering_metrics(model: torch.nn.Module, images: torch.Tensor, object_masks: torch.Tensor | None = None,
+                       *, layer: int = -1, tau: float | None = None, eps: float = 1e-5, progress: float = 1.0,
+                       seed: int = 0, batch_size: int = 64) -> dict:
+    """Self-guided MAE's analysis on a batch of images (docs/METRICS.md), all as plain floats/lists:
+
+    sigma_f, sigma_s, gap_cosine / gap_attention (mu_intra - mu_inter of the normalized-cut bi-partition
+    of encoder layer ``layer``'s patch features, edge weights = cosine or head-averaged symmetrised
+    attention), attention_distance (per encoder layer, mean over heads, pixels), decoder_attention_distance,
+    exploitation_visible / exploitation_mask (per decoder layer), decoder_sigma_f (last decoder block),
+    and with ``object_masks`` (N, H, W): fg_iou (bi-partition foreground vs object patches), mask_iou and
+    mask_object_coverage (the model's training mask at ``progress`` vs object patches).
+    """
+    from .ops import ncut_bipartition
+
+    enc = encoder_maps(model, images, batch_size)
+    li = _layer_index(layer, len(enc["feats"]))
+    feats, attn, prefix = enc["feats"][li], enc["attention"][li], enc["num_prefix"]
+    ncut = ncut_bipartition(feats, tau=tau, eps=eps)
+    attn_graph = attn[:, :, prefix:, prefix:].mean(1)
+    attn_graph = (attn_graph + attn_graph.transpose(1, 2)) / 2
+    patch_size = model.patch_size
+    grid = (model.img_size // patch_size, model.img_size // patch_size)
+    out = dict(
+        layer=li,
+        sigma_f=feature_variance(feats).mean().item(),
+        sigma_s=similarity_variance(feats).mean().item(),
+        gap_cosine=intra_inter_gap(cosine_similarity_matrix(feats), ncut.foreground)["gap"].nanmean().item(),
+        gap_attention=intra_inter_gap(attn_graph, ncut.foreground)["gap"].nanmean().item(),
+        attention_distance=[attention_distance(a, grid, patch_size, prefix).mean().item()
+                            for a in enc["attention"]],
+    )
+    dec = decoder_maps(model, images, progress, seed, batch_size)
+    rates = [exploitation_rates(a, dec["mask"], dec["num_prefix"]) for a in dec["attention"]]
+    out.update(
+        decoder_attention_distance=[attention_distance(a, grid, patch_size, dec["num_prefix"]).mean().item()
+                                    for a in dec["attention"]],
+        exploitation_visible=[r["visible"] for r in rates],
+        exploitation_mask=[r["mask"] for r in rates],
+        decoder_sigma_f=feature_variance(dec["feats"][-1]).mean().item(),
+        informed=dec["informed"],
+    )
+    if object_masks is not None:
+        obj = patch_object_mask(object_masks, patch_size)
+        masked = dec["mask"].bool()
+        out.update(
+            object_fraction=obj.float().mean().item(),
+            fg_iou=mask_iou(ncut.foreground, obj).mean().item(),
+            mask_iou=mask_iou(masked, obj).mean().item(),
+            mask_object_coverage=((masked & obj).sum(1) / obj.sum(1).clamp_min(1)).mean().item(),
+        )
+    return out
+
+
+@torch.no_grad()
+def relation_snapshot(model: torch.nn.Module, images: torch.Tensor, temperature: float = 0.1,
+                      batch_size: int = 64) -> list[torch.Tensor]:
+    """Token relations (N, L, L) of every encoder layer's patch features: compare two checkpoints'
+    snapshots on the same images with ``relation_kl``."""
+    return [token_relations(f, temperature) for f in encoder_maps(model, images, batch_size)["feats"]]
+
+
+@torch.no_grad()
+def imae_separability(model: torch.nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
+                      test_images: torch.Tensor, test_labels: torch.Tensor, *,
+                      weights: Sequence[float] = MIX_WEIGHTS, pool: str = "cls", ridge: float = 1e-3,
+                      probe_epochs: int = 100, batch_size: int = 256, seed: int = 0) -> dict:
+    """i-MAE's linear separability of a frozen encoder f (RECIPES.md): pair each image (the subordinate,
+    weight alpha) with an image of another class (the dominant, 1 - alpha), fit ridge regression
+    f(mixture) -> [f(sub), f(dom)] on the train pairs, report held-out R^2 on the test pairs, and the
+    linear-probe accuracy of the subordinate and the dominant label from f(mixture), per alpha."""
+    gen = torch.Generator().manual_seed(seed)
+    splits = []
+    for images, labels in ((train_images, train_labels), (test_images, test_labels)):
+        x = model_input(model, images).cpu()
+        partner = sample_other_class_partners(labels, gen)
+        base = features_of_images(model, x, pool, batch_size)
+        splits.append(dict(x=x, partner=partner, labels=labels, sub=base, dom=base[partner]))
+    result = {key: [] for key in ("r2", "r2_sub", "r2_dom", "probe_sub", "probe_dom")}
+    result["weights"] = [float(w) for w in weights]
+    for alpha in weights:
+        if not 0.0 < alpha <= 0.5:
+            raise ValueError(f"mixing weights must be in (0, 0.5], got {alpha}")
+        mix = [features_of_images(model, alpha * s["x"] + (1 - alpha) * s["x"][s["partner"]], pool, batch_size)
+               for s in splits]
+        train, test = splits
+        r2 = separability_r2(mix[0], train["sub"], train["dom"], mix[1], test["sub"], test["dom"], ridge)
+        for key in ("r2", "r2_sub", "r2_dom"):
+            result[key].append(r2[key])
+        for role, labels_of in (("sub", lambda s: s["labels"]), ("dom", lambda s: s["labels"][s["partner"]])):
+            probe = linear_probe(mix[0], labels_of(train), mix[1], labels_of(test), epochs=probe_epochs, seed=seed)
+            result[f"probe_{role}"].append(probe["acc"])
+    return result
+
+
+def plot_separability(results: dict[str, dict], path: str | pathlib.Path) -> pathlib.Path:
+    """R^2 against the mixing weight, one line per model (``results``: name -> imae_separability output)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, res in results.items():
+        axes[0].plot(res["weights"], res["r2"], marker="o", label=name)
+        axes[1].plot(res["weights"], res["probe_sub"], marker="o", label=f"{name} sub")
+        axes[1].plot(res["weights"], res["probe_dom"], marker="s", linestyle="--", label=f"{name} dom")
+    axes[0].set(xlabel="mixing weight of the subordinate image", ylabel="held-out R$^2$",
+                title="f(mix) -> [f(sub), f(dom)]")
+    axes[1].set(xlabel="mixing weight of the subordinate image", ylabel="probe accuracy",
+                title="labels from f(mix)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def finetune(model: torch.nn.Module, train_loader: Iterable, test_loader: Iterable, *, num_classes: int,
+             epochs: int = 3, lr: float = 5e-4, weight_decay: float = 0.05, pool: str = "cls",
+             device: torch.device | str | None = None, seed: int = 0) -> dict:
+    """A short end-to-end fine-tune of a copy of the encoder plus a linear head (the model itself is left
+    untouched): AdamW, cosine decay, cross-entropy, no augmentation. Returns dict(acc, train_loss)."""
+    torch.manual_seed(seed)
+    net = copy.deepcopy(model)
+    if device is not None:
+        net = net.to(device)
+    dev = _device_of(net)
+    with torch.no_grad(), _eval_mode(net):
+        imgs, _ = next(iter(train_loader))
+        width = net.forward_features(model_input(net, imgs[:1]), pool=pool).shape[-1]
+    head = torch.nn.Linear(width, num_classes).to(dev)
+    torch.nn.init.zeros_(head.bias)
+    torch.nn.init.normal_(head.weight, std=0.01)
+    params = list(net.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = max(1, epochs * len(train_loader))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    net.train()
+    losses = []
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for imgs, labels in train_loader:
+                logits = head(net.forward_features(model_input(net, imgs), pool=pool))
+                loss = F.cross_entropy(logits, torch.as_tensor(labels).long().to(dev))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+    correct = count = 0
+    with torch.no_grad(), _eval_mode(net):
+        for imgs, labels in test_loader:
+            pred = head(net.forward_features(model_input(net, imgs), pool=pool)).argmax(1).cpu()
+            correct += int((pred == torch.as_tensor(labels).long()).sum())
+            count += pred.shape[0]
+    tail = losses[-max(1, len(losses) // 10):]
+    return dict(acc=correct / max(count, 1), train_loss=sum(tail) / len(tail))

@@ -236,3 +236,26 @@ def test_patch_object_mask_and_iou():
     assert ev.mask_iou(pred, expected).item() == pytest.approx(2 / 5)
     assert ev.mask_iou(expected, expected).item() == 1.0
     assert ev.mask_iou(torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool)).item() == 1.0
+
+
+# ---------------------------------------------------------------- model-facing helpers
+
+def test_captured_attention_matches_timm_block():
+    """The map recomputed from qkv in the hook reproduces the block's own attention output."""
+    from timm.models.vision_transformer import Block
+
+    block = Block(dim=24, num_heads=3, qkv_bias=True).eval()
+    x = torch.randn(2, 9, 24)
+    with ev.capture([block]) as rec:
+        out = block(x)
+    attn = rec["attention"][0][0]
+    assert attn.shape == (2, 3, 9, 9)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 9))
+    torch.testing.assert_close(rec["outputs"][0][0], out)
+    mod = block.attn
+    v = mod.qkv(block.norm1(x)).reshape(2, 9, 3, 3, 8).permute(2, 0, 3, 1, 4)[2]
+    attn_out = mod.proj((attn @ v).transpose(1, 2).reshape(2, 9, 24))
+    torch.testing.assert_close(attn_out, mod(block.norm1(x)), atol=1e-5, rtol=1e-5)
+    # hooks are removed on exit
+    block(x)
+    assert len(rec["attention"][0]) == 1
