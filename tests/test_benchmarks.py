@@ -1,0 +1,156 @@
+"""Throughput regression tests (``make bench`` = ``pytest -m benchmark --benchmark-enable``).
+
+Each case is timed with the pytest-benchmark fixture and judged against ``benchmarks/baselines/<device>.json``
+(``benchmarks/baselines/__init__.py``: fail above 1.3x the baseline median, ``MASKEDSSL_BENCH_THRESHOLD``
+to change it, ``MASKEDSSL_BENCH_WRITE_BASELINE=1`` to store a measurement as the baseline). A case with no
+baseline on this device passes with a warning that says what was measured.
+
+On a GPU: every op at the KERNELS.md headline shape on every backend available, forward and forward +
+backward where the op has one, and the training step of each method at ViT-B/16. Without a GPU: the
+torch backend only, at small shapes (CPU timings are only compared against a CPU baseline, which is never
+committed). Without ``--benchmark-enable`` each case runs once as a smoke test and is then skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import pytest
+import torch
+
+from benchmarks import baselines
+from benchmarks.common import device_slug
+from maskedssl.ops import (available_backends, gather_tokens, mix_patchify, ncut_bipartition, random_masking,
+                           scatter_tokens)
+
+pytestmark = pytest.mark.benchmark
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+BACKENDS = [b for b in ("torch", "triton", "cuda") if b in available_backends("cuda")] if ON_GPU else ["torch"]
+# One round lasts about this long (the op is repeated inside it), so short ops are not timed by the clock's
+# resolution or a single launch; ROUNDS rounds give the median.
+ROUND_S = 0.02 if ON_GPU else 0.05
+ROUNDS = 15 if ON_GPU else 7
+
+if ON_GPU:  # KERNELS.md headline: ViT-B/16, 224 px, batch 256, mask 0.75, bf16
+    B, IMG, P, D, DD, DTYPE, NCUT_D = 256, 224, 16, 768, 512, torch.bfloat16, 768
+    TRAIN = {"preset": "vit_base", "batch": 64, "autocast": torch.bfloat16}
+else:
+    B, IMG, P, D, DD, DTYPE, NCUT_D = 16, 32, 4, 192, 128, torch.float32, 64
+    TRAIN = {"preset": "micro", "batch": 8, "autocast": None}
+L = (IMG // P) ** 2
+
+
+class Timed:
+    """Repeat ``fn`` ``inner`` times per round, synchronising the GPU at the end of each round."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.fn()  # warm up: compile / autotune / allocate before calibrating
+        sync()
+        start = time.perf_counter()
+        self.fn()
+        sync()
+        once = time.perf_counter() - start
+        self.inner = max(1, min(1000, math.ceil(ROUND_S / max(once, 1e-7))))
+
+    def __call__(self):
+        for _ in range(self.inner):
+            self.fn()
+        sync()
+
+
+def sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def run_case(benchmark, case: str, fn) -> None:
+    timed = Timed(fn)
+    benchmark.extra_info.update(case=case, inner=timed.inner, device=DEVICE)
+    benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    if not benchmark.enabled:
+        pytest.skip("timing disabled: run with --benchmark-enable (make bench)")
+    ms = benchmark.stats.stats.median / timed.inner * 1e3
+    benchmark.extra_info["ms"] = ms
+    verdict = baselines.judge(device_slug(), case, ms, {"inner": timed.inner, "rounds": ROUNDS})
+    print(verdict.message)
+    if verdict.status == "regressed":
+        pytest.fail(f"throughput regression: {verdict.message}")
+    if verdict.status == "missing":
+        warnings.warn(verdict.message, stacklevel=1)
+
+
+def masks(length: int):
+    ids_keep, ids_restore, _ = random_masking(B, length, 0.75, device=DEVICE)
+    ids_masked = torch.argsort(ids_restore, dim=1)[:, ids_keep.shape[1]:]
+    return ids_keep, ids_restore, ids_masked
+
+
+def grad_of(out, inputs):
+    return torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_gather_tokens(benchmark, backend, mode):
+    ids_keep, _, _ = masks(L)
+    x = torch.randn(B, L, D, device=DEVICE, dtype=DTYPE, requires_grad=mode == "fwd_bwd")
+    pos = torch.randn(L, D, device=DEVICE, dtype=DTYPE, requires_grad=mode == "fwd_bwd")
+    if mode == "fwd":
+        fn = lambda: gather_tokens(x, ids_keep, pos, backend=backend)  # noqa: E731
+    else:
+        fn = lambda: grad_of(gather_tokens(x, ids_keep, pos, backend=backend), (x, pos))  # noqa: E731
+    run_case(benchmark, f"gather_tokens/{mode}/{backend}/B{B}-L{L}-K{ids_keep.shape[1]}-D{D}-{DTYPE}", fn)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_scatter_tokens(benchmark, backend, mode):
+    ids_keep, ids_restore, _ = masks(L)
+    grad = mode == "fwd_bwd"
+    x_vis = torch.randn(B, ids_keep.shape[1], DD, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+    token = torch.randn(DD, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+    pos = torch.randn(L, DD, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+    if mode == "fwd":
+        fn = lambda: scatter_tokens(x_vis, ids_restore, token, pos, backend=backend)  # noqa: E731
+    else:
+        fn = lambda: grad_of(scatter_tokens(x_vis, ids_restore, token, pos, backend=backend),  # noqa: E731
+                             (x_vis, token, pos))
+    run_case(benchmark, f"scatter_tokens/{mode}/{backend}/B{B}-L{L}-K{ids_keep.shape[1]}-D{DD}-{DTYPE}", fn)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mixing", [False, True], ids=["mae", "imae"])
+def test_mix_patchify(benchmark, backend, mixing):
+    ids_keep, _, ids_masked = masks(L)
+    imgs = torch.randn(B, 3, IMG, IMG, device=DEVICE)
+    mix = {"partner": torch.randperm(B, device=DEVICE), "lam": torch.rand(B, device=DEVICE)} if mixing else {}
+    fn = lambda: mix_patchify(imgs, P, ids_keep=ids_keep, ids_masked=ids_masked, out_dtype=DTYPE,  # noqa: E731
+                              backend=backend, **mix)
+    name = "imae" if mixing else "mae"
+    run_case(benchmark, f"mix_patchify/{name}/{backend}/B{B}-{IMG}px-p{P}-{DTYPE}", fn)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ncut_bipartition(benchmark, backend):
+    feats = torch.randn(B, L, NCUT_D, device=DEVICE, dtype=DTYPE)
+    run_case(benchmark, f"ncut_bipartition/{backend}/B{B}-N{L}-D{NCUT_D}-{DTYPE}",
+             lambda: ncut_bipartition(feats, backend=backend))
+
+
+@pytest.mark.parametrize("method", ["mae", "imae", "sgmae"])
+def test_train_step(benchmark, method):
+    models = pytest.importorskip("maskedssl.models", reason="maskedssl.models is not available")
+    if not hasattr(models, "build_model"):
+        pytest.skip("maskedssl.models.build_model is not available yet")
+    if TRAIN["preset"] not in models.PRESETS:
+        pytest.skip(f"preset {TRAIN['preset']!r} not in maskedssl.models.PRESETS")
+    from benchmarks.bench_train import make_step
+
+    train = make_step(method, TRAIN["preset"], "ours", TRAIN["batch"], device=DEVICE,
+                      autocast_dtype=TRAIN["autocast"])
+    run_case(benchmark, f"train_step/{method}/ours/{TRAIN['preset']}-B{TRAIN['batch']}", train.step)
