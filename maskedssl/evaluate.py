@@ -312,12 +312,14 @@ def model_input(model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
 
     Normalisation is affine with weights summing to one, so mixing normalised images equals normalising
     the pixel mixture: separability mixes after this."""
-    from .data import normalize_batch
+    from .data import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 
     imgs = imgs.to(_device_of(model))
-    if imgs.dtype == torch.uint8:
-        return normalize_batch(imgs, getattr(model, "img_size", None))
-    return imgs.float()
+    if imgs.dtype != torch.uint8:
+        return imgs.float()
+    mean = tuple(model.mean.tolist()) if hasattr(model, "mean") else IMAGENET_MEAN
+    std = tuple(model.std.tolist()) if hasattr(model, "std") else IMAGENET_STD
+    return normalize_batch(imgs, getattr(model, "img_size", None), mean, std)
 
 
 @contextlib.contextmanager
@@ -424,30 +426,33 @@ def encoder_maps(model: torch.nn.Module, images: torch.Tensor, batch_size: int =
 
 
 def _model_forward(model: torch.nn.Module, x: torch.Tensor, progress: float, seed: int):
-    """One training-style forward for analysis: i-MAE gets a partner permutation and lam = 0.5 weight
-    split drawn as in training; the others their masks (Self-guided MAE's informed ones at ``progress``)."""
+    """One training-style forward for analysis: i-MAE gets a random partner permutation (its lam drawn as
+    in training); every model draws its mask (Self-guided MAE's informed one once ``progress`` is past
+    its warm-up)."""
     gen = torch.Generator().manual_seed(seed)
     kwargs = dict(progress=progress)
-    if getattr(model.config, "method", None) == "imae" or type(model).__name__.lower().startswith("imae") \
-            or hasattr(model, "disentangle_heads"):
+    if getattr(model, "method", None) == "imae":
         kwargs["partner"] = torch.randperm(x.shape[0], generator=gen).to(x.device)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the model draws its random mask (and i-MAE its lam) from the global RNG
     return model(x, **kwargs)
 
 
 @torch.no_grad()
 def decoder_maps(model: torch.nn.Module, images: torch.Tensor, progress: float = 1.0, seed: int = 0,
                  batch_size: int = 64) -> dict:
-    """A masked forward through encoder and decoder: per decoder block, attention maps (N, H, T, T) and
-    tokens (N, L, Dd) (of the first decoder call when a model decodes twice, as i-MAE's branches do),
-    and the mask (N, L) 1 = masked. Returns dict(attention, feats, mask, informed)."""
+    """A masked forward through encoder and decoder: per decoder block, attention maps (R, H, T, T) and
+    patch tokens (R, L, Dd) of its first call, the mask (N, L) 1 = masked, and ``row_mask`` (R, L): the
+    mask of each attention row. R = N, or 2N for i-MAE, whose decoder runs both branches stacked along
+    the batch with the same mask. Returns dict(attention, feats, mask, row_mask, num_prefix, informed)."""
     blocks = list(model.decoder_blocks)
-    attn, feats, masks, informed = [[] for _ in blocks], [[] for _ in blocks], [], []
+    attn, feats, masks, row_masks, informed = [[] for _ in blocks], [[] for _ in blocks], [], [], []
     with _eval_mode(model):
         for j, chunk in enumerate(_batches(images, batch_size)):
             with capture(blocks) as rec:
                 out = _model_forward(model, model_input(model, chunk), progress, seed + j)
-            masks.append(out.mask.float().cpu())
+            mask = out.mask.float().cpu()
+            masks.append(mask)
+            row_masks.append(mask.repeat(rec["attention"][0][0].shape[0] // mask.shape[0], 1))
             informed.append(bool(out.extras.get("informed", False)))
             for i in range(len(blocks)):
                 attn[i].append(rec["attention"][i][0].cpu())
@@ -455,7 +460,7 @@ def decoder_maps(model: torch.nn.Module, images: torch.Tensor, progress: float =
     mask = torch.cat(masks)
     num_prefix = attn[0][0].shape[-1] - mask.shape[1]
     return dict(attention=[torch.cat(a) for a in attn], feats=[torch.cat(f)[:, num_prefix:] for f in feats],
-                mask=mask, num_prefix=num_prefix, informed=all(informed))
+                mask=mask, row_mask=torch.cat(row_masks), num_prefix=num_prefix, informed=all(informed))
 
 
 def _layer_index(layer: int, depth: int) -> int:
@@ -497,7 +502,7 @@ def clustering_metrics(model: torch.nn.Module, images: torch.Tensor, object_mask
                             for a in enc["attention"]],
     )
     dec = decoder_maps(model, images, progress, seed, batch_size)
-    rates = [exploitation_rates(a, dec["mask"], dec["num_prefix"]) for a in dec["attention"]]
+    rates = [exploitation_rates(a, dec["row_mask"], dec["num_prefix"]) for a in dec["attention"]]
     out.update(
         decoder_attention_distance=[attention_distance(a, grid, patch_size, dec["num_prefix"]).mean().item()
                                     for a in dec["attention"]],
@@ -626,3 +631,125 @@ def finetune(model: torch.nn.Module, train_loader: Iterable, test_loader: Iterab
             count += pred.shape[0]
     tail = losses[-max(1, len(losses) // 10):]
     return dict(acc=correct / max(count, 1), train_loss=sum(tail) / len(tail))
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole-model reports and the ``maskedssl evaluate`` subcommand
+# --------------------------------------------------------------------------------------------------
+
+def _loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0):
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def evaluate_model(model: torch.nn.Module, train_set, test_set, metrics: Sequence[str] = ("probe", "knn"), *,
+                   pools: Sequence[str] = ("cls", "mean"), max_train: int | None = None,
+                   max_test: int | None = None, k: int = 20, probe_epochs: int = 100, finetune_epochs: int = 3,
+                   weights: Sequence[float] = MIX_WEIGHTS, sep_images: int = 1000, cluster_images: int = 64,
+                   layer: int = -1, batch_size: int = 256, seed: int = 0) -> dict:
+    """Every requested metric of one model on a train/test dataset pair, as a JSON-ready dict."""
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    train_x, train_y = load_images(train_set, max_train)
+    test_x, test_y = load_images(test_set, max_test)
+    out: dict = dict(num_train=int(train_x.shape[0]), num_test=int(test_x.shape[0]))
+    if "probe" in metrics or "knn" in metrics:
+        for pool in pools:
+            tr = features_of_images(model, train_x, pool, batch_size)
+            te = features_of_images(model, test_x, pool, batch_size)
+            if "probe" in metrics:
+                out[f"probe_{pool}"] = linear_probe(tr, train_y, te, test_y, epochs=probe_epochs, seed=seed)["acc"]
+            if "knn" in metrics:
+                out[f"knn_{pool}"] = knn_accuracy(tr, train_y, te, test_y, k=k)
+    if "finetune" in metrics:
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
+        out["finetune"] = finetune(model, _loader(train_x, train_y, 64, shuffle=True, seed=seed),
+                                   _loader(test_x, test_y, batch_size), num_classes=num_classes,
+                                   epochs=finetune_epochs, pool=pools[0], seed=seed)["acc"]
+    if "separability" in metrics:
+        half = max(2, sep_images // 2)
+        out["separability"] = imae_separability(model, train_x[:half], train_y[:half], test_x[:half],
+                                                test_y[:half], weights=weights, pool=pools[0],
+                                                probe_epochs=probe_epochs, batch_size=batch_size, seed=seed)
+    if "clustering" in metrics:
+        object_masks = test_set.object_masks()[:cluster_images] if hasattr(test_set, "object_masks") else None
+        out["clustering"] = clustering_metrics(model, test_x[:cluster_images], object_masks, layer=layer,
+                                               seed=seed, batch_size=min(batch_size, 64))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``maskedssl evaluate``."""
+    parser.add_argument("--ckpt", required=True, help="a maskedssl checkpoint (OUT/checkpoint.pt) or an official "
+                        "facebookresearch/mae one")
+    parser.add_argument("--data", default="synthetic", help="synthetic[:N] | cifar10:PATH | cifar100:PATH | "
+                        "imagefolder:PATH (default: synthetic)")
+    parser.add_argument("--metrics", default="probe,knn", help=f"comma-separated subset of {','.join(METRICS)} "
+                        "(default: probe,knn)")
+    parser.add_argument("--pool", default="cls,mean", help="features: cls, mean or cls,mean (default: both; the "
+                        "first also serves fine-tune and separability)")
+    parser.add_argument("--k", type=int, default=20, help="k-NN neighbours (default: 20)")
+    parser.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs (default: 100)")
+    parser.add_argument("--finetune-epochs", type=int, default=3, help="fine-tune epochs (default: 3)")
+    parser.add_argument("--max-train", type=int, default=None, help="use at most this many train images")
+    parser.add_argument("--max-test", type=int, default=None, help="use at most this many test images")
+    parser.add_argument("--mix-weights", default=",".join(str(w) for w in MIX_WEIGHTS),
+                        help="separability: subordinate mixing weights in (0, 0.5] (default: 0.1,...,0.5)")
+    parser.add_argument("--sep-images", type=int, default=1000, help="separability: images, half to fit, half "
+                        "held out (default: 1000)")
+    parser.add_argument("--cluster-images", type=int, default=64, help="clustering: test images (default: 64)")
+    parser.add_argument("--layer", type=int, default=-1, help="clustering: encoder block whose patch features "
+                        "are bi-partitioned (default: -1, the last)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward (default: 256)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the results as JSON here (and, with separability, "
+                        "the R^2 plot next to it as .png)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``maskedssl evaluate``: print (and optionally save) the metrics of one checkpoint."""
+    from .data import build_dataset
+    from .train import ConfigError, load_model
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    pools = [p.strip() for p in args.pool.split(",") if p.strip()]
+    if not metrics or set(metrics) - set(METRICS):
+        raise ConfigError(f"--metrics must be a comma-separated subset of {','.join(METRICS)}, got {args.metrics!r}")
+    if not pools or set(pools) - {"cls", "mean"}:
+        raise ConfigError(f"--pool must be cls, mean or cls,mean, got {args.pool!r}")
+    try:
+        weights = [float(w) for w in args.mix_weights.split(",")]
+    except ValueError:
+        raise ConfigError(f"--mix-weights must be comma-separated numbers, got {args.mix_weights!r}") from None
+    if not all(0.0 < w <= 0.5 for w in weights):
+        raise ConfigError(f"--mix-weights must lie in (0, 0.5], got {weights}")
+    for name in ("k", "probe_epochs", "finetune_epochs", "sep_images", "cluster_images", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.manual_seed(args.seed)
+    model = load_model(args.ckpt, map_location=device)
+    train_set = build_dataset(args.data, train=True, img_size=model.img_size, seed=args.seed)
+    test_set = build_dataset(args.data, train=False, img_size=model.img_size, seed=args.seed)
+    try:
+        results = evaluate_model(model, train_set, test_set, metrics, pools=pools, max_train=args.max_train,
+                                 max_test=args.max_test, k=args.k, probe_epochs=args.probe_epochs,
+                                 finetune_epochs=args.finetune_epochs, weights=weights,
+                                 sep_images=args.sep_images, cluster_images=args.cluster_images,
+                                 layer=args.layer, batch_size=args.batch_size, seed=args.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    results = dict(ckpt=str(args.ckpt), data=args.data, method=getattr(model, "method", "mae"), **results)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        if "separability" in results:
+            plot_separability({results["method"]: results["separability"]}, out.with_suffix(".png"))
+        print(f"wrote {out}", file=sys.stderr)
+    return 0

@@ -259,3 +259,61 @@ def test_captured_attention_matches_timm_block():
     # hooks are removed on exit
     block(x)
     assert len(rec["attention"][0]) == 1
+
+
+@pytest.fixture(scope="module")
+def micro_mae():
+    from maskedssl.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("mae", "micro").eval()
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    from maskedssl.data import build_dataset
+
+    train = build_dataset("synthetic:60", train=True, img_size=32)
+    test = build_dataset("synthetic:40", train=False, img_size=32)
+    return train, test
+
+
+def test_extract_features_and_probes_on_a_model(micro_mae, synthetic):
+    train, test = synthetic
+    loader = torch.utils.data.DataLoader(train, batch_size=16)
+    feats, labels = ev.extract_features(micro_mae, loader, pool="cls")
+    assert feats.shape == (60, 96) and labels.shape == (60,)
+    torch.testing.assert_close(feats[:16], micro_mae.forward_features(ev.model_input(micro_mae, train.images[:16]),
+                                                                      pool="cls"))
+    mean_feats, _ = ev.extract_features(micro_mae, loader, pool="mean")
+    assert not torch.allclose(feats, mean_feats)
+    with pytest.raises(ValueError, match="pool"):
+        ev.extract_features(micro_mae, loader, pool="max")
+
+
+def test_clustering_metrics_on_a_model(micro_mae, synthetic):
+    train, _ = synthetic
+    out = ev.clustering_metrics(micro_mae, train.images[:8], train.object_masks()[:8], batch_size=4)
+    assert 0 <= out["sigma_f"] <= 1 and out["sigma_s"] >= 0
+    assert math.isfinite(out["gap_cosine"]) and math.isfinite(out["gap_attention"])
+    assert len(out["attention_distance"]) == 4 and len(out["exploitation_mask"]) == 2
+    for v, m in zip(out["exploitation_visible"], out["exploitation_mask"]):
+        assert 0 <= v <= 1 and 0 <= m <= 1 and v + m <= 1 + 1e-6
+    assert 0 <= out["fg_iou"] <= 1 and 0 <= out["mask_object_coverage"] <= 1
+    assert out["informed"] is False
+    snap = ev.relation_snapshot(micro_mae, train.images[:4])
+    assert len(snap) == 4 and torch.allclose(ev.relation_kl(snap[-1], snap[-1]), torch.zeros(4, dtype=torch.float64))
+
+
+def test_separability_and_finetune_on_a_model(micro_mae, synthetic, tmp_path):
+    train, test = synthetic
+    res = ev.imae_separability(micro_mae, train.images, train.labels, test.images, test.labels,
+                               weights=(0.1, 0.5), probe_epochs=5)
+    assert res["weights"] == [0.1, 0.5] and len(res["r2"]) == 2 and len(res["probe_dom"]) == 2
+    assert all(r <= 1 for r in res["r2"])
+    assert ev.plot_separability({"mae": res}, tmp_path / "sep.png").stat().st_size > 0
+    before = {k: v.clone() for k, v in micro_mae.state_dict().items()}
+    loader = torch.utils.data.DataLoader(train, batch_size=30)
+    out = ev.finetune(micro_mae, loader, torch.utils.data.DataLoader(test, batch_size=40), num_classes=10, epochs=1)
+    assert 0 <= out["acc"] <= 1 and math.isfinite(out["train_loss"])
+    assert all(torch.equal(before[k], v) for k, v in micro_mae.state_dict().items())  # the copy was trained
