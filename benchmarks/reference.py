@@ -52,9 +52,13 @@ class ReferenceConfig:
 
 def config_from_model(model: nn.Module) -> ReferenceConfig:
     """The reference twin of one of our models: same sizes and method options, read from ``model.config``
-    (fields named as in ``ReferenceConfig``; those it lacks keep their defaults)."""
-    source = getattr(model, "config", model)
-    values = {f.name: getattr(source, f.name) for f in dataclasses.fields(ReferenceConfig) if hasattr(source, f.name)}
+    and its network ``model.config.arch`` (fields named as in ``ReferenceConfig``; those it lacks keep their
+    defaults)."""
+    config = getattr(model, "config", model)
+    values = {}
+    for source in (getattr(config, "arch", None), config):
+        values.update({f.name: getattr(source, f.name) for f in dataclasses.fields(ReferenceConfig)
+                       if hasattr(source, f.name)})
     for name in ("img_size", "patch_size", "in_chans"):
         if name not in values and hasattr(model, name):
             values[name] = getattr(model, name)
@@ -188,7 +192,8 @@ class ReferenceIMAE(nn.Module):
         self.head_dom = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
         self.teacher = ReferenceMAE(cfg).requires_grad_(False).eval() if teacher else None
 
-    def forward(self, imgs: torch.Tensor, *, partner: torch.Tensor | None = None, lam=None, **_) -> torch.Tensor:
+    def forward(self, imgs: torch.Tensor, *, partner: torch.Tensor | None = None, lam: float | None = None,
+                **_) -> torch.Tensor:
         b = imgs.shape[0]
         if partner is None:
             partner = torch.randperm(b, device=imgs.device)
@@ -213,7 +218,7 @@ class ReferenceIMAE(nn.Module):
 
 
 def ncut_eigh(feats: torch.Tensor, tau: float | None, eps: float):
-    """TokenCut's bi-partition with batched ``torch.linalg.eigh`` -> (foreground (B, N) bool, score (B, N))."""
+    """TokenCut's bi-partition by batched ``torch.linalg.eigh`` -> (foreground (B, N) bool, score (B, N))."""
     f = F.normalize(feats.float(), dim=-1)
     cos = f @ f.transpose(1, 2)
     a = cos.clamp_min(eps) if tau is None else torch.where(cos > tau, 1.0, eps)
