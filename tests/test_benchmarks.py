@@ -9,6 +9,9 @@ On a GPU: every op at the KERNELS.md headline shape on every backend available, 
 backward where the op has one, and the training step of each method at ViT-B/16. Without a GPU: the
 torch backend only, at small shapes (CPU timings are only compared against a CPU baseline, which is never
 committed). Without ``--benchmark-enable`` each case runs once as a smoke test and is then skipped.
+
+The unmarked tests at the end check the harness itself (floors, FLOP count, baseline verdicts, result files,
+the reference models' parity with ours) and run with the ordinary suite.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from benchmarks.common import device_slug  # noqa: E402
 from maskedssl.ops import (  # noqa: E402
     available_backends, gather_tokens, mix_patchify, ncut_bipartition, random_masking, scatter_tokens)
 
-pytestmark = pytest.mark.benchmark
+bench = pytest.mark.benchmark
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -115,6 +118,7 @@ def grad_of(out, inputs):
     return torch.autograd.grad(out, inputs, torch.ones_like(out))
 
 
+@bench
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 def test_gather_tokens(benchmark, backend, mode):
@@ -128,6 +132,7 @@ def test_gather_tokens(benchmark, backend, mode):
     run_case(benchmark, f"gather_tokens/{mode}/{backend}/B{B}-L{L}-K{ids_keep.shape[1]}-D{D}-{DTYPE}", fn)
 
 
+@bench
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 def test_scatter_tokens(benchmark, backend, mode):
@@ -144,6 +149,7 @@ def test_scatter_tokens(benchmark, backend, mode):
     run_case(benchmark, f"scatter_tokens/{mode}/{backend}/B{B}-L{L}-K{ids_keep.shape[1]}-D{DD}-{DTYPE}", fn)
 
 
+@bench
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mixing", [False, True], ids=["mae", "imae"])
 def test_mix_patchify(benchmark, backend, mixing):
@@ -156,6 +162,7 @@ def test_mix_patchify(benchmark, backend, mixing):
     run_case(benchmark, f"mix_patchify/{name}/{backend}/B{B}-{IMG}px-p{P}-{DTYPE}", fn)
 
 
+@bench
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ncut_bipartition(benchmark, backend):
     feats = torch.randn(B, L, NCUT_D, device=DEVICE, dtype=DTYPE)
@@ -163,6 +170,7 @@ def test_ncut_bipartition(benchmark, backend):
              lambda: ncut_bipartition(feats, backend=backend))
 
 
+@bench
 @pytest.mark.parametrize("method", ["mae", "imae", "sgmae"])
 def test_train_step(benchmark, method):
     models = pytest.importorskip("maskedssl.models", reason="maskedssl.models is not available")
@@ -175,3 +183,97 @@ def test_train_step(benchmark, method):
     train = make_step(method, TRAIN["preset"], "ours", TRAIN["batch"], device=DEVICE,
                       autocast_dtype=TRAIN["autocast"])
     run_case(benchmark, f"train_step/{method}/ours/{TRAIN['preset']}-B{TRAIN['batch']}", train.step)
+
+
+# ----------------------------------------------------------------------------- the harness itself
+PEAKS = {"copy_gbps": 2000.0, "matmul_tflops": 500.0}
+
+
+def test_make_row_floor_is_the_slower_ceiling():
+    from benchmarks.common import make_row
+
+    row = make_row("op", {"B": 2}, "triton", 0.5, bytes_moved=10**9, flops=10**11, peaks=PEAKS)
+    assert row["floor_ms"] == pytest.approx(0.5)  # 1 GB at 2 TB/s; the 0.2 ms of FLOPs hide under it
+    assert row["pct_of_floor"] == pytest.approx(100.0)
+    assert row["gbps"] == pytest.approx(2000.0) and row["pct_of_bandwidth"] == pytest.approx(100.0)
+    compute_bound = make_row("op", {}, "x", 2.0, bytes_moved=0, flops=5 * 10**11, peaks=PEAKS)
+    assert compute_bound["floor_ms"] == pytest.approx(1.0) and compute_bound["pct_of_floor"] == pytest.approx(50.0)
+    assert compute_bound["tflops"] == pytest.approx(250.0) and compute_bound["gbps"] == 0.0
+
+
+def test_speedups_compare_impls_of_the_same_case():
+    from benchmarks.common import add_speedups, make_row
+
+    rows = [make_row("op", {"B": b}, impl, ms, 1, 0, PEAKS)
+            for b in (1, 2) for impl, ms in (("reference", 3.0 * b), ("compile", 2.0 * b), ("triton", 1.0))]
+    add_speedups(rows)
+    triton_b2 = rows[-1]
+    assert triton_b2["speedup_vs_reference"] == pytest.approx(6.0)
+    assert triton_b2["speedup_vs_compile"] == pytest.approx(4.0)
+    assert "speedup_vs_reference" not in rows[0]
+
+
+def test_baseline_verdicts(tmp_path, monkeypatch):
+    monkeypatch.setenv(baselines.DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(baselines.THRESHOLD_ENV, raising=False)
+    monkeypatch.setenv(baselines.WRITE_ENV, "1")
+    assert baselines.judge("dev", "case", 2.0).status == "written"
+    monkeypatch.setenv(baselines.WRITE_ENV, "0")
+    assert baselines.judge("dev", "case", 2.5).status == "ok"  # 1.25x < 1.3x
+    assert baselines.judge("dev", "case", 2.7).status == "regressed"
+    assert baselines.judge("dev", "other", 1.0).status == "missing"
+    assert baselines.judge("other-dev", "case", 9.0).status == "missing"
+    monkeypatch.setenv(baselines.THRESHOLD_ENV, "1.5")
+    assert baselines.judge("dev", "case", 2.7).status == "ok"
+    monkeypatch.setenv(baselines.THRESHOLD_ENV, "0.9")
+    with pytest.raises(ValueError, match=baselines.THRESHOLD_ENV):
+        baselines.judge("dev", "case", 2.7)
+
+
+def test_write_results(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    rows = [common.make_row("op", {"B": 2}, "triton", 1.0, 10**9, 0, PEAKS)]
+    path = common.write_results("smoke", rows, PEAKS, extra={"quick": True})
+    data = json.loads(path.read_text())
+    assert path.name == f"smoke-{common.device_slug()}.json" and path.with_suffix(".png").stat().st_size > 0
+    assert data["peaks"] == PEAKS and data["rows"] == rows and data["extra"] == {"quick": True}
+    assert {"device", "torch", "triton", "commit", "date"} <= set(data["device_info"])
+    assert "triton" in common.format_table(rows, PEAKS)
+
+
+def test_step_flops_count():
+    from benchmarks.bench_train import encoder_flops, step_flops
+    from benchmarks.reference import ReferenceConfig
+
+    vit_b = ReferenceConfig()
+    # ViT-B/16 on 196 patches: the published 17.6 GMACs
+    assert encoder_flops(vit_b, 196) / 2 == pytest.approx(17.58e9, rel=0.01)
+    mae = step_flops("mae", vit_b, 1)
+    assert step_flops("mae", vit_b, 4) == 4 * mae
+    assert mae < step_flops("sgmae", vit_b, 1) < step_flops("imae", vit_b, 1) < 2 * mae
+
+
+@pytest.mark.parametrize("method", ["mae", "imae", "sgmae"])
+def test_reference_is_our_model_twin(method):
+    """The reference model built from our model's config has the same trainable parameters and trains."""
+    models = pytest.importorskip("maskedssl.models")
+    if not hasattr(models, "build_model"):
+        pytest.skip("maskedssl.models.build_model is not available yet")
+    from benchmarks.bench_train import build_ours
+    from benchmarks.reference import build_reference, config_from_model
+
+    ours = build_ours(method, "micro")
+    ref = build_reference(method, config_from_model(ours))
+
+    def trainable(model):
+        return sorted(p.numel() for p in model.parameters() if p.requires_grad)
+
+    assert trainable(ref) == trainable(ours)
+    imgs = torch.randn(2, 3, ours.img_size, ours.img_size)
+    loss = ref(imgs, progress=1.0)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss)
