@@ -218,15 +218,44 @@ def format_table(rows: list[dict], peaks: dict | None = None) -> str:
             return case_label(value)
         if col == "ms":
             return f"{value:.4f}"
-        if isinstance(value, float):
-            return f"{value:.3g}" if col.startswith("speedup") else f"{value:.1f}"
-        return "" if value is None else str(value)
+        if isinstance(value, float) and col.startswith("speedup"):
+            return f"{value:.2f}x"
+        if isinstance(value, float) and col not in extra:
+            return f"{value:.1f}"
+        return "" if value is None else _number(value)
 
     table = [cols] + [[cell(r, c) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join([head, *lines])
+
+
+def _number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def markdown_table(path: Path) -> str:
+    """A results JSON as a Markdown table for the README, headed by its device, date and commit, so every
+    figure copied from it stays traceable to the file: ``python -m benchmarks.common results/*.json``."""
+    data = json.loads(Path(path).read_text())
+    info, peaks, rows = data["device_info"], data["peaks"], data["rows"]
+    speedups = sorted({k for r in rows for k in r if k.startswith("speedup_vs_")})
+    extra = sorted({k for r in rows for k in r.get("extra", {})})
+    head = ["op", "case", "impl", "median ms", "GB/s", "% of bandwidth", "% of floor", *speedups, *extra]
+    lines = [f"{data['name']}: {info['device']}, {info['date'][:10]}, commit {(info['commit'] or '?')[:8]}, "
+             f"torch {info['torch']}, triton {info['triton']}; measured copy {peaks['copy_gbps']:.0f} GB/s, "
+             f"bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s (`{Path(path).name}`)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["op"], case_label(r["case"]), r["impl"], f"{r['ms']:.4g}", f"{r['gbps']:.0f}",
+                 f"{r['pct_of_bandwidth']:.0f}", f"{r['pct_of_floor']:.0f}"]
+        cells += [f"{r[k]:.2f}x" if k in r else "" for k in speedups]
+        cells += [_number(r.get("extra", {}).get(k, "")) for k in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def write_results(name: str, rows: list[dict], peaks: dict, extra: dict | None = None) -> Path:
@@ -281,3 +310,8 @@ def bench_main(name: str, run: Callable[..., list[dict]], argv: list[str] | None
     path = write_results(name, rows, peaks, extra={"quick": args.quick})
     print(f"wrote {path} and {path.with_suffix('.png').name}")
     return path
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        print(markdown_table(Path(arg)), end="\n\n")
