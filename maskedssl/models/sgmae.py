@@ -1,0 +1,65 @@
+"""Self-guided MAE (Shin et al., 2024): MAE whose masks, after a warm-up, come from its own patch clustering.
+
+While ``progress < warmup_frac`` the masks are MAE's random ones. Afterwards each step first runs a
+no-grad pass over all patches up to layer ``sg_layer``, bi-partitions those features with a normalized cut
+and masks the most object-like patches first, with a few hint tokens left visible
+(``maskedssl.masking.InformedMasking``). Everything after the mask is MAE's step unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masking import InformedMasking, Masks
+from .mae import MAE
+from .vit import MAEConfig
+
+
+@dataclass(frozen=True)
+class SGMAEConfig(MAEConfig):
+    """Self-guided MAE's options on top of MAE's.
+
+    warmup_frac: fraction of training with random masks (the paper's default: 10% of the epochs);
+    sg_layer: which hidden state gives the features (0: the patch embeddings, i: after block i, -1: the
+    last block; the paper finds early layers about as good, and they are cheaper);
+    hint_ratio: fraction of the would-be-masked foreground patches left visible (our default 0.05);
+    tau: None for the clamped-cosine affinity, else TokenCut's binary graph threshold (TokenCut: 0.2);
+    eps: the affinity floor.
+    """
+
+    warmup_frac: float = 0.1
+    sg_layer: int = -1
+    hint_ratio: float = 0.05
+    tau: float | None = None
+    eps: float = 1e-5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.warmup_frac <= 1.0:
+            raise ValueError(f"warmup_frac must be in [0, 1], got {self.warmup_frac}")
+        depth = self.arch.depth
+        if not -depth - 1 <= self.sg_layer <= depth:
+            raise ValueError(f"sg_layer must be in [{-depth - 1}, {depth}] for depth {depth}, got {self.sg_layer}")
+
+
+class SelfGuidedMAE(MAE):
+    """MAE with informed masks once ``progress >= warmup_frac``."""
+
+    method = "sgmae"
+    config_class = SGMAEConfig
+
+    def __init__(self, config: SGMAEConfig | None = None):
+        config = config or SGMAEConfig()
+        super().__init__(config)
+        self.informed_masking = InformedMasking(config.mask_ratio, config.hint_ratio, config.tau, config.eps)
+
+    def make_masks(self, imgs: torch.Tensor, progress: float) -> tuple[Masks, dict]:
+        if progress < self.config.warmup_frac:
+            masks, _ = super().make_masks(imgs, progress)
+            return masks, {"informed": False}
+        with torch.no_grad():
+            feats = self.hidden_state(self.patch_rows(imgs), self.config.sg_layer)
+        informed = self.informed_masking(feats)
+        return informed.masks, {"informed": True, "ncut": informed.ncut, "hints": informed.hints}
