@@ -1,22 +1,41 @@
 """``gather_tokens`` (encoder: keep visible tokens, add their position embedding) and ``scatter_tokens``
 (decoder: put visible tokens back in place, fill the rest with the mask token, add position embeddings).
 
-Each is one ``torch.library.custom_op`` taking the resolved backend as a string, with a fake
-implementation for tracing and autograd registered outside the kernels; the backward is a custom op too.
+Each is one ``torch.library.custom_op`` taking the resolved backend as a string (``torch``: the reference
+below; ``triton``: ``maskedssl.kernels.token_gather``; ``cuda``: ``torch.ops.maskedssl.<op>_cuda`` from
+``csrc/token_gather.cu``), with a fake implementation for tracing and autograd registered outside the
+kernels; each backward is a custom op too, so ``torch.compile(fullgraph=True)`` traces through both.
+
+Every backend computes the forward bit-identically (x + pos in fp32, rounded once, as torch does). The
+backward accepts any valid index: repeated entries in ``ids_keep`` and an ``ids_restore`` that is not a
+permutation sum their gradient rows in fp32. Its sums over the batch (grad_pos, grad_mask_token) run
+without float atomics, bitwise reproducible, when ``torch.are_deterministic_algorithms_enabled()`` at
+forward time, and with fp32 atomics otherwise.
+
+Index checks (``check_index_range``) cost one ``aminmax`` over the index and one device->host sync per
+call; ``MASKEDSSL_CHECK_INDICES=0`` turns them off, and ``torch.compile`` skips them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend
-from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_device, check_tensor
+from ._backend import cuda_extension_loaded, resolve_backend
+from ._validate import INDEX_DTYPES, REFERENCE_DTYPES, check_index_range, check_same_device, check_tensor
 
+# Not measured yet (no GPU where this was written): both kernel backends move each byte once; the CUDA
+# one is expected ahead because its launch path (C++ dispatcher) is cheaper than Triton's Python launcher
+# at these tens-of-microseconds sizes. Reorder from benchmarks/bench_token_gather.py results.
 AUTO_ORDER = ("cuda", "triton", "torch")
 
 
 def _deterministic(deterministic: bool | None) -> bool:
     return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the half types (and fp32), float64 stays float64 (gradchecks)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -31,9 +50,10 @@ def _gather_tokens_torch(x, ids_keep, pos):
 def _gather_tokens_backward_torch(grad, ids_keep, length, need_pos):
     b, _, d = grad.shape
     ids = ids_keep.long().unsqueeze(-1).expand(-1, -1, d)
-    grad_x = grad.new_zeros(b, length, d).scatter_add_(1, ids, grad)
-    grad_pos = grad_x.sum(0, dtype=torch.float32).to(grad.dtype) if need_pos else grad.new_empty(0)
-    return grad_x, grad_pos
+    acc = _accumulate_dtype(grad.dtype)
+    grad_x = grad.new_zeros(b, length, d, dtype=acc).scatter_add_(1, ids, grad.to(acc))
+    grad_pos = grad_x.sum(0).to(grad.dtype) if need_pos else grad.new_empty(0)
+    return grad_x.to(grad.dtype), grad_pos
 
 
 def _scatter_tokens_torch(x_vis, ids_restore, mask_token, pos):
@@ -48,19 +68,31 @@ def _scatter_tokens_torch(x_vis, ids_restore, mask_token, pos):
 
 def _scatter_tokens_backward_torch(grad, ids_restore, num_visible, need_pos):
     b, _, d = grad.shape
+    acc = _accumulate_dtype(grad.dtype)
+    grad_acc = grad.to(acc)
+    # slot num_visible collects every masked position: the mask token's gradient per batch row
     ids = ids_restore.long().clamp(max=num_visible).unsqueeze(-1).expand(-1, -1, d)
-    padded = grad.new_zeros(b, num_visible + 1, d).scatter_add_(1, ids, grad)
-    grad_x_vis = padded[:, :num_visible].contiguous()
-    masked = (ids_restore >= num_visible).unsqueeze(-1)
-    grad_mask = torch.where(masked, grad, 0).sum((0, 1), dtype=torch.float32).to(grad.dtype)
-    grad_pos = grad.sum(0, dtype=torch.float32).to(grad.dtype) if need_pos else grad.new_empty(0)
+    padded = grad.new_zeros(b, num_visible + 1, d, dtype=acc).scatter_add_(1, ids, grad_acc)
+    grad_x_vis = padded[:, :num_visible].to(grad.dtype, copy=True)
+    grad_mask = padded[:, num_visible].sum(0).to(grad.dtype)
+    grad_pos = grad_acc.sum(0).to(grad.dtype) if need_pos else grad.new_empty(0)
     return grad_x_vis, grad_mask, grad_pos
+
+
+def _kernels():
+    from maskedssl.kernels import token_gather  # imports triton: only when a Triton backend runs
+
+    return token_gather
 
 
 # ----------------------------------------------------------------------------- registered ops
 @torch.library.custom_op("maskedssl::gather_tokens", mutates_args=())
 def _gather_tokens_op(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None,
                       backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _kernels().gather_tokens(x, ids_keep, pos)
+    if backend == "cuda":
+        return torch.ops.maskedssl.gather_tokens_cuda(x, ids_keep, pos)
     return _gather_tokens_torch(x, ids_keep, pos)
 
 
@@ -72,13 +104,19 @@ def _(x, ids_keep, pos, backend):
 @torch.library.custom_op("maskedssl::gather_tokens_backward", mutates_args=())
 def _gather_tokens_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, length: int, need_pos: bool,
                                deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _kernels().gather_tokens_backward(grad.contiguous(), ids_keep, length, need_pos, deterministic)
+    if backend == "cuda":
+        return torch.ops.maskedssl.gather_tokens_backward_cuda(grad, ids_keep, length, need_pos, deterministic)
     return _gather_tokens_backward_torch(grad, ids_keep, length, need_pos)
 
 
-@_gather_tokens_backward_op.register_fake
-def _(grad, ids_keep, length, need_pos, deterministic, backend):
+def _gather_tokens_backward_fake(grad, ids_keep, length, need_pos, deterministic, backend="torch"):
     b, _, d = grad.shape
     return grad.new_empty(b, length, d), grad.new_empty((length, d) if need_pos else (0,))
+
+
+_gather_tokens_backward_op.register_fake(_gather_tokens_backward_fake)
 
 
 def _gather_setup_context(ctx, inputs, output):
@@ -104,6 +142,10 @@ _gather_tokens_op.register_autograd(_gather_backward, setup_context=_gather_setu
 @torch.library.custom_op("maskedssl::scatter_tokens", mutates_args=())
 def _scatter_tokens_op(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                        pos: torch.Tensor | None, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _kernels().scatter_tokens(x_vis, ids_restore, mask_token, pos)
+    if backend == "cuda":
+        return torch.ops.maskedssl.scatter_tokens_cuda(x_vis, ids_restore, mask_token, pos)
     return _scatter_tokens_torch(x_vis, ids_restore, mask_token, pos)
 
 
@@ -116,14 +158,22 @@ def _(x_vis, ids_restore, mask_token, pos, backend):
 def _scatter_tokens_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int,
                                 need_pos: bool, deterministic: bool, backend: str
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _kernels().scatter_tokens_backward(grad.contiguous(), ids_restore, num_visible, need_pos,
+                                                  deterministic)
+    if backend == "cuda":
+        return torch.ops.maskedssl.scatter_tokens_backward_cuda(grad, ids_restore, num_visible, need_pos,
+                                                                deterministic)
     return _scatter_tokens_backward_torch(grad, ids_restore, num_visible, need_pos)
 
 
-@_scatter_tokens_backward_op.register_fake
-def _(grad, ids_restore, num_visible, need_pos, deterministic, backend):
+def _scatter_tokens_backward_fake(grad, ids_restore, num_visible, need_pos, deterministic, backend="torch"):
     b, length, d = grad.shape
     return (grad.new_empty(b, num_visible, d), grad.new_empty(d),
             grad.new_empty((length, d) if need_pos else (0,)))
+
+
+_scatter_tokens_backward_op.register_fake(_scatter_tokens_backward_fake)
 
 
 def _scatter_setup_context(ctx, inputs, output):
@@ -146,27 +196,41 @@ def _scatter_backward(ctx, grad):
 _scatter_tokens_op.register_autograd(_scatter_backward, setup_context=_scatter_setup_context)
 
 
+# The CUDA kernels' own schemas (csrc/register.cpp) exist only once the extension is loaded. Their fakes
+# mirror the public ops' (the CUDA backward ops take no backend argument).
+if cuda_extension_loaded():
+    torch.library.register_fake("maskedssl::gather_tokens_cuda")(
+        lambda x, ids_keep, pos: x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2]))
+    torch.library.register_fake("maskedssl::scatter_tokens_cuda")(
+        lambda x_vis, ids_restore, mask_token, pos: x_vis.new_empty(x_vis.shape[0], ids_restore.shape[1],
+                                                                    x_vis.shape[2]))
+    torch.library.register_fake("maskedssl::gather_tokens_backward_cuda")(_gather_tokens_backward_fake)
+    torch.library.register_fake("maskedssl::scatter_tokens_backward_cuda")(_scatter_tokens_backward_fake)
+
+
 # ----------------------------------------------------------------------------- public API
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None = None, *,
                   backend: str | None = None) -> torch.Tensor:
     """``out[b, k] = x[b, ids_keep[b, k]] + pos[ids_keep[b, k]]`` -> (B, K, D).
 
-    x: (B, L, D) float32/bfloat16/float16; ids_keep: (B, K) int32/int64 in [0, L) (repeats allowed);
-    pos: (L, D) of x's dtype, or None. Differentiable in x and pos.
+    x: (B, L, D) float32/bfloat16/float16 (float64 runs the torch backend), any strides; ids_keep: (B, K)
+    int32/int64 in [0, L), repeats allowed; pos: (L, D) of x's dtype, or None. Differentiable in x and pos.
+    The range check of ids_keep costs one ``aminmax`` and one device->host sync (``MASKEDSSL_CHECK_INDICES=0``
+    disables it; ``torch.compile`` skips it).
     """
-    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, what="(B, L, D)")
+    check_tensor("x", x, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, L, D)")
     b, length, d = x.shape
     check_tensor("ids_keep", ids_keep, ndim=2, dtypes=INDEX_DTYPES, what="(B, K)")
     if ids_keep.shape[0] != b:
         raise ValueError(f"ids_keep must have shape ({b}, K) to match x {tuple(x.shape)}, "
                          f"got {tuple(ids_keep.shape)}")
     if pos is not None:
-        check_tensor("pos", pos, shape=(length, d), dtypes=FLOAT_DTYPES)
+        check_tensor("pos", pos, shape=(length, d), dtypes=REFERENCE_DTYPES)
         if pos.dtype != x.dtype:
             raise TypeError(f"pos must have x's dtype {x.dtype}, got {pos.dtype}")
     device = check_same_device(x=x, ids_keep=ids_keep, pos=pos)
     check_index_range("ids_keep", ids_keep, length)
-    name = resolve_backend("gather_tokens", backend, device, AUTO_ORDER)
+    name = resolve_backend("gather_tokens", backend, device, AUTO_ORDER, x.dtype)
     return torch.ops.maskedssl.gather_tokens(x, ids_keep, pos, name)
 
 
@@ -174,27 +238,29 @@ def scatter_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: t
                    pos: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
     """``out[b, l] = (x_vis[b, r] if r < K else mask_token) + pos[l]``, ``r = ids_restore[b, l]`` -> (B, L, D).
 
-    x_vis: (B, K, D) visible tokens in shuffled order; ids_restore: (B, L) int32/int64 in [0, L);
-    mask_token: (D,) (any shape with D elements, e.g. MAE's (1, 1, D)); pos: (L, D) or None; all of
-    x_vis's dtype. Differentiable in x_vis, mask_token and pos.
+    x_vis: (B, K, D) visible tokens in shuffled order; ids_restore: (B, L) int32/int64 in [0, L), entries
+    >= K take the mask token (need not be a permutation); mask_token: (D,) (any shape with D elements, e.g.
+    MAE's (1, 1, D)); pos: (L, D) or None; all of x_vis's dtype (float64 runs the torch backend).
+    Differentiable in x_vis, mask_token and pos. The range check of ids_restore costs as in
+    ``gather_tokens``.
     """
-    check_tensor("x_vis", x_vis, ndim=3, dtypes=FLOAT_DTYPES, what="(B, K, D)")
+    check_tensor("x_vis", x_vis, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, K, D)")
     b, _, d = x_vis.shape
     check_tensor("ids_restore", ids_restore, ndim=2, dtypes=INDEX_DTYPES, what="(B, L)")
     if ids_restore.shape[0] != b:
         raise ValueError(f"ids_restore must have shape ({b}, L) to match x_vis {tuple(x_vis.shape)}, "
                          f"got {tuple(ids_restore.shape)}")
     length = ids_restore.shape[1]
-    check_tensor("mask_token", mask_token, dtypes=FLOAT_DTYPES)
+    check_tensor("mask_token", mask_token, dtypes=REFERENCE_DTYPES)
     if mask_token.numel() != d:
         raise ValueError(f"mask_token must hold D={d} values, got shape {tuple(mask_token.shape)}")
     if mask_token.dtype != x_vis.dtype:
         raise TypeError(f"mask_token must have x_vis's dtype {x_vis.dtype}, got {mask_token.dtype}")
     if pos is not None:
-        check_tensor("pos", pos, shape=(length, d), dtypes=FLOAT_DTYPES)
+        check_tensor("pos", pos, shape=(length, d), dtypes=REFERENCE_DTYPES)
         if pos.dtype != x_vis.dtype:
             raise TypeError(f"pos must have x_vis's dtype {x_vis.dtype}, got {pos.dtype}")
     device = check_same_device(x_vis=x_vis, ids_restore=ids_restore, mask_token=mask_token, pos=pos)
     check_index_range("ids_restore", ids_restore, length)
-    name = resolve_backend("scatter_tokens", backend, device, AUTO_ORDER)
+    name = resolve_backend("scatter_tokens", backend, device, AUTO_ORDER, x_vis.dtype)
     return torch.ops.maskedssl.scatter_tokens(x_vis, ids_restore, mask_token.reshape(d), pos, name)

@@ -1,0 +1,330 @@
+"""gather_tokens / scatter_tokens: every kernel backend against the torch backend.
+
+Forward outputs must be bit-identical (pure data movement plus one add rounded as torch rounds); gradients
+within the KERNELS.md tolerance table, for unique and repeated indices, in the deterministic and the atomic
+mode. Kernel outputs are NaN-poisoned by conftest, so a row a kernel forgets to write fails. On CPU the
+kernel backend is Triton under TRITON_INTERPRET=1; the same matrix runs on CUDA (gpu mark) for the Triton
+and CUDA backends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import DTYPES, INTERPRET, assert_close
+
+from maskedssl import ops
+from maskedssl.ops import available_backends, cuda_extension_loaded
+
+# (backend, device): the CPU row exists only under the Triton interpreter.
+KERNEL_TARGETS = [
+    pytest.param("triton", "cpu", id="triton-cpu",
+                 marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
+]
+# (B, L, K, D): odd D, K = L, K = 1, L = 1, B = 1, L = 197 (with cls), a wide D.
+FORWARD_SHAPES = [(2, 196, 49, 100), (1, 50, 50, 64), (3, 1, 1, 1), (2, 197, 1, 24), (1, 64, 16, 768)]
+BACKWARD_SHAPES = [(2, 50, 12, 24), (1, 49, 49, 100), (3, 1, 1, 1)]
+INDEX_DTYPES = [torch.int64, torch.int32]
+
+
+def _require(backend: str, device: str) -> None:
+    if backend not in available_backends(device):
+        pytest.skip(f"backend {backend!r} cannot run on {device} here")
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _ids_keep(b, length, k, device, dtype=torch.int64, repeats=False):
+    if repeats:  # any valid index: repeats, and rows nothing points to
+        return torch.randint(0, length, (b, k), device=device, dtype=dtype)
+    return torch.stack([torch.randperm(length, device=device)[:k] for _ in range(b)]).to(dtype)
+
+
+def _ids_restore(b, length, device, dtype=torch.int64, permutation=True):
+    if permutation:
+        return torch.argsort(torch.rand(b, length, device=device), dim=1).to(dtype)
+    return torch.randint(0, length, (b, length), device=device, dtype=dtype)
+
+
+def _both(fn, backend):
+    """fn(backend) for the kernel backend and for the torch reference."""
+    return fn(backend), fn("torch")
+
+
+# ----------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("backend,device", KERNEL_TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FORWARD_SHAPES, ids=str)
+def test_forward_bit_identical(backend, device, dtype, index_dtype, shape):
+    _require(backend, device)
+    b, length, k, d = shape
+    x = torch.randn(b, length, d, device=device, dtype=dtype)
+    pos = torch.randn(length, d, device=device, dtype=dtype)
+    ids_keep = _ids_keep(b, length, k, device, index_dtype)
+    got, want = _both(lambda be: ops.gather_tokens(x, ids_keep, pos, backend=be), backend)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    x_vis = torch.randn(b, k, d, device=device, dtype=dtype)
+    mask_token = torch.randn(d, device=device, dtype=dtype)
+    ids_restore = _ids_restore(b, length, device, index_dtype)
+    got, want = _both(lambda be: ops.scatter_tokens(x_vis, ids_restore, mask_token, pos, backend=be), backend)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_without_pos_and_with_strided_inputs(backend, device, dtype):
+    _require(backend, device)
+    b, length, k, d = 3, 20, 7, 40
+    # rows strided (a transposed (L, B, D) buffer), D strided (copied once), strided index and pos
+    views = {
+        "x": [torch.randn(length, b, d, device=device, dtype=dtype).transpose(0, 1),
+              torch.randn(b, d, length, device=device, dtype=dtype).transpose(1, 2)],
+        "pos": [None, torch.randn(length + 1, d, device=device, dtype=dtype)[1:],
+                torch.randn(d, length, device=device, dtype=dtype).t()],
+    }
+    ids_keep = _ids_keep(b, length, 2 * k, device)[:, ::2]
+    for x in views["x"]:
+        for pos in views["pos"]:
+            got, want = _both(lambda be: ops.gather_tokens(x, ids_keep, pos, backend=be), backend)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    x_vis = torch.randn(k, b, d, device=device, dtype=dtype).transpose(0, 1)
+    mask_token = torch.randn(1, 1, d, device=device, dtype=dtype)  # MAE's parameter shape
+    ids_restore = _ids_restore(b, length, device).t().contiguous().t()
+    for pos in views["pos"]:
+        got, want = _both(lambda be: ops.scatter_tokens(x_vis, ids_restore, mask_token, pos, backend=be), backend)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- backward
+def _gather_grads(backend, x, ids_keep, pos, grad_out):
+    x = x.detach().requires_grad_()
+    pos = pos.detach().requires_grad_() if pos is not None else None
+    ops.gather_tokens(x, ids_keep, pos, backend=backend).backward(grad_out)
+    return x.grad, pos.grad if pos is not None else None
+
+
+def _scatter_grads(backend, x_vis, ids_restore, mask_token, pos, grad_out):
+    x_vis = x_vis.detach().requires_grad_()
+    mask_token = mask_token.detach().requires_grad_()
+    pos = pos.detach().requires_grad_() if pos is not None else None
+    ops.scatter_tokens(x_vis, ids_restore, mask_token, pos, backend=backend).backward(grad_out)
+    return x_vis.grad, mask_token.grad, pos.grad if pos is not None else None
+
+
+def _assert_grads_close(got, want, dtype):
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            assert_close(g, w, dtype)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=str)
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+def test_gather_backward(backend, device, dtype, shape, deterministic):
+    _require(backend, device)
+    b, length, k, d = shape
+    x = torch.randn(b, length, d, device=device, dtype=dtype)
+    pos = torch.randn(length, d, device=device, dtype=dtype)
+    grad_out = torch.randn(b, k, d, device=device, dtype=dtype)
+    with _deterministic(deterministic):
+        # MAE's case (a permutation's prefix, frozen pos), then repeats with a pos gradient
+        for repeats, p in ((False, None), (True, pos)):
+            ids_keep = _ids_keep(b, length, k, device, repeats=repeats)
+            got, want = _both(lambda be: _gather_grads(be, x, ids_keep, p, grad_out), backend)
+            _assert_grads_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=str)
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+def test_scatter_backward(backend, device, dtype, shape, deterministic):
+    _require(backend, device)
+    b, length, k, d = shape
+    x_vis = torch.randn(b, k, d, device=device, dtype=dtype)
+    mask_token = torch.randn(d, device=device, dtype=dtype)
+    pos = torch.randn(length, d, device=device, dtype=dtype)
+    grad_out = torch.randn(b, length, d, device=device, dtype=dtype)
+    with _deterministic(deterministic):
+        for permutation, p in ((True, None), (False, pos)):
+            ids_restore = _ids_restore(b, length, device, torch.int32, permutation=permutation)
+            got, want = _both(lambda be: _scatter_grads(be, x_vis, ids_restore, mask_token, p, grad_out), backend)
+            _assert_grads_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_TARGETS)
+def test_deterministic_mode_is_bitwise_reproducible(backend, device):
+    _require(backend, device)
+    b, length, k, d = (64, 49, 40, 96) if device == "cuda" else (4, 20, 12, 16)
+    x = torch.randn(b, length, d, device=device, dtype=torch.bfloat16)
+    pos = torch.randn(length, d, device=device, dtype=torch.bfloat16)
+    ids = _ids_keep(b, length, k, device, repeats=True)
+    x_vis = torch.randn(b, k, d, device=device, dtype=torch.bfloat16)
+    mask_token = torch.randn(d, device=device, dtype=torch.bfloat16)
+    ids_restore = _ids_restore(b, length, device, permutation=False).clamp(max=k + 3)
+    with _deterministic(True):
+        runs = [(_gather_grads(backend, x, ids, pos, torch.ones(b, k, d, device=device, dtype=x.dtype)),
+                 _scatter_grads(backend, x_vis, ids_restore, mask_token, pos, x.new_ones(b, length, d)))
+                for _ in range(3)]
+    for run in runs[1:]:
+        for got, first in zip([*run[0], *run[1]], [*runs[0][0], *runs[0][1]]):
+            assert torch.equal(got, first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_headline_shape_on_gpu(backend):
+    """ViT-B/16 at batch 256 in bf16: encoder gather D = 768, decoder scatter D = 512."""
+    _require(backend, "cuda")
+    b, length, k = 256, 196, 49
+    ids_keep, ids_restore, _ = ops.random_masking(b, length, 0.75, device="cuda")
+    x = torch.randn(b, length, 768, device="cuda", dtype=torch.bfloat16)
+    pos = torch.randn(length, 768, device="cuda", dtype=torch.bfloat16)
+    got, want = _both(lambda be: ops.gather_tokens(x, ids_keep, pos, backend=be), backend)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    grads = _both(lambda be: _gather_grads(be, x, ids_keep, pos, torch.randn_like(got)), backend)
+    _assert_grads_close(*grads, torch.bfloat16)
+
+    x_vis = torch.randn(b, k, 512, device="cuda", dtype=torch.bfloat16)
+    token = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+    pos = torch.randn(length, 512, device="cuda", dtype=torch.bfloat16)
+    got, want = _both(lambda be: ops.scatter_tokens(x_vis, ids_restore, token, pos, backend=be), backend)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    grads = _both(lambda be: _scatter_grads(be, x_vis, ids_restore, token, pos, torch.randn_like(got)), backend)
+    _assert_grads_close(*grads, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- registration
+def _op_cases(backend):
+    x = torch.randn(2, 6, 5)
+    ids_keep = torch.tensor([[1, 4, 4], [0, 5, 2]], dtype=torch.int32)
+    _, ids_restore, _ = ops.random_masking(2, 6, 0.5)
+    return [
+        (torch.ops.maskedssl.gather_tokens.default, (x.requires_grad_(), ids_keep, torch.randn(6, 5), backend)),
+        (torch.ops.maskedssl.scatter_tokens.default,
+         (torch.randn(2, 3, 5, requires_grad=True), ids_restore, torch.randn(5, requires_grad=True),
+          torch.randn(6, 5, requires_grad=True), backend)),
+        (torch.ops.maskedssl.gather_tokens_backward.default, (torch.randn(2, 3, 5), ids_keep, 6, True, True, backend)),
+        (torch.ops.maskedssl.gather_tokens_backward.default, (torch.randn(2, 3, 5), ids_keep, 6, False, False, backend)),
+        (torch.ops.maskedssl.scatter_tokens_backward.default,
+         (torch.randn(2, 6, 5), ids_restore, 3, True, True, backend)),
+        (torch.ops.maskedssl.scatter_tokens_backward.default,
+         (torch.randn(2, 6, 5), ids_restore, 3, False, False, backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1"))])
+def test_opcheck(backend):
+    for op, args in _op_cases(backend):
+        torch.library.opcheck(op, args)
+
+
+def test_gradcheck_float64_with_repeated_indices():
+    """float64 runs the torch backend; repeated ids_keep and a non-permutation ids_restore."""
+    x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[1, 4, 4], [0, 5, 0]], dtype=torch.int32)
+    assert torch.autograd.gradcheck(lambda a, p: ops.gather_tokens(a, ids, p), (x, pos))
+    x_vis = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    token = torch.randn(1, 1, 3, dtype=torch.float64, requires_grad=True)
+    ids_restore = torch.tensor([[0, 4, 2, 2, 5, 3], [1, 1, 3, 0, 0, 4]])
+    assert torch.autograd.gradcheck(lambda a, t, p: ops.scatter_tokens(a, ids_restore, t, p), (x_vis, token, pos))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    def encode_decode(x, ids_keep, ids_restore, mask_token, pos, decoder_pos):
+        visible = ops.gather_tokens(x, ids_keep, pos)
+        full = ops.scatter_tokens(visible * 2, ids_restore, mask_token, decoder_pos)
+        return full.square().sum()
+
+    b, length, d = 2, 8, 4
+    ids_keep, ids_restore, _ = ops.random_masking(b, length, 0.5)
+    leaves = [torch.randn(b, length, d), torch.randn(d), torch.randn(length, d), torch.randn(length, d)]
+    grads = []
+    for fn in (encode_decode, torch.compile(encode_decode, fullgraph=True, backend="aot_eager")):
+        x, token, pos, decoder_pos = (t.clone().requires_grad_() for t in leaves)
+        fn(x, ids_keep, ids_restore, token, pos, decoder_pos).backward()
+        grads.append([x.grad, token.grad, pos.grad, decoder_pos.grad])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not cuda_extension_loaded(), reason="maskedssl._C not built (no nvcc here, or not built yet)")
+def test_cuda_schemas_registered():
+    for name in ("gather_tokens_cuda", "scatter_tokens_cuda", "gather_tokens_backward_cuda",
+                 "scatter_tokens_backward_cuda"):
+        op = getattr(torch.ops.maskedssl, name).default
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta"), f"{name} has no fake"
+
+
+# ----------------------------------------------------------------------------- validation
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def _ids(*shape, value=0, dtype=torch.int64, device="cpu"):
+    return torch.full(shape, value, dtype=dtype, device=device)
+
+
+BAD_CALLS = [
+    ("gather: x 2-D", lambda be: ops.gather_tokens(_x(2, 5), _ids(2, 1), backend=be), ValueError, "x must be 3-D"),
+    ("gather: x int", lambda be: ops.gather_tokens(_x(2, 5, 3).int(), _ids(2, 1), backend=be), TypeError, "x must"),
+    ("gather: ids float", lambda be: ops.gather_tokens(_x(2, 5, 3), _x(2, 1), backend=be), TypeError, "ids_keep"),
+    ("gather: ids 1-D", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2), backend=be), ValueError, "ids_keep"),
+    ("gather: ids too big", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2, 1, value=5), backend=be),
+     ValueError, r"\[0, 5\)"),
+    ("gather: ids negative", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2, 1, value=-1), backend=be),
+     ValueError, "ids_keep must hold"),
+    ("gather: batch mismatch", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(3, 1), backend=be),
+     ValueError, "ids_keep must have shape"),
+    ("gather: pos shape", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2, 1), _x(4, 3), backend=be),
+     ValueError, "pos must have shape"),
+    ("gather: pos dtype", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2, 1), _x(5, 3, dtype=torch.float16),
+                                                       backend=be), TypeError, "pos must"),
+    ("gather: device", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2, 1, device="meta"), backend=be),
+     ValueError, "one device"),
+    ("scatter: x_vis 2-D", lambda be: ops.scatter_tokens(_x(2, 3), _ids(2, 4), _x(3), backend=be),
+     ValueError, "x_vis must be 3-D"),
+    ("scatter: ids too big", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(2, 4, value=4), _x(3), backend=be),
+     ValueError, "ids_restore must hold"),
+    ("scatter: batch mismatch", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(1, 4), _x(3), backend=be),
+     ValueError, "ids_restore must have shape"),
+    ("scatter: mask_token size", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(2, 4), _x(4), backend=be),
+     ValueError, "mask_token must hold"),
+    ("scatter: mask_token dtype", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(2, 4),
+                                                                _x(3, dtype=torch.bfloat16), backend=be),
+     TypeError, "mask_token must"),
+    ("scatter: pos shape", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(2, 4), _x(3), _x(2, 3), backend=be),
+     ValueError, "pos must have shape"),
+    ("scatter: device", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(2, 4), _x(3).to("meta"), backend=be),
+     ValueError, "one device"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_inputs_raise_before_any_kernel(backend, case):
+    _, call, err, words = case
+    with pytest.raises(err, match=words):
+        call(backend)
+
