@@ -6,6 +6,12 @@
 
 TORCH_LIBRARY(maskedssl, m) {
   // --- token gather / scatter (csrc/token_gather.cu) ---
+  m.def("gather_tokens_cuda(Tensor x, Tensor ids_keep, Tensor? pos) -> Tensor");
+  m.def("scatter_tokens_cuda(Tensor x_vis, Tensor ids_restore, Tensor mask_token, Tensor? pos) -> Tensor");
+  m.def("gather_tokens_backward_cuda(Tensor grad, Tensor ids_keep, int length, bool need_pos, "
+        "bool deterministic) -> (Tensor, Tensor)");
+  m.def("scatter_tokens_backward_cuda(Tensor grad, Tensor ids_restore, int num_visible, bool need_pos, "
+        "bool deterministic) -> (Tensor, Tensor, Tensor)");
   // --- end token gather / scatter ---
 
   // --- ncut bi-partition (csrc/ncut.cu) ---
