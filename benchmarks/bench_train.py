@@ -1,5 +1,6 @@
 """Images/s of whole training steps (forward, backward, AdamW step) for MAE, i-MAE and Self-guided MAE,
-ours against the reference models of ``benchmarks/reference.py``, each in eager and under ``torch.compile``.
+ours against the reference models of ``benchmarks/reference.py``, each in eager and under ``torch.compile``,
+and for MAE the reference made faster in place by ``maskedssl.accelerate`` ("reference-accelerated").
 
     python -m benchmarks.bench_train [--preset vit_base --preset cifar_small] [--batch 256] [--quick]
 
@@ -34,7 +35,9 @@ from benchmarks.reference import ReferenceConfig, build_reference, config_from_m
 
 METHODS = ("mae", "imae", "sgmae")
 PRESETS = ("vit_base", "cifar_small")  # ViT-B/16 at 224 px, and ViT-S/4 at CIFAR's 32 px
-IMPLS = ("ours", "ours-compile", "reference", "reference-compile")
+IMPLS = ("ours", "ours-compile", "reference", "reference-compile", "reference-accelerated")
+# maskedssl.accelerate() takes a facebookresearch/mae-style MAE: the MAE reference only.
+ACCELERATED_METHODS = ("mae",)
 
 
 # ----------------------------------------------------------------------------- FLOP count
@@ -71,7 +74,7 @@ def step_flops(method: str, cfg: ReferenceConfig, batch: int, teacher: bool = Tr
         frozen = 2 * (encoder_flops(cfg, kept) + embed) if teacher else 0
         per_image = 3 * trained + frozen
     elif method == "sgmae":
-        layers = cfg.sg_layer % cfg.depth + 1
+        layers = cfg.sg_layer % (cfg.depth + 1)  # hidden state 0 is the embeddings
         similarity = 2 * length * length * cfg.embed_dim
         per_image = 3 * mae + encoder_flops(cfg, length, depth=layers) + similarity
     else:
@@ -108,9 +111,17 @@ def make_step(method: str, preset: str, impl: str, batch: int, device: str = "cu
     torch.manual_seed(seed)
     ours = build_ours(method, preset)
     cfg = config_from_model(ours)
-    model = ours if impl.startswith("ours") else build_reference(method, cfg)
-    if model is not ours:
+    if impl.startswith("ours"):
+        model = ours
+    else:
         del ours
+        model = build_reference(method, cfg)
+    if impl == "reference-accelerated":
+        if method not in ACCELERATED_METHODS:
+            raise ValueError(f"{impl} applies to {ACCELERATED_METHODS} only, not {method!r}")
+        from maskedssl import accelerate
+
+        model = accelerate(model)
     model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
@@ -126,7 +137,7 @@ def make_step(method: str, preset: str, impl: str, batch: int, device: str = "cu
         extra = {"progress": state["progress"]} if method == "sgmae" else {}
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=use_autocast):
             out = forward(imgs, **kwargs, **extra)
-        loss = out if isinstance(out, torch.Tensor) else out.loss
+        loss = loss_of(out)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -135,6 +146,13 @@ def make_step(method: str, preset: str, impl: str, batch: int, device: str = "cu
         state["progress"] = progress
 
     return TrainStep(method, impl, model, step, set_progress, cfg)
+
+
+def loss_of(out) -> torch.Tensor:
+    """The loss from ours (ModelOutput), the MAE reference (the official (loss, pred, mask)) or the others."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0] if isinstance(out, tuple) else out.loss
 
 
 def time_steps(step: Callable[[], None], warmup: int, iters: int) -> tuple[float, float]:
@@ -200,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     for preset in presets:
         for method in args.method or METHODS:
             for impl in args.impl or IMPLS:
+                if impl == "reference-accelerated" and method not in ACCELERATED_METHODS:
+                    continue
                 try:
                     row = measure(method, preset, impl, args.batch, peaks, warmup, iters)
                 except torch.cuda.OutOfMemoryError:

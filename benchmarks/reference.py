@@ -98,11 +98,14 @@ def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.Module
 
 
 class ReferenceMAE(nn.Module):
-    """facebookresearch/mae ``MaskedAutoencoderViT``: encoder, decoder, loss, with its passes as written."""
+    """facebookresearch/mae ``MaskedAutoencoderViT``: encoder, decoder, loss, with its passes as written and
+    its method signatures (so ``maskedssl.accelerate`` applies to it). ``random_masking`` and
+    ``forward_encoder`` also take an optional ``ids_shuffle``: the variants' own masks."""
 
     def __init__(self, cfg: ReferenceConfig):
         super().__init__()
         self.cfg = cfg
+        self.norm_pix_loss = cfg.norm_pix_loss
         d, dd, p = cfg.embed_dim, cfg.decoder_embed_dim, cfg.patch_size
         self.patch_embed = PatchEmbed(cfg.img_size, p, cfg.in_chans, d)
         grid = cfg.img_size // p
@@ -120,14 +123,16 @@ class ReferenceMAE(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def random_shuffle(self, batch: int, device) -> torch.Tensor:
-        noise = torch.rand(batch, self.num_patches, device=device)
-        return torch.argsort(noise, dim=1)
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        return patchify(imgs, self.cfg.patch_size)
 
-    def mask_with(self, x: torch.Tensor, ids_shuffle: torch.Tensor):
-        """Keep the first K of ``ids_shuffle``: the official gather with an index repeated to (B, K, D)."""
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, ids_shuffle: torch.Tensor | None = None):
+        """Keep the first K of a random shuffle: the official gather with an index repeated to (B, K, D)."""
         b, length, d = x.shape
-        keep = int(length * (1 - self.cfg.mask_ratio))
+        keep = int(length * (1 - mask_ratio))
+        if ids_shuffle is None:
+            noise = torch.rand(b, length, device=x.device)
+            ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :keep]
         x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, d))
@@ -143,14 +148,17 @@ class ReferenceMAE(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         return torch.cat((cls, x), dim=1)
 
-    def forward_encoder(self, imgs: torch.Tensor, ids_shuffle: torch.Tensor):
-        x, mask, ids_restore = self.mask_with(self.embed(imgs), ids_shuffle)
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, ids_shuffle: torch.Tensor | None = None):
+        x, mask, ids_restore = self.random_masking(self.embed(imgs), mask_ratio, ids_shuffle)
         x = self.prepend_cls(x)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder_tokens(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        return self.decode_tokens(self.decoder_embed(x), ids_restore)
+
+    def decode_tokens(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """The decoder after ``decoder_embed`` (i-MAE's heads replace that layer)."""
         mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
@@ -163,21 +171,21 @@ class ReferenceMAE(nn.Module):
         return x[:, 1:, :]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        target = patchify(imgs, self.cfg.patch_size)
-        if self.cfg.norm_pix_loss:
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         loss = ((pred - target) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
-    def step_loss(self, imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
-        latent, mask, ids_restore = self.forward_encoder(imgs, ids_shuffle)
-        pred = self.forward_decoder_tokens(self.decoder_embed(latent), ids_restore)
-        return self.forward_loss(imgs, pred, mask)
-
-    def forward(self, imgs: torch.Tensor, **_) -> torch.Tensor:
-        return self.step_loss(imgs, self.random_shuffle(imgs.shape[0], imgs.device))
+    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None,
+                ids_shuffle: torch.Tensor | None = None, **_):
+        """-> ``(loss, pred, mask)``, as the official model."""
+        mask_ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
 
 
 class ReferenceIMAE(nn.Module):
@@ -203,16 +211,17 @@ class ReferenceIMAE(nn.Module):
         other = imgs[partner]
         mixed = lam * other + (1 - lam) * imgs
         sub, dom = other, imgs
-        ids_shuffle = self.mae.random_shuffle(b, imgs.device)
-        latent, mask, ids_restore = self.mae.forward_encoder(mixed, ids_shuffle)
+        ids_shuffle = torch.argsort(torch.rand(b, self.mae.num_patches, device=imgs.device), dim=1)
+        latent, mask, ids_restore = self.mae.forward_encoder(mixed, self.cfg.mask_ratio, ids_shuffle)
         z_sub, z_dom = self.head_sub(latent), self.head_dom(latent)
-        pred_sub = self.mae.forward_decoder_tokens(z_sub, ids_restore)
-        pred_dom = self.mae.forward_decoder_tokens(z_dom, ids_restore)
+        pred_sub = self.mae.decode_tokens(z_sub, ids_restore)
+        pred_dom = self.mae.decode_tokens(z_dom, ids_restore)
         loss = self.mae.forward_loss(sub, pred_sub, mask) + self.mae.forward_loss(dom, pred_dom, mask)
         if self.teacher is not None:
             with torch.no_grad():
-                t_sub = self.teacher.decoder_embed(self.teacher.forward_encoder(sub, ids_shuffle)[0])
-                t_dom = self.teacher.decoder_embed(self.teacher.forward_encoder(dom, ids_shuffle)[0])
+                ratio = self.cfg.mask_ratio
+                t_sub = self.teacher.decoder_embed(self.teacher.forward_encoder(sub, ratio, ids_shuffle)[0])
+                t_dom = self.teacher.decoder_embed(self.teacher.forward_encoder(dom, ratio, ids_shuffle)[0])
             loss = loss + F.mse_loss(z_sub, t_sub) + F.mse_loss(z_dom, t_dom)
         return loss
 
@@ -244,13 +253,10 @@ class ReferenceSGMAE(nn.Module):
 
     @torch.no_grad()
     def patch_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Patch tokens after ``sg_layer`` blocks (0: the embeddings, -1: the last block), all patches."""
         x = self.mae.prepend_cls(self.mae.embed(imgs))
-        blocks = self.mae.blocks
-        last = self.cfg.sg_layer % len(blocks)
-        for blk in blocks[: last + 1]:
+        for blk in self.mae.blocks[: self.cfg.sg_layer % (self.cfg.depth + 1)]:
             x = blk(x)
-        if last == len(blocks) - 1:
-            x = self.mae.norm(x)
         return x[:, 1:, :]
 
     @torch.no_grad()
@@ -268,15 +274,13 @@ class ReferenceSGMAE(nn.Module):
         return order.flip(1)  # kept first, as the official shuffle order
 
     def forward(self, imgs: torch.Tensor, *, progress: float = 0.0, **_) -> torch.Tensor:
-        if progress < self.cfg.warmup_frac:
-            ids_shuffle = self.mae.random_shuffle(imgs.shape[0], imgs.device)
-        else:
-            ids_shuffle = self.informed_shuffle(imgs)
-        return self.mae.step_loss(imgs, ids_shuffle)
+        informed = progress >= self.cfg.warmup_frac
+        return self.mae(imgs, ids_shuffle=self.informed_shuffle(imgs) if informed else None)[0]
 
 
 def build_reference(method: str, cfg: ReferenceConfig) -> nn.Module:
-    """The reference model for ``method`` ("mae", "imae", "sgmae"); forward returns the scalar loss."""
+    """The reference model for ``method`` ("mae", "imae", "sgmae"). Its forward returns the loss (MAE: the
+    official ``(loss, pred, mask)``)."""
     if method == "mae":
         return ReferenceMAE(cfg)
     if method == "imae":

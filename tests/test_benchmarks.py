@@ -274,7 +274,7 @@ def test_reference_is_our_model_twin(method):
     models = pytest.importorskip("maskedssl.models")
     if not hasattr(models, "build_model"):
         pytest.skip("maskedssl.models.build_model is not available yet")
-    from benchmarks.bench_train import build_ours
+    from benchmarks.bench_train import build_ours, loss_of
     from benchmarks.reference import build_reference, config_from_model
 
     ours = build_ours(method, "micro")
@@ -285,6 +285,25 @@ def test_reference_is_our_model_twin(method):
 
     assert trainable(ref) == trainable(ours)
     imgs = torch.randn(2, 3, ours.img_size, ours.img_size)
-    loss = ref(imgs, progress=1.0)
+    loss = loss_of(ref(imgs, progress=1.0))
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_reference_mae_loss_survives_accelerate():
+    """The MAE reference and ``maskedssl.accelerate`` of it give the same loss for the same RNG: the
+    reference computes MAE as our fused path does (and accelerate() accepts it as an official-style MAE)."""
+    maskedssl = pytest.importorskip("maskedssl")
+    if not hasattr(maskedssl, "accelerate"):
+        pytest.skip("maskedssl.accelerate is not available yet")
+    from benchmarks.reference import ReferenceConfig, ReferenceMAE
+
+    cfg = ReferenceConfig(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+                          decoder_depth=1, decoder_num_heads=4)
+    model = ReferenceMAE(cfg).eval()
+    imgs = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(1)
+    expected = model(imgs, 0.75)[0]
+    maskedssl.accelerate(model)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(imgs, 0.75)[0], expected, rtol=1e-5, atol=1e-5)
