@@ -1,0 +1,262 @@
+"""maskedssl.data: the synthetic dataset, CIFAR / ImageFolder loading, batching, augmentation, pairing."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from maskedssl import data
+from maskedssl.data import DatasetError, build_dataset
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+def test_synthetic_is_deterministic_per_index():
+    a = build_dataset("synthetic:64", train=True, img_size=32)
+    b = build_dataset("synthetic:64", train=True, img_size=32)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    # an image is a function of its own index: rendering it alone (or among others) gives the same bytes
+    alone, mask, label = data.render_synthetic([37, 5], 32, a.seed)
+    assert torch.equal(alone[0], a.images[37]) and torch.equal(alone[1], a.images[5])
+    assert torch.equal(mask[0], a.object_mask(37)) and int(label[0]) == a[37][1]
+    # a larger dataset starts with the same images
+    c = build_dataset("synthetic:100", train=True, img_size=32)
+    assert torch.equal(c.images[:64], a.images)
+
+
+def test_synthetic_splits_classes_and_sizes():
+    train = build_dataset("synthetic:200", train=True, img_size=24)
+    test = build_dataset("synthetic:200", train=False, img_size=24)
+    assert len(train) == 200 and len(test) == 40
+    img, label = train[3]
+    assert img.dtype == torch.uint8 and img.shape == (3, 24, 24) and isinstance(label, int)
+    assert not torch.equal(train.images[:40], test.images)
+    assert train.num_classes == len(data.CLASS_NAMES) == 10
+    assert torch.bincount(train.labels, minlength=10).tolist() == [20] * 10
+    # images are not trivially constant
+    assert train.images.float().std() > 20
+
+
+def test_synthetic_object_masks_mark_the_object():
+    ds = build_dataset("synthetic:50", train=True, img_size=32)
+    masks = ds.object_masks()
+    assert masks.shape == (50, 32, 32) and masks.dtype == torch.bool
+    frac = masks.float().mean((1, 2))
+    assert (frac > 0.01).all() and (frac < 0.6).all()
+    # the object is drawn in a saturated colour, the background in muted ones
+    imgs = ds.images.float() / 255
+    saturation = imgs.amax(1) - imgs.amin(1)
+    sat_in = (saturation * masks).sum((1, 2)) / masks.sum((1, 2))
+    sat_out = (saturation * ~masks).sum((1, 2)) / (~masks).sum((1, 2))
+    assert (sat_in > sat_out).float().mean() > 0.9
+
+
+def test_synthetic_bad_specs():
+    with pytest.raises(DatasetError, match="integer"):
+        build_dataset("synthetic:many")
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        build_dataset("mnist:/x")
+    with pytest.raises(DatasetError, match="needs a path"):
+        build_dataset("cifar10")
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR
+
+def _write_cifar(root, name: str, n: int = 4):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    if name == "cifar10":
+        files, key, meta, names_key = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels", \
+            "batches.meta", "label_names"
+        classes = [f"c{i}" for i in range(10)]
+    else:
+        files, key, meta, names_key = ["train", "test"], "fine_labels", "meta", "fine_label_names"
+        classes = [f"c{i}" for i in range(100)]
+    written = {}
+    for f in files:
+        x = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        y = rng.integers(0, len(classes), size=n).tolist()
+        with open(root / f, "wb") as fh:
+            pickle.dump({b"data": x, key.encode(): y}, fh)
+        written[f] = (x, y)
+    with open(root / meta, "wb") as fh:
+        pickle.dump({names_key: classes}, fh)
+    return written
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loads_python_pickles(tmp_path, name):
+    inner = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    written = _write_cifar(tmp_path / inner, name)
+    for path in (tmp_path, tmp_path / inner):  # the folder itself or its parent
+        train = build_dataset(f"{name}:{path}", train=True)
+        test = build_dataset(f"{name}:{path}", train=False)
+        assert len(train) == (20 if name == "cifar10" else 4) and len(test) == 4
+        first = "data_batch_1" if name == "cifar10" else "train"
+        x, y = written[first]
+        assert torch.equal(train.images[0], torch.from_numpy(x[0].reshape(3, 32, 32)))
+        assert train[1][1] == y[1]
+        assert train.classes[0] == "c0" and train.num_classes == (10 if name == "cifar10" else 100)
+
+
+def test_cifar_bad_paths(tmp_path):
+    with pytest.raises(DatasetError, match="not a directory"):
+        build_dataset(f"cifar10:{tmp_path / 'nope'}")
+    with pytest.raises(DatasetError, match="lacks data_batch_1"):
+        build_dataset(f"cifar10:{tmp_path}")
+    (tmp_path / "test_batch").write_bytes(b"not a pickle at all")
+    with pytest.raises(DatasetError, match="not a CIFAR python pickle"):
+        build_dataset(f"cifar10:{tmp_path}", train=False)
+    with open(tmp_path / "test_batch", "wb") as fh:
+        pickle.dump({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}, fh)
+    with pytest.raises(DatasetError, match=r"uint8 \(N, 3072\)"):
+        build_dataset(f"cifar10:{tmp_path}", train=False)
+
+
+# ---------------------------------------------------------------------------------------------- ImageFolder
+
+def _write_images(folder, classes=("cat", "dog"), per_class=2, size=(20, 14)):
+    from PIL import Image
+
+    for c in classes:
+        (folder / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", size, color=(40 * i, 100, 200)).save(folder / c / f"{i}.png")
+
+
+def test_imagefolder_train_and_val(tmp_path):
+    _write_images(tmp_path / "train")
+    _write_images(tmp_path / "val", per_class=1)
+    train = build_dataset(f"imagefolder:{tmp_path}", train=True, img_size=16)
+    val = build_dataset(f"imagefolder:{tmp_path}", train=False, img_size=16)
+    assert len(train) == 4 and len(val) == 2 and train.classes == ["cat", "dog"]
+    img, label = train[3]
+    assert img.dtype == torch.uint8 and img.shape == (3, 16, 16) and label == 1
+    assert train.augmented_on_cpu and not val.augmented_on_cpu
+    assert val[0][0].shape == (3, 16, 16)
+
+
+def test_imagefolder_without_splits_and_tiny_imagenet_val(tmp_path):
+    _write_images(tmp_path / "flat")
+    assert len(build_dataset(f"imagefolder:{tmp_path / 'flat'}", train=False, img_size=8)) == 4
+    # Tiny-ImageNet: val/images/*.png + val_annotations.txt naming each image's class
+    _write_images(tmp_path / "tiny" / "train", classes=("n01", "n02"))
+    from PIL import Image
+
+    (tmp_path / "tiny" / "val" / "images").mkdir(parents=True)
+    for i, c in enumerate(["n02", "n01", "n02"]):
+        Image.new("RGB", (8, 8)).save(tmp_path / "tiny" / "val" / "images" / f"v{i}.png")
+    (tmp_path / "tiny" / "val" / "val_annotations.txt").write_text(
+        "v0.png\tn02\t0\t0\t8\t8\nv1.png\tn01\t0\t0\t8\t8\nv2.png\tn02\t0\t0\t8\t8\n")
+    val = build_dataset(f"imagefolder:{tmp_path / 'tiny'}", train=False, img_size=8)
+    assert [val[i][1] for i in range(3)] == [1, 0, 1]
+
+
+def test_imagefolder_bad_paths(tmp_path):
+    with pytest.raises(DatasetError, match="not a directory"):
+        build_dataset(f"imagefolder:{tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="imagefolder"):
+        build_dataset(f"imagefolder:{tmp_path / 'empty'}")
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+def test_epoch_sampler_shards_and_skips():
+    shards = []
+    for rank in range(2):
+        s = data.EpochSampler(50, batch_size=4, rank=rank, world_size=2, seed=3)
+        s.set_epoch(1)
+        shards.append(list(s))
+        assert len(shards[-1]) == len(s) == 24  # 6 global batches of 8; the tail of 2 is dropped
+    assert not set(shards[0]) & set(shards[1])
+    s = data.EpochSampler(50, batch_size=4, rank=0, world_size=2, seed=3)
+    s.set_epoch(1, skip_batches=2)
+    assert list(s) == shards[0][8:]
+    s.set_epoch(2)
+    assert list(s) != shards[0]
+    with pytest.raises(DatasetError, match="fewer than one global batch"):
+        data.EpochSampler(5, batch_size=4, world_size=2)
+
+
+def test_tensor_batches_follow_the_sampler():
+    ds = build_dataset("synthetic:40", img_size=8)
+    sampler = data.EpochSampler(40, 8, seed=0)
+    loader = data.make_loader(ds, sampler, 0, torch.device("cpu"))
+    order = list(sampler)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 5
+    assert torch.equal(batches[1][0], ds.images[order[8:16]]) and torch.equal(batches[1][1], ds.labels[order[8:16]])
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+def test_augment_identity_crop_is_normalisation():
+    imgs = build_dataset("synthetic:4", img_size=16).images
+    gen = torch.Generator().manual_seed(0)
+    x = data.augment_batch(imgs, 16, gen, scale=(1.0, 1.0), flip=False)
+    torch.testing.assert_close(x, data.normalize_batch(imgs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(data.denormalize(x) * 255, imgs.float(), atol=1e-3, rtol=0)
+
+
+def test_augment_shapes_crops_and_flips():
+    imgs = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8).remainder(256).to(torch.uint8)
+    gen = torch.Generator().manual_seed(1)
+    x = data.augment_batch(imgs, 12, gen)
+    assert x.shape == (2, 3, 12, 12) and x.dtype == torch.float32
+    box = data.random_resized_crop_params(1000, 8, 12, torch.Generator().manual_seed(0))
+    x0, y0, w, h = box.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 12 + 1e-4).all() and (y0 + h <= 8 + 1e-4).all()
+    area = w * h / 96
+    assert area.min() >= 0.2 - 1e-6 and area.max() <= 1 + 1e-6
+    # a full-image crop with every sample flipped mirrors the columns
+    full = torch.Generator().manual_seed(0)
+    flipped = [data.augment_batch(imgs, 8, full, scale=(1.0, 1.0)) for _ in range(8)]
+    plain = data.normalize_batch(imgs)
+    for f in flipped:
+        for b in range(2):
+            assert torch.allclose(f[b], plain[b], atol=1e-4) or torch.allclose(f[b], plain[b].flip(-1), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- pairing
+
+def test_sample_partners_same_and_other_class():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        same = data.sample_partners(labels, 1.0, gen)
+        other = data.sample_partners(labels, 0.0, gen)
+        idx = torch.arange(8)
+        assert (same != idx).all() and (other != idx).all()
+        # class 3 has a single member: it falls back to any other sample
+        assert (labels[same[:7]] == labels[:7]).all()
+        assert (labels[other] != labels).all()
+    assert data.sample_partners(torch.tensor([4]), 1.0, gen).tolist() == [0]
+    with pytest.raises(ValueError, match="same_prob"):
+        data.sample_partners(labels, 1.5)
+
+
+def test_sample_partners_statistics():
+    labels = torch.arange(64) % 4
+    gen = torch.Generator().manual_seed(0)
+    hits = torch.stack([labels[data.sample_partners(labels, 0.3, gen)] == labels for _ in range(100)])
+    assert abs(hits.float().mean().item() - 0.3) < 0.03
+    # uniform among candidates: every same-class partner gets picked
+    picks = torch.stack([data.sample_partners(labels, 1.0, gen)[0] for _ in range(400)])
+    assert set(picks.tolist()) == set(range(4, 64, 4))
+
+
+def test_kmeans_recovers_separated_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.eye(8)[:3] * 5
+    truth = torch.arange(90) % 3
+    feats = centers[truth] + 0.1 * torch.randn(90, 8, generator=gen)
+    ids = data.kmeans(feats, 3, generator=torch.Generator().manual_seed(1))
+    assert ids.shape == (90,)
+    # the same partition up to renaming
+    for c in range(3):
+        assert ids[truth == c].unique().numel() == 1
+    assert ids.unique().numel() == 3
