@@ -18,5 +18,8 @@ TORCH_LIBRARY(maskedssl, m) {
   // --- end ncut bi-partition ---
 
   // --- mix + patchify (csrc/mix_patchify.cu) ---
+  m.def("mix_patchify_cuda(Tensor imgs, int patch_size, Tensor? partner, Tensor? lam, Tensor? ids_keep, "
+        "Tensor? ids_masked, bool norm_pix, Tensor? mean, Tensor? std, ScalarType out_dtype) "
+        "-> (Tensor, Tensor, Tensor)");
   // --- end mix + patchify ---
 }

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend
-from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_device, check_tensor
+from ._backend import available_backends, cuda_extension_loaded, resolve_backend, warn_once
+from ._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_device, check_tensor,
+                        index_checks_enabled)
 from .patchify import grid_size, patchify
 
 AUTO_ORDER = ("cuda", "triton", "torch")
 IMAGE_DTYPES = (*FLOAT_DTYPES, torch.uint8)
+
+
+def cuda_takes(row: int, channels: int) -> bool:
+    """Whether the CUDA kernel fits a patch row of ``row`` = p*p*C values: it holds a row in one 256-thread
+    block's registers, 8 values per thread on a multiple-of-C subset of the threads (p <= 26 at C = 3,
+    p <= 45 at C = 1). Larger patches run on the next backend."""
+    return channels <= 256 and row <= 8 * (256 - 256 % channels)
 
 
 def normalize_rows(t: torch.Tensor) -> torch.Tensor:
@@ -31,7 +39,7 @@ def normalize_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _rows(x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     if ids is None:
-        return x
+        return x.clone()  # patchify may return a view; op outputs must not alias imgs or each other
     return torch.gather(x, 1, ids.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
@@ -59,12 +67,17 @@ def _mix_patchify_op(imgs: torch.Tensor, patch_size: int, partner: torch.Tensor 
                      lam: torch.Tensor | None, ids_keep: torch.Tensor | None, ids_masked: torch.Tensor | None,
                      norm_pix: bool, mean: torch.Tensor | None, std: torch.Tensor | None,
                      out_dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _mix_patchify_torch(imgs, patch_size, partner, lam, ids_keep, ids_masked, norm_pix, mean, std,
-                               out_dtype)
+    args = (imgs, patch_size, partner, lam, ids_keep, ids_masked, norm_pix, mean, std, out_dtype)
+    if backend == "triton":
+        from maskedssl.kernels.mix_patchify import mix_patchify as launch
+
+        return launch(*args)
+    if backend == "cuda":
+        return torch.ops.maskedssl.mix_patchify_cuda(*args)
+    return _mix_patchify_torch(*args)
 
 
-@_mix_patchify_op.register_fake
-def _(imgs, patch_size, partner, lam, ids_keep, ids_masked, norm_pix, mean, std, out_dtype, backend):
+def _fake_outputs(imgs, patch_size, partner, lam, ids_keep, ids_masked, norm_pix, mean, std, out_dtype):
     b, c, height, width = imgs.shape
     length = (height // patch_size) * (width // patch_size)
     row = patch_size * patch_size * c
@@ -75,6 +88,14 @@ def _(imgs, patch_size, partner, lam, ids_keep, ids_masked, norm_pix, mean, std,
     other = imgs.new_empty(b, masked, row, dtype=out_dtype) if partner is not None else \
         imgs.new_empty(0, dtype=out_dtype)
     return inputs, target, other
+
+
+@_mix_patchify_op.register_fake
+def _(*args):
+    return _fake_outputs(*args[:-1])  # the last argument is the backend
+
+if cuda_extension_loaded():
+    torch.library.register_fake("maskedssl::mix_patchify_cuda")(_fake_outputs)
 
 
 def _check_rows(name, ids, b, length):
@@ -122,7 +143,11 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
                 raise ValueError(f"lam must be in [0, 1], got {lam}")
             lam = torch.full((b,), float(lam), device=imgs.device)
         check_tensor("lam", lam, shape=(b,), dtypes=FLOAT_DTYPES)
-        lam = lam.float()
+        lam = lam.detach().float()
+        if lam.numel() and index_checks_enabled():
+            lo, hi = torch.stack(torch.aminmax(lam)).tolist()
+            if not (0.0 <= lo and hi <= 1.0):
+                raise ValueError(f"lam must hold weights in [0, 1], found {lo if not 0.0 <= lo else hi}")
     _check_rows("ids_keep", ids_keep, b, length)
     _check_rows("ids_masked", ids_masked, b, length)
     if (mean is None) != (std is None):
@@ -130,9 +155,14 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
     if mean is not None:
         check_tensor("mean", mean, shape=(c,), dtypes=FLOAT_DTYPES)
         check_tensor("std", std, shape=(c,), dtypes=FLOAT_DTYPES)
+        mean, std = mean.detach().float(), std.detach().float()
     device = check_same_device(imgs=imgs, partner=partner, lam=lam, ids_keep=ids_keep, ids_masked=ids_masked,
                                mean=mean, std=std)
     name = resolve_backend("mix_patchify", backend, device, AUTO_ORDER)
+    if name == "cuda" and not cuda_takes(patch_size * patch_size * c, c):
+        name = "triton" if "triton" in available_backends(device) else "torch"
+        warn_once(f"maskedssl.mix_patchify: patch rows of p*p*C = {patch_size * patch_size * c} values are "
+                  f"too long for the CUDA kernel; using {name!r}")
     inputs, target, other = torch.ops.maskedssl.mix_patchify(
         imgs.detach(), patch_size, partner, lam, ids_keep, ids_masked, bool(norm_pix), mean, std, out_dtype,
         name)

@@ -1,0 +1,142 @@
+"""patchify / unpatchify against hand-written loops, and embed_patches against timm's PatchEmbed conv."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+from timm.layers import PatchEmbed
+
+from maskedssl import ops
+
+
+def patchify_loop(imgs, p):
+    b, c, height, width = imgs.shape
+    h, w = height // p, width // p
+    out = torch.empty(b, h * w, p * p * c, dtype=imgs.dtype)
+    for n in range(b):
+        for i in range(h):
+            for j in range(w):
+                for py in range(p):
+                    for px in range(p):
+                        for ch in range(c):
+                            out[n, i * w + j, (py * p + px) * c + ch] = imgs[n, ch, i * p + py, j * p + px]
+    return out
+
+
+@pytest.mark.parametrize("b,c,height,width,p", [(2, 3, 8, 8, 4), (1, 1, 12, 20, 4), (2, 3, 6, 4, 2),
+                                                (1, 3, 14, 28, 14), (1, 1, 16, 16, 16)])
+def test_patchify_matches_loop_and_round_trips(b, c, height, width, p):
+    imgs = torch.randn(b, c, height, width)
+    rows = ops.patchify(imgs, p)
+    assert torch.equal(rows, patchify_loop(imgs, p))
+    back = ops.unpatchify(rows, p, height=height, width=width, channels=c)
+    assert torch.equal(back, imgs)
+    if height == width:
+        assert torch.equal(ops.unpatchify(rows, p, channels=c), imgs)
+
+
+def test_patchify_non_contiguous_and_dtypes():
+    base = torch.randint(0, 256, (2, 12, 8, 3), dtype=torch.uint8)
+    imgs = base.permute(0, 3, 1, 2)
+    assert torch.equal(ops.patchify(imgs, 4), patchify_loop(imgs.contiguous(), 4))
+    half = torch.randn(1, 3, 8, 8, dtype=torch.bfloat16)
+    assert ops.patchify(half, 4).dtype == torch.bfloat16
+
+
+def test_patchify_is_differentiable():
+    imgs = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x: ops.patchify(x, 4), (imgs,))
+    rows = torch.randn(1, 4, 48, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x: ops.unpatchify(x, 4), (rows,))
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda: ops.patchify(torch.randn(1, 3, 10, 8), 4), ValueError, "not divisible"),
+    (lambda: ops.patchify(torch.randn(3, 8, 8), 4), ValueError, "4-D"),
+    (lambda: ops.patchify(torch.randn(1, 3, 8, 8), 0), ValueError, "patch_size"),
+    (lambda: ops.patchify(torch.randn(1, 3, 8, 8), 2.0), TypeError, "patch_size"),
+    (lambda: ops.patchify([[1.0]], 4), TypeError, "imgs"),
+    (lambda: ops.unpatchify(torch.randn(1, 6, 48), 4), ValueError, "not a square grid"),
+    (lambda: ops.unpatchify(torch.randn(1, 4, 40), 4), ValueError, "p\\*p\\*C"),
+    (lambda: ops.unpatchify(torch.randn(1, 4, 48), 4, height=8), ValueError, "both height and width"),
+    (lambda: ops.unpatchify(torch.randn(1, 4, 48), 4, height=8, width=12), ValueError, "gives 6 patches"),
+    (lambda: ops.unpatchify(torch.randn(4, 48), 4), ValueError, "3-D"),
+])
+def test_patchify_rejects(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- embed_patches
+@pytest.mark.parametrize("p,c,height,width", [(2, 3, 8, 8), (4, 1, 12, 20), (8, 3, 16, 24), (14, 3, 28, 28),
+                                              (16, 1, 32, 16), (16, 3, 32, 32)])
+def test_embed_patches_equals_patch_embed_conv(p, c, height, width):
+    embed = PatchEmbed(img_size=(height, width), patch_size=p, in_chans=c, embed_dim=24).double()
+    imgs = torch.randn(2, c, height, width, dtype=torch.float64)
+    want = embed(imgs)
+    got = ops.embed_patches(ops.patchify(imgs, p), embed.proj.weight, embed.proj.bias)
+    torch.testing.assert_close(got, want)
+    # on the kept rows only: the conv's tokens at those rows
+    ids = torch.stack([torch.randperm(want.shape[1])[: max(1, want.shape[1] // 4)] for _ in range(2)])
+    kept = torch.gather(ops.patchify(imgs, p), 1, ids.unsqueeze(-1).expand(-1, -1, p * p * c))
+    torch.testing.assert_close(ops.embed_patches(kept, embed.proj.weight, embed.proj.bias),
+                               torch.gather(want, 1, ids.unsqueeze(-1).expand(-1, -1, 24)))
+
+
+def test_embed_patches_gradients_match_conv():
+    embed = PatchEmbed(img_size=(8, 12), patch_size=4, in_chans=3, embed_dim=16).double()
+    imgs = torch.randn(2, 3, 8, 12, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 6, 16, dtype=torch.float64)
+    (embed(imgs) * weights).sum().backward()
+    want = [t.grad.clone() for t in (imgs, embed.proj.weight, embed.proj.bias)]
+    for t in (imgs, embed.proj.weight, embed.proj.bias):
+        t.grad = None
+    (ops.embed_patches(ops.patchify(imgs, 4), embed.proj.weight, embed.proj.bias) * weights).sum().backward()
+    for got, expected in zip((imgs.grad, embed.proj.weight.grad, embed.proj.bias.grad), want):
+        torch.testing.assert_close(got, expected)
+    rows = torch.randn(1, 3, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x, w: ops.embed_patches(x, w), (rows, weight))
+
+
+def test_embed_patches_low_precision_and_no_bias():
+    weight = torch.randn(8, 3, 4, 4, dtype=torch.bfloat16)
+    rows = torch.randn(2, 5, 48, dtype=torch.bfloat16)
+    out = ops.embed_patches(rows, weight)
+    assert out.shape == (2, 5, 8) and out.dtype == torch.bfloat16
+    want = rows.float() @ weight.float().permute(0, 2, 3, 1).reshape(8, 48).T
+    torch.testing.assert_close(out.float(), want, atol=0.1, rtol=2e-2)
+
+
+@pytest.mark.parametrize("args,err,match", [
+    ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 4), torch.randn(7)), ValueError, "proj_bias"),
+    ((torch.randn(2, 5, 40), torch.randn(8, 3, 4, 4)), ValueError, "p\\*p\\*C = 48"),
+    ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 3)), ValueError, "square"),
+    ((torch.randn(2, 5, 48), torch.randn(8, 48)), ValueError, "proj_weight"),
+    ((torch.randn(10, 48), torch.randn(8, 3, 4, 4)), ValueError, "inputs"),
+    ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 4, dtype=torch.float64)), TypeError, "proj_weight"),
+    ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 4).int()), TypeError, "proj_weight"),
+    ((torch.randn(2, 5, 48).half(), torch.randn(8, 3, 4, 4)), TypeError, "proj_weight"),
+    ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 4), torch.randn(8).half()), TypeError, "proj_bias"),
+    ((torch.zeros(2, 5, 48, dtype=torch.uint8), torch.randn(8, 3, 4, 4)), TypeError, "inputs"),
+])
+def test_embed_patches_rejects(args, err, match):
+    with pytest.raises(err, match=match):
+        ops.embed_patches(*args)
+
+
+def test_embed_patches_compiles():
+    weight = torch.randn(8, 1, 4, 4, requires_grad=True)
+    rows = torch.randn(2, 3, 16)
+    compiled = torch.compile(ops.embed_patches, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(rows, weight), ops.embed_patches(rows, weight))
+
+
+@pytest.mark.gpu
+def test_embed_patches_gpu_bf16():
+    assert HAS_CUDA
+    embed = PatchEmbed(img_size=224, patch_size=16, in_chans=3, embed_dim=768).cuda().bfloat16()
+    imgs = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    got = ops.embed_patches(ops.patchify(imgs, 16), embed.proj.weight, embed.proj.bias)
+    torch.testing.assert_close(got.float(), embed(imgs).float(), atol=0.1, rtol=3e-2)
