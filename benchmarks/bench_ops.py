@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import sys
 import time
+import traceback
 from pathlib import Path
 
 from benchmarks.common import add_speedups, format_table, measure_peaks, require_cuda, write_results
@@ -36,18 +38,24 @@ def main(argv: list[str] | None = None) -> None:
     require_cuda("benchmarks.bench_ops")
     peaks = measure_peaks()
     print(f"copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s")
-    rows, timings = [], {}
+    rows, timings, failed = [], {}, {}
     for op in args.only or available:
-        module = importlib.import_module(f"benchmarks.bench_{op}")
         start = time.perf_counter()
-        rows += module.run(peaks, quick=args.quick)
+        try:  # one broken benchmark should not cost the others' numbers in a long GPU session
+            rows += importlib.import_module(f"benchmarks.bench_{op}").run(peaks, quick=args.quick)
+        except Exception:  # noqa: BLE001
+            failed[op] = traceback.format_exc(limit=3)
+            print(f"bench_{op} FAILED:\n{failed[op]}")
+            continue
         timings[op] = round(time.perf_counter() - start, 1)
         print(f"bench_{op}: done in {timings[op]} s")
     add_speedups(rows)
     print(format_table(rows, peaks))
-    path = write_results("ops", rows, peaks, extra={"quick": args.quick, "modules": list(timings),
-                                                     "module_seconds": timings})
+    path = write_results("ops", rows, peaks, extra={"quick": args.quick, "module_seconds": timings,
+                                                     "failed": failed})
     print(f"wrote {path} and {path.with_suffix('.png')}")
+    if failed:
+        sys.exit(f"benchmarks that failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ import argparse
 import dataclasses
 import gc
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -214,16 +216,21 @@ def main(argv: list[str] | None = None) -> None:
     warmup, iters = (3, 8) if args.quick else (args.warmup, args.steps)
     peaks = measure_peaks()
     print(f"copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s")
-    rows = []
+    rows, failed = [], {}
     for preset in presets:
         for method in args.method or METHODS:
             for impl in args.impl or IMPLS:
                 if impl == "reference-accelerated" and method not in ACCELERATED_METHODS:
                     continue
+                name = f"{preset} {method} {impl}"
                 try:
                     row = measure(method, preset, impl, args.batch, peaks, warmup, iters)
                 except torch.cuda.OutOfMemoryError:
-                    print(f"{preset} {method} {impl}: out of memory at batch {args.batch}; skipped")
+                    failed[name] = f"out of memory at batch {args.batch}"
+                    print(f"{name}: {failed[name]}; skipped")
+                except Exception:  # noqa: BLE001  (one failing impl should not cost the others' numbers)
+                    failed[name] = traceback.format_exc(limit=3)
+                    print(f"{name} FAILED:\n{failed[name]}")
                 else:
                     rows.append(row)
                     print(f"{preset} {method} {impl}: {row['ms']:.1f} ms, "
@@ -231,9 +238,12 @@ def main(argv: list[str] | None = None) -> None:
                 release()
     add_speedups(rows, baselines=("reference", "reference-compile"))
     print(format_table(rows, peaks))
-    extra = {"warmup": warmup, "steps": iters, "autocast": "bfloat16", "optimizer": "AdamW(fused)"}
+    extra = {"warmup": warmup, "steps": iters, "autocast": "bfloat16", "optimizer": "AdamW(fused)",
+             "failed": failed}
     path = write_results("train", rows, peaks, extra=extra)
     print(f"wrote {path} and {path.with_suffix('.png')}")
+    if failed:
+        sys.exit(f"runs that failed: {', '.join(failed)}")
 
 if __name__ == "__main__":
     main()
