@@ -1,0 +1,583 @@
+"""Pretraining: MAE, i-MAE or Self-guided MAE on one device or many (torchrun), readable top to bottom.
+
+    config -> distributed setup -> data -> model (+ i-MAE teacher) -> AdamW -> resume -> loop -> pictures
+
+One optimizer step = ``accum_iter`` micro-batches of ``batch_size`` images per process. The learning rate
+follows MAE: ``lr = blr * batch_size * accum_iter * world_size / 256``, linear warm-up then a half-cosine,
+set every step. Outputs under ``--out``: ``checkpoint.pt`` (written atomically; everything needed to
+continue bit-exactly), ``metrics.jsonl``, ``tb/`` (TensorBoard), ``config.json`` and pictures (viz.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import data as data_lib
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+# Parameters that get no weight decay besides biases and norm weights (every 1-D tensor).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration: one small dataclass per concern; the CLI exposes every field
+
+def opt(default, help: str):
+    """A config field with its command-line help (the CLI turns every field into a flag)."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    """What to train on and how to feed it."""
+
+    data: str = opt("synthetic", "synthetic[:N] | cifar10:PATH | cifar100:PATH | imagefolder:PATH")
+    num_workers: int = opt(-1, "DataLoader workers (ImageFolder only); -1: one per CPU core, at most 8")
+    crop_scale_min: float = opt(0.2, "RandomResizedCrop's smallest area fraction (MAE: 0.2)")
+    pairing: str = opt("labels", "i-MAE partners by: labels | kmeans (cluster ids of the current features)")
+    same_prob: float = opt(1.0, "i-MAE: probability that a partner shares the sample's class (or cluster)")
+    kmeans_k: int = opt(10, "i-MAE with --pairing kmeans: clusters per batch")
+
+
+@dataclass
+class MethodConfig:
+    """Which model, with which objective options."""
+
+    method: str = opt("mae", "mae | imae | sgmae")
+    model: str = opt("micro", "architecture preset (maskedssl.models.PRESETS)")
+    options: dict = opt({}, "the method config's fields (models: MAEConfig, IMAEConfig, SGMAEConfig), "
+                            "and architecture overrides")
+    teacher: str | None = opt(None, "i-MAE: an MAE checkpoint, the frozen distillation teacher")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule, as MAE."""
+
+    epochs: int = opt(20, "epochs (the schedule spans them)")
+    batch_size: int = opt(64, "images per process per micro-batch")
+    accum_iter: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
+    blr: float = opt(1.5e-4, "base learning rate: lr = blr * effective batch / 256")
+    lr: float | None = opt(None, "absolute learning rate (overrides --blr)")
+    min_lr: float = opt(0.0, "learning rate at the end of the cosine")
+    weight_decay: float = opt(0.05, "AdamW weight decay (none on biases, norms, position embeddings, tokens)")
+    warmup_epochs: float = opt(2.0, "linear warm-up, in epochs")
+    clip_grad: float | None = opt(None, "max gradient norm (MAE pretraining clips none)")
+
+
+@dataclass
+class RunConfig:
+    """Where and how this run executes."""
+
+    out: str = opt("runs/pretrain", "output folder: checkpoint, metrics, TensorBoard logs, pictures")
+    seed: int = opt(0, "random seed (process r uses seed + r)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    precision: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
+    compile: bool = opt(False, "torch.compile the model")
+    backend: str | None = opt(None, "kernel backend of maskedssl.ops: auto | torch | triton | cuda")
+    resume: str | None = opt(None, "continue from a checkpoint; 'auto': OUT/checkpoint.pt when it exists")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps in all (the schedule still spans "
+                                      "the epochs; --resume continues)")
+    save_every_steps: int = opt(0, "also checkpoint every N optimizer steps (0: at epoch ends only)")
+    log_every: int = opt(10, "optimizer steps between metric records")
+    pictures: bool = opt(True, "draw reconstructions, masks and loss curves (PNG under OUT)")
+    viz_every: int = opt(0, "epochs between pictures (0: at the end only)")
+    tensorboard: bool = opt(True, "write TensorBoard logs under OUT/tb")
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """From nested sections ``{"data": {...}, "optim": {...}, ...}``, each key a field name."""
+        sections = {"data": DataConfig, "method": MethodConfig, "optim": OptimConfig, "run": RunConfig}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; expected {sorted(sections)}")
+        kwargs = {}
+        for name, section in sections.items():
+            values = d.get(name, {})
+            fields = {f.name for f in dataclasses.fields(section)}
+            if not isinstance(values, dict) or set(values) - fields:
+                raise ConfigError(f"unknown key(s) {sorted(set(values) - fields) if isinstance(values, dict) else values!r} "
+                                  f"in section {name!r}; expected {sorted(fields)}")
+            kwargs[name] = section(**values)
+        return cls(**kwargs)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the CLI prints it as one line."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain run is world size 1
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    want_cuda = device_arg != "cpu" and torch.cuda.is_available()
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device_arg}: CUDA is not available here")
+    if d.enabled:
+        device = torch.device("cuda", d.local_rank) if want_cuda else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    else:
+        device = torch.device(device_arg if device_arg != "auto" else ("cuda" if want_cuda else "cpu"))
+    return d, device
+
+
+def all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The mean of a tensor over processes (itself on one)."""
+    if d.enabled:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= d.world_size
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, optimizer and schedule
+
+def build_model(cfg: MethodConfig, img_size: int | None = None) -> torch.nn.Module:
+    """The method's model for ``cfg`` (with its teacher loaded when i-MAE names one)."""
+    from . import models
+
+    options = dict(cfg.options)
+    if cfg.teacher is not None:
+        options["teacher"] = load_model(cfg.teacher, preset=cfg.model, method="mae").eval().requires_grad_(False)
+    try:
+        return models.build_model(cfg.method, cfg.model, **options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model: {err}") from None
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms, position embeddings or tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to ``base_lr``, then half-cosine to ``min_lr``, by optimizer step (as MAE's
+    ``adjust_learning_rate`` by fractional epoch)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, weights_only loads, every RNG the run draws from
+
+def rng_state(aug_gen: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # weights_only loading accepts tensors and plain containers, not numpy arrays
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "augment": aug_gen.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    aug_gen.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_atomic(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``: a crash
+    leaves either the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, not a torch file, unsafe pickle
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+
+
+def load_model(path: str | Path, preset: str | None = None, method: str | None = None,
+               map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """A pretrained model, in eval mode on ``map_location``, from our checkpoint (its config says what to
+    build) or from an official facebookresearch/mae one (``preset`` names the architecture, else the
+    matching preset is found; a missing decoder stays at its initialisation)."""
+    from . import models
+
+    ckpt = load_checkpoint(path)
+    if "config" in ckpt:
+        saved = ckpt["config"]["method"]
+        if method is not None and method != saved["method"]:
+            raise ConfigError(f"{path} holds a {saved['method']} model, not {method}")
+        model = build_model(MethodConfig(saved["method"], saved["model"], saved["options"]))
+        # an i-MAE teacher is frozen and loaded from its own file: not part of the model
+        state = {k: v for k, v in ckpt["model"].items() if not k.startswith("teacher.")}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ConfigError(f"{path} does not fit {saved['method']}/{saved['model']}: {err}") from None
+    else:
+        if method not in (None, "mae"):
+            raise ConfigError(f"{path} is not a maskedssl checkpoint; only an MAE can load it")
+        try:
+            model = models.MAE.from_official(path, preset, strict=False)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return model.to(map_location).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: full fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"precision must be auto, bf16, fp16 or fp32, got {name!r}")
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a GPU (use bf16 or fp32 on the CPU)")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
+
+
+def partners_for(cfg: DataConfig, raw_model, imgs: torch.Tensor, labels: torch.Tensor,
+                 gen: torch.Generator) -> torch.Tensor:
+    """i-MAE partners: semantic pairing on labels, or on k-means cluster ids of the current features."""
+    if cfg.pairing == "kmeans":
+        with torch.no_grad():
+            feats = raw_model.forward_features(imgs, pool="mean")
+        labels = data_lib.kmeans(feats, cfg.kmeans_k, generator=gen)
+    return data_lib.sample_partners(labels, cfg.same_prob, gen)
+
+
+def validate(cfg: TrainConfig) -> None:
+    o, d, m = cfg.optim, cfg.data, cfg.method
+    if m.method not in ("mae", "imae", "sgmae"):
+        raise ConfigError(f"method must be mae, imae or sgmae, got {m.method!r}")
+    for name in ("epochs", "batch_size", "accum_iter"):
+        if getattr(o, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(o, name)}")
+    from . import models
+
+    if m.model not in models.PRESETS:
+        raise ConfigError(f"unknown model preset {m.model!r}; choose one of {sorted(models.PRESETS)}")
+    own = models.METHODS[m.method].config_class
+    allowed = {f.name for f in dataclasses.fields(own)} | {f.name for f in dataclasses.fields(models.ModelConfig)}
+    bad = sorted(set(m.options) - (allowed - {"arch"}))
+    if bad:
+        raise ConfigError(f"option(s) {', '.join(bad)} do not apply to method {m.method} ({own.__name__})")
+    if m.teacher is not None and m.method != "imae":
+        raise ConfigError("a teacher applies to method imae only")
+    if d.pairing not in ("labels", "kmeans"):
+        raise ConfigError(f"pairing must be labels or kmeans, got {d.pairing!r}")
+    if not 0 <= d.same_prob <= 1:
+        raise ConfigError(f"same_prob must be in [0, 1], got {d.same_prob}")
+    if not 0 < d.crop_scale_min <= 1:
+        raise ConfigError(f"crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
+
+
+def train(cfg: TrainConfig, model: torch.nn.Module | None = None) -> dict:
+    """Run (or continue) the pretraining ``cfg`` describes; returns a summary dict. ``model`` replaces the
+    one the config would build (tests)."""
+    validate(cfg)
+    d, device = setup_distributed(cfg.run.device)
+    try:
+        return _train(cfg, d, device, model)
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Module | None) -> dict:
+    o, r = cfg.optim, cfg.run
+    out = Path(r.out)
+    ckpt_path = out / CHECKPOINT_NAME
+    if r.backend is not None:
+        os.environ["MASKEDSSL_BACKEND"] = r.backend  # every op reads it (maskedssl.ops._backend)
+    amp_dtype = pick_precision(r.precision, device)
+
+    # Each process draws its own masks and crops; the seed offset keeps them from repeating each other.
+    seed = r.seed + d.rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed)  # crops, flips, partners: on the CPU, device-independent
+
+    # ---- model first: its input size decides the data's
+    if model is None:
+        model = build_model(cfg.method)
+    model = model.to(device)
+    img_size = model.img_size
+
+    # ---- data
+    try:
+        train_set = data_lib.build_dataset(cfg.data.data, train=True, img_size=img_size, seed=r.seed)
+    except data_lib.DatasetError as err:
+        raise ConfigError(str(err)) from None
+    sampler = data_lib.EpochSampler(len(train_set), o.batch_size, d.rank, d.world_size, seed=r.seed)
+    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else data_lib.default_workers(d.world_size)
+    loader = data_lib.make_loader(train_set, sampler, workers, device, seed=seed)
+    steps_per_epoch = sampler.num_batches // o.accum_iter
+    if steps_per_epoch == 0:
+        raise ConfigError(f"one epoch holds {sampler.num_batches} batches, fewer than --accum-iter {o.accum_iter}")
+    total_steps = o.epochs * steps_per_epoch
+    warmup_steps = round(o.warmup_epochs * steps_per_epoch)
+    eff_batch = o.batch_size * o.accum_iter * d.world_size
+    base_lr = o.lr if o.lr is not None else o.blr * eff_batch / 256
+
+    # ---- optimizer, scaler
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=base_lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # ---- resume
+    epoch, step, step_in_epoch = 0, 0, 0
+    resume = r.resume
+    if resume == "auto":
+        resume = str(ckpt_path) if ckpt_path.is_file() else None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        epoch, step, step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
+        rngs = ckpt["rng"]
+        if len(rngs) == d.world_size:
+            set_rng_state(rngs[d.rank], aug_gen)
+        elif d.main:
+            print(f"resuming on {d.world_size} processes from a run on {len(rngs)}: random streams restart",
+                  file=sys.stderr)
+    last_good = ckpt_path if resume is not None and Path(resume) == ckpt_path else None
+
+    # ---- wrap: compile, then DDP (DDP's optimizer splits the compiled graph at its buckets)
+    raw_model = model
+    if r.compile:
+        model = torch.compile(model)
+    if d.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---- logging (rank 0)
+    writer, metrics_file = None, None
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        metrics_file = open(out / "metrics.jsonl", "a" if resume is not None else "w")
+        if r.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tb"), purge_step=step if step else None)
+
+    def log(record: dict) -> None:
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if writer is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    writer.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+
+    def save_checkpoint() -> None:
+        nonlocal last_good
+        rngs = [rng_state(aug_gen)]
+        if d.enabled:
+            rngs = [None] * d.world_size
+            dist.all_gather_object(rngs, rng_state(aug_gen))
+        if d.main:
+            save_atomic({
+                "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "rng": rngs,
+            }, ckpt_path)
+            last_good = ckpt_path
+
+    # ---- the loop
+    if d.main:
+        print(f"pretraining {cfg.method.method}/{cfg.method.model} on {cfg.data.data} ({len(train_set)} images) "
+              f"| {d.world_size} x {device} | {o.epochs} epochs x {steps_per_epoch} steps | "
+              f"batch {eff_batch} | lr {base_lr:.3g}", file=sys.stderr)
+    viz_batch = _viz_batch(cfg, train_set) if d.main else None
+    model.train()
+    stopped, status = False, "done"
+    tic, seen, window = time.perf_counter(), 0, []
+    run_start = time.perf_counter()
+    while epoch < o.epochs and not stopped:
+        sampler.set_epoch(epoch, skip_batches=step_in_epoch * o.accum_iter)
+        if isinstance(loader, torch.utils.data.DataLoader):
+            loader.generator.manual_seed(seed * 100_003 + epoch)  # worker seeds: a function of (seed, epoch)
+        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{o.epochs}",
+                   disable=not (d.main and r.progress), leave=False, dynamic_ncols=True, file=sys.stderr)
+        batches = iter(loader)
+        while step_in_epoch < steps_per_epoch:
+            lr = lr_at(step, base_lr, o.min_lr, warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses_sum: dict[str, torch.Tensor] = {}
+            for micro in range(o.accum_iter):
+                imgs, labels = next(batches)
+                imgs = imgs.to(device, non_blocking=True)
+                if train_set.augmented_on_cpu:
+                    x = data_lib.normalize_batch(imgs, img_size)
+                else:
+                    x = data_lib.augment_batch(imgs, img_size, aug_gen, (cfg.data.crop_scale_min, 1.0))
+                partner = None
+                if cfg.method.method == "imae":
+                    partner = partners_for(cfg.data, raw_model, x, labels, aug_gen).to(device)
+                # gradients are all-reduced only on the last micro-batch of a step
+                sync = contextlib.nullcontext() if (micro == o.accum_iter - 1 or not d.enabled) else model.no_sync()
+                with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                          enabled=amp_dtype is not None):
+                    result = model(x, partner=partner, progress=step / total_steps)
+                    # all processes see the same value, so all stop together on a NaN
+                    loss_value = all_mean(result.loss.detach().float(), d).item()
+                    if not math.isfinite(loss_value):
+                        bar.close()
+                        where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
+                        raise TrainingDiverged(f"loss is {loss_value} at epoch {epoch + 1}, step {step}: "
+                                               f"stopping ({where})")
+                    scaler.scale(result.loss / o.accum_iter).backward()
+                for k, v in result.losses.items():
+                    losses_sum[k] = losses_sum.get(k, 0.0) + v.detach().float() / o.accum_iter
+            if o.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), o.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_in_epoch += 1
+            seen += eff_batch
+            window.append({k: v for k, v in losses_sum.items()})
+            bar.update(1)
+
+            if step % r.log_every == 0 or step_in_epoch == steps_per_epoch:
+                mean = {k: all_mean(torch.stack([w[k] for w in window]).mean(), d).item() for k in window[0]}
+                elapsed = time.perf_counter() - tic
+                record = {"kind": "train", "epoch": epoch + step_in_epoch / steps_per_epoch, "step": step,
+                          "lr": lr, "img_per_s": seen / elapsed, **mean}
+                log(record)
+                bar.set_postfix(loss=f"{mean.get('loss', loss_value):.4f}", lr=f"{lr:.2e}",
+                                img_s=f"{seen / elapsed:.0f}", refresh=False)
+                tic, seen, window = time.perf_counter(), 0, []
+            if r.max_steps is not None and step >= r.max_steps:
+                stopped, status = True, f"stopped at max_steps={r.max_steps}"
+                break
+            if r.save_every_steps and step % r.save_every_steps == 0 and step_in_epoch < steps_per_epoch:
+                save_checkpoint()
+        bar.close()
+        if step_in_epoch == steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+            if d.main:
+                print(f"epoch {epoch}/{o.epochs}: loss {mean.get('loss', float('nan')):.4f} "
+                      f"({time.perf_counter() - run_start:.0f} s)", file=sys.stderr)
+            if d.main and r.pictures and r.viz_every and epoch % r.viz_every == 0 and epoch < o.epochs:
+                _pictures(raw_model, viz_batch, out, cfg, tag=f"_epoch{epoch}")
+        save_checkpoint()
+
+    pictures = {}
+    if d.main:
+        if r.pictures:
+            pictures = _pictures(raw_model, viz_batch, out, cfg)
+        summary = {"kind": "summary", "status": status, "epoch": epoch, "step": step,
+                   "seconds": time.perf_counter() - run_start, "checkpoint": str(ckpt_path),
+                   "pictures": {k: str(v) for k, v in pictures.items()}}
+        log(summary)
+        metrics_file.close()
+        if writer is not None:
+            writer.close()
+        return summary
+    return {"status": status, "epoch": epoch, "step": step}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures (rank 0): a fixed batch of training images, with object masks when the data has them
+
+def _viz_batch(cfg: TrainConfig, dataset, n: int = 8) -> dict:
+    idx = list(range(min(n, len(dataset))))
+    imgs = torch.stack([dataset[i][0] for i in idx])
+    labels = torch.tensor([dataset[i][1] for i in idx])
+    masks = torch.stack([dataset.object_mask(i) for i in idx]) if hasattr(dataset, "object_mask") else None
+    return {"imgs": imgs, "labels": labels, "object_masks": masks}
+
+
+def _pictures(model, batch: dict, out: Path, cfg: TrainConfig, tag: str = "") -> dict:
+    """Pictures on their own random streams, so drawing them never changes the run's."""
+    from . import viz
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        return viz.write_pictures(model, batch, out, method=cfg.method.method, tag=tag, seed=cfg.run.seed)

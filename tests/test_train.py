@@ -1,0 +1,196 @@
+"""maskedssl.train: schedule, weight decay groups, atomic checkpoints, exact resume, NaN stop, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from maskedssl import models, train as T, viz
+from maskedssl.data import build_dataset
+
+# a network small enough for many short CPU runs: 16 px, patch 4 -> 16 patches, width 32, one block each
+TINY = dict(img_size=16, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+            decoder_num_heads=2)
+
+
+def tiny_config(out, method="mae", epochs=2, **run) -> T.TrainConfig:
+    run = {"tensorboard": False, "progress": False, "log_every": 1, "pictures": False, **run}
+    return T.TrainConfig(
+        data=T.DataConfig(data="synthetic:96"),
+        method=T.MethodConfig(method, "micro", dict(TINY)),
+        optim=T.OptimConfig(epochs=epochs, batch_size=16, accum_iter=2, blr=1e-2, warmup_epochs=1),
+        run=T.RunConfig(out=str(out), **run))
+
+
+def load_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [T.lr_at(s, 1.0, 0.1, 10, 110) for s in range(111)]
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)
+    assert lrs[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_no_weight_decay_on_biases_norms_positions_tokens():
+    model = models.build_model("mae", "micro", **TINY)
+    no_decay, decay = T.param_groups(model, 0.05)
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.05
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert "blocks.0.attn.qkv.weight" in decayed and "patch_embed.proj.weight" in decayed
+    assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= skipped
+    assert not any(n.endswith(("bias", "pos_embed")) or ".norm" in n for n in decayed)
+    # fixed sin-cos position embeddings are not trained at all
+    assert "pos_embed" not in decayed | skipped
+
+
+def test_save_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    T.save_atomic({"x": torch.ones(3)}, path)
+    assert torch.equal(load_state(path)["x"], torch.ones(3))
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        T.save_atomic({"x": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_state(path)["x"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(5)
+    T.save_atomic({"rng": T.rng_state(gen)}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    T.set_rng_state(load_state(tmp_path / "r.pt")["rng"], gen)
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item()) == expected
+
+
+def test_checkpoint_load_errors(tmp_path):
+    with pytest.raises(T.ConfigError, match="does not exist"):
+        T.load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(T.ConfigError, match="cannot be read"):
+        T.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_config_validation():
+    cfg = tiny_config("x")
+    cfg.method.options["hint_ratio"] = 0.1  # a Self-guided MAE option on MAE
+    with pytest.raises(T.ConfigError, match="hint_ratio"):
+        T.validate(cfg)
+    with pytest.raises(T.ConfigError, match="unknown key"):
+        T.TrainConfig.from_dict({"optim": {"epoch": 3}})
+    assert T.TrainConfig.from_dict(tiny_config("x").to_dict()) == tiny_config("x")
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+@pytest.mark.parametrize("method", ["mae", "imae", "sgmae"])
+def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, method):
+    """Interrupted after 3 optimizer steps (mid-epoch, mid-warm-up), resumed: bit-identical weights and
+    optimizer state at the end. sgmae switches to informed masks at 10% of training, i-MAE draws partners
+    and mixing weights: every random stream must be restored."""
+    whole = T.train(tiny_config(tmp_path / "whole", method))
+    assert whole["step"] == 2 * 3  # 96 images / (16 x 2) = 3 steps per epoch
+    T.train(tiny_config(tmp_path / "cut", method, max_steps=4))
+    part = load_state(tmp_path / "cut" / T.CHECKPOINT_NAME)
+    assert (part["epoch"], part["step"], part["step_in_epoch"]) == (1, 4, 1)
+    T.train(tiny_config(tmp_path / "cut", method, resume="auto"))
+    a = load_state(tmp_path / "whole" / T.CHECKPOINT_NAME)
+    b = load_state(tmp_path / "cut" / T.CHECKPOINT_NAME)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
+    # the metrics file continues instead of restarting
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = models.build_model("mae", "micro", **TINY)
+    forward = model.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 8:  # after epoch 1 (3 steps x 2 micro-batches) and one more step
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = poisoned
+    cfg = tiny_config(tmp_path, epochs=3)
+    with pytest.raises(T.TrainingDiverged, match=r"loss is nan at epoch 2, step 4.*last good checkpoint"):
+        T.train(cfg, model=model)
+    ckpt = load_state(tmp_path / T.CHECKPOINT_NAME)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 3)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # the NaN step was never applied: the weights in memory are finite too
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_outputs_metrics_tensorboard_and_pictures(tmp_path):
+    cfg = tiny_config(tmp_path, "sgmae", epochs=1, tensorboard=True, pictures=True)
+    summary = T.train(cfg)
+    assert summary["status"] == "done"
+    for name in ("checkpoint.pt", "config.json", "metrics.jsonl", "reconstruction.png", "masks.png", "loss.png"):
+        assert (tmp_path / name).is_file(), name
+    assert any((tmp_path / "tb").iterdir())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert all(math.isfinite(r["loss"]) and r["img_per_s"] > 0 and r["lr"] >= 0 for r in train_records)
+    assert records[-1]["kind"] == "summary"
+    assert json.loads((tmp_path / "config.json").read_text()) == cfg.to_dict()
+    # the checkpoint rebuilds the model
+    model = T.load_model(tmp_path / "checkpoint.pt")
+    assert isinstance(model, models.SelfGuidedMAE) and not model.training
+
+
+@pytest.mark.parametrize("method", ["mae", "imae"])
+def test_pictures_for_each_method(tmp_path, method):
+    model = models.build_model(method, "micro", **TINY)
+    ds = build_dataset("synthetic:4", img_size=16)
+    batch = {"imgs": ds.images, "labels": ds.labels, "object_masks": ds.object_masks()}
+    paths = viz.write_pictures(model, batch, tmp_path, method)
+    assert set(paths) == {"reconstruction", "masks"}  # no metrics.jsonl here: no loss curve
+    for p in paths.values():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert model.training  # restored
+
+
+def test_imae_teacher_from_an_mae_checkpoint(tmp_path):
+    T.train(tiny_config(tmp_path / "mae", epochs=1))
+    cfg = tiny_config(tmp_path / "imae", "imae", epochs=1)
+    cfg.method.teacher = str(tmp_path / "mae" / T.CHECKPOINT_NAME)
+    T.train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "imae" / "metrics.jsonl").read_text().splitlines()]
+    assert "distill_sub" in records[0] and "rec_dom" in records[0]
+    student = T.load_model(tmp_path / "imae" / T.CHECKPOINT_NAME)
+    assert isinstance(student, models.IMAE) and student.teacher is None
+    with pytest.raises(T.ConfigError, match="holds a mae model"):
+        T.load_model(tmp_path / "mae" / T.CHECKPOINT_NAME, method="sgmae")
+
+
+def test_kmeans_pairing_runs(tmp_path):
+    cfg = tiny_config(tmp_path, "imae", epochs=1)
+    cfg.data.pairing, cfg.data.kmeans_k = "kmeans", 3
+    assert T.train(cfg)["status"] == "done"
