@@ -17,8 +17,8 @@ import types
 import torch
 
 from .masking import Masks, random_masks
-from .models.vit import embed_patches, mse
-from .ops import gather_tokens, mix_patchify, patchify, scatter_tokens
+from .models.vit import mse
+from .ops import embed_patches, gather_tokens, mix_patchify, patchify, scatter_tokens
 
 REQUIRED = ("patchify", "random_masking", "forward_encoder", "forward_decoder", "forward_loss", "patch_embed",
             "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token", "decoder_pos_embed",
@@ -61,7 +61,7 @@ def _decode(model, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Ten
 def _forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
     masks = _masks(self, imgs, mask_ratio)
     rows, (target,) = mix_patchify(imgs, _patch_size(self), ids_keep=masks.ids_keep, ids_masked=masks.ids_masked,
-                                   norm_pix=bool(self.norm_pix_loss))
+                                   norm_pix=bool(self.norm_pix_loss), out_dtype=self.patch_embed.proj.weight.dtype)
     pred = _decode(self, _encode(self, rows, masks.ids_keep), masks.ids_restore)
     loss = mse(gather_tokens(pred, masks.ids_masked), target)
     return loss, pred, masks.mask
@@ -69,7 +69,7 @@ def _forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
 
 def _forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
     masks = _masks(self, imgs, mask_ratio)
-    rows = gather_tokens(patchify(imgs, _patch_size(self)), masks.ids_keep)
+    rows = gather_tokens(patchify(imgs, _patch_size(self)), masks.ids_keep).to(self.patch_embed.proj.weight.dtype)
     return _encode(self, rows, masks.ids_keep), masks.mask, masks.ids_restore
 
 

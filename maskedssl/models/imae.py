@@ -117,10 +117,10 @@ class IMAE(MaskedViT):
         weight of ``imgs[b]`` in its mixture, a float or (B,) in [0, 1]. ``progress`` is unused."""
         partner, lam = self._mixing(imgs, partner, lam)
         masks = random_masks(imgs.shape[0], self.num_patches, self.config.mask_ratio, device=imgs.device)
-        stats = self.pixel_stats(imgs)
+        pixel = self.pixel_options(imgs)
         inputs, (own, other) = mix_patchify(imgs, self.patch_size, partner=partner, lam=lam,
                                             ids_keep=masks.ids_keep, ids_masked=masks.ids_masked,
-                                            norm_pix=self.config.norm_pix_loss, **stats)
+                                            norm_pix=self.config.norm_pix_loss, **pixel)
         partner_is_sub = lam >= 0.5
         target_sub, target_dom = subordinate_first(partner_is_sub, own, other)
 
@@ -135,7 +135,7 @@ class IMAE(MaskedViT):
                 # rows = ids_keep as "targets" yields both unmixed images' visible rows: the teacher's inputs
                 _, (own_rows, other_rows) = mix_patchify(imgs, self.patch_size, partner=partner, lam=lam,
                                                          ids_keep=masks.ids_keep, ids_masked=masks.ids_keep,
-                                                         norm_pix=False, **stats)
+                                                         norm_pix=False, **pixel)
                 ids = masks.ids_keep.repeat(2, 1)
                 latent_t = self.teacher.decoder_embed(self.teacher.encode(torch.cat([own_rows, other_rows]), ids))
             distill_sub, distill_dom = subordinate_first(partner_is_sub, *latent_t.chunk(2))
@@ -158,7 +158,7 @@ class IMAE(MaskedViT):
         partner, lam = self._mixing(imgs, partner, lam)
         masks = random_masks(imgs.shape[0], self.num_patches, self.config.mask_ratio, device=imgs.device)
         mixture, (own, other) = mix_patchify(imgs, self.patch_size, partner=partner, lam=lam, norm_pix=False,
-                                             **self.pixel_stats(imgs))
+                                             **self.pixel_options(imgs))
         sub, dom = subordinate_first(lam >= 0.5, own, other)
         latent = self.encode(gather_tokens(mixture, masks.ids_keep), masks.ids_keep)
         pred = self.decode(torch.cat([self.sub_head(latent), self.dom_head(latent)]), masks.ids_restore.repeat(2, 1))

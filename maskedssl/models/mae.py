@@ -40,7 +40,7 @@ class MAE(MaskedViT):
         masks, extras = self.make_masks(imgs, progress)
         inputs, (target,) = mix_patchify(imgs, self.patch_size, ids_keep=masks.ids_keep,
                                          ids_masked=masks.ids_masked, norm_pix=self.config.norm_pix_loss,
-                                         **self.pixel_stats(imgs))
+                                         **self.pixel_options(imgs))
         latent = self.encode(inputs, masks.ids_keep)
         pred = self.decode(self.decoder_embed(latent), masks.ids_restore, masks.ids_masked)
         loss = mse(pred, target)

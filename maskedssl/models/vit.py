@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .. import ops
-from ..ops import gather_tokens, mix_patchify, scatter_tokens, unpatchify
+from ..ops import embed_patches, gather_tokens, mix_patchify, scatter_tokens, unpatchify
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -155,12 +155,6 @@ class ModelOutput:
     extras: dict = field(default_factory=dict)
 
 
-def embed_patches(inputs: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None) -> torch.Tensor:
-    """The patch projection as a GEMM on patch rows (channel innermost), until ``ops.embed_patches`` lands."""
-    d = proj_weight.shape[0]
-    return F.linear(inputs, proj_weight.permute(0, 2, 3, 1).reshape(d, -1), proj_bias)
-
-
 # ----------------------------------------------------------------------------- position embeddings
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     freqs = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
@@ -247,14 +241,18 @@ class MaskedViT(nn.Module):
                 child.apply(init_weights)
 
     # ---------------------------------------------------------------- pixels
-    def pixel_stats(self, imgs: torch.Tensor) -> dict:
-        """``mix_patchify``'s mean/std arguments: uint8 images are normalised, float ones already are."""
-        return {"mean": self.mean, "std": self.std} if imgs.dtype == torch.uint8 else {}
+    def pixel_options(self, imgs: torch.Tensor) -> dict:
+        """``mix_patchify``'s options for this model: rows in the patch projection's dtype; mean/std for
+        uint8 images (float ones are already normalised)."""
+        options = {"out_dtype": self.patch_embed.proj.weight.dtype}
+        if imgs.dtype == torch.uint8:
+            options.update(mean=self.mean, std=self.std)
+        return options
 
     def patch_rows(self, imgs: torch.Tensor) -> torch.Tensor:
         """All L normalised patch rows (B, L, p*p*C), the encoder's input without masking."""
         # mix_patchify also returns a copy of the rows as targets; unused here (eval / no-grad paths)
-        rows, _ = mix_patchify(imgs, self.patch_size, norm_pix=False, **self.pixel_stats(imgs))
+        rows, _ = mix_patchify(imgs, self.patch_size, norm_pix=False, **self.pixel_options(imgs))
         return rows
 
     # ---------------------------------------------------------------- encoder
