@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import os
 import statistics
 import sys
 import time
@@ -210,7 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--quick", action="store_true", help="vit_base only, 3 warm-up + 8 timed steps")
+    parser.add_argument("--no-index-checks", action="store_true",
+                        help="MASKEDSSL_CHECK_INDICES=0: skip the ops' eager index range checks (one "
+                             "device->host sync each); on by default, as in the library")
     args = parser.parse_args(argv)
+    if args.no_index_checks:
+        os.environ["MASKEDSSL_CHECK_INDICES"] = "0"
     require_cuda("benchmarks.bench_train")
     presets = args.preset or list(PRESETS[:1] if args.quick else PRESETS)
     warmup, iters = (3, 8) if args.quick else (args.warmup, args.steps)
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     add_speedups(rows, baselines=("reference", "reference-compile"))
     print(format_table(rows, peaks))
     extra = {"warmup": warmup, "steps": iters, "autocast": "bfloat16", "optimizer": "AdamW(fused)",
-             "failed": failed}
+             "index_checks": os.environ.get("MASKEDSSL_CHECK_INDICES", "1") != "0", "failed": failed}
     path = write_results("train", rows, peaks, extra=extra)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     if failed:
