@@ -120,6 +120,11 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
     mean/std: (C,) per-channel normalisation; out_dtype: defaults to imgs' dtype (float32 for uint8).
     Returns ``inputs`` (B, K, p*p*C) and ``targets``, a tuple of one (B, M, p*p*C) tensor per unmixed
     image: ``(imgs,)``, or ``(imgs, imgs[partner])`` when mixing.
+
+    Backends: ``torch`` (reference), ``triton`` (kernels/mix_patchify.py) and ``cuda``
+    (csrc/mix_patchify.cu) each compute it in one pass over the pixels, reading only the patches the rows
+    need. The range checks of partner, lam and the row indices cost one device->host sync each
+    (``MASKEDSSL_CHECK_INDICES=0`` skips them; ``torch.compile`` always does).
     """
     check_tensor("imgs", imgs, ndim=4, dtypes=IMAGE_DTYPES, what="(B, C, H, W)")
     b, c, height, width = imgs.shape
