@@ -15,6 +15,7 @@ TORCH_LIBRARY(maskedssl, m) {
   // --- end token gather / scatter ---
 
   // --- ncut bi-partition (csrc/ncut.cu) ---
+  m.def("ncut_fiedler_cuda(Tensor feats, float? tau, float eps) -> Tensor");
   // --- end ncut bi-partition ---
 
   // --- mix + patchify (csrc/mix_patchify.cu) ---

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import cuda_extension_loaded, resolve_backend
 from ._validate import FLOAT_DTYPES, check_tensor
 
 AUTO_ORDER = ("cuda", "triton", "torch")
@@ -69,10 +69,21 @@ def _ncut_torch(feats, tau, eps):
     return finish_partition(feats, v)
 
 
+def _fiedler_kernel(feats, tau, eps, backend):
+    """The generalized Fiedler vector (B, N) float32 from the ``triton`` or ``cuda`` kernels."""
+    if backend == "triton":
+        from maskedssl.kernels.ncut import ncut_fiedler
+
+        return ncut_fiedler(feats, tau, eps)
+    return torch.ops.maskedssl.ncut_fiedler_cuda(feats, tau, eps)
+
+
 @torch.library.custom_op("maskedssl::ncut_bipartition", mutates_args=())
 def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_ncut_torch(feats, tau, eps))
+    if backend == "torch":
+        return tuple(_ncut_torch(feats, tau, eps))
+    return tuple(finish_partition(feats, _fiedler_kernel(feats, tau, eps, backend)))
 
 
 @_ncut_op.register_fake
@@ -80,6 +91,12 @@ def _(feats, tau, eps, backend):
     b, n, _ = feats.shape
     return (feats.new_empty(b, n, dtype=torch.float32), feats.new_empty(b, n, dtype=torch.bool),
             feats.new_empty(b, n, dtype=torch.float32))
+
+
+if cuda_extension_loaded():
+    @torch.library.register_fake("maskedssl::ncut_fiedler_cuda")
+    def _(feats, tau, eps):
+        return feats.new_empty(feats.shape[0], feats.shape[1], dtype=torch.float32)
 
 
 def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float = 1e-5, *,

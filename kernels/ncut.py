@@ -1,0 +1,308 @@
+"""Normalized-cut Fiedler vector per sample (TokenCut's bi-partition), for ``maskedssl.ops.ncut``.
+
+For each sample b of ``feats`` (B, N, D) (any strides; fp32, bf16 or fp16):
+  A_ij = max(cos(f_i, f_j), eps), or TokenCut's binary graph (1 where cos > tau, eps elsewhere);
+  d = A 1;  M = D^-1/2 A D^-1/2;  u = second eigenvector of M;  v = D^-1/2 u  -> (B, N) float32.
+Sign, split, seed rule and scores are applied afterwards by ``maskedssl.ops.ncut.finish_partition``.
+
+Affinity: cosines from tensor-core dot products (``tl.dot``; bf16/fp16 operands are exact in the fp32
+accumulator, fp32 operands use 3xTF32 so they keep fp32 accuracy), scaled by the row norms.
+
+Eigensolver (identical in csrc/ncut.cu): Lanczos on M with the known top eigenvector u1 = D^1/2 1 / |.|
+projected out of every vector, full reorthogonalisation (two block Gram-Schmidt passes against the basis
+and u1), a basis of at most STEPS = 32 vectors, explicit restarts from the Ritz vector, at most
+MAX_CYCLES = 16 cycles (512 matrix-vector products). Every CHECK = 8 steps (and at a cycle's end) the top
+eigenpair of the tridiagonal T is found -- eigenvalue by Sturm-count multisection (64 shifts, 4 rounds),
+eigenvector by 3 steps of inverse iteration on the positive definite sigma I - T (LDL^T, no pivoting
+needed) -- and the solve stops once the residual |M y - theta y| = beta_k |z_k| <= TOL = 1e-6. Lanczos
+converges like a Chebyshev filter on [lambda_min, lambda_3] without needing those bounds. The start vector
+is fixed ((-1)^i (1 + frac(0.618 i))), so results are deterministic; its alternating sign keeps it off
+u1 (all positive), so even N = 2 and fully degenerate graphs (identical or zero features: M = u1 u1^T)
+give a valid vector (the start vector, deflated) instead of a division by zero.
+
+Layout and paths:
+  N <= 128 (on chip): one program per sample builds A from feats with ``tl.dot`` in registers and keeps
+    M there for the whole solve; nothing but v is written.
+  N > 128 (tiled): ``_affinity_kernel`` (one program per sample and block of 32 rows) writes A (B, N, N)
+    fp32 and d (B, N) to a workspace; the solver program then streams A in row blocks for each product
+    (it stays in L2 for moderate B*N^2).
+  Scratch: the Lanczos basis (B, STEPS, N_PAD) and the tridiagonal (B, 5 * STEPS) fp32 per sample.
+
+Cost: affinity 2 B N^2 D FLOPs (+ reading feats once: B N D elements); each Lanczos step one product
+(2 N^2 FLOPs) and the reorthogonalisation (8 j N FLOPs at step j). Tiled path: A written once and read
+once per step from L2 (4 N^2 bytes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import empty_output
+
+STEPS = 32  # Lanczos basis per cycle
+CHECK = 8  # steps between convergence tests
+MAX_CYCLES = 16  # restarts: at most STEPS * MAX_CYCLES products
+TOL = 1e-6  # residual |M y - theta y| (M has norm 1)
+SHIFTS = 64  # multisection shifts per round
+ROUNDS = 4  # multisection rounds: interval shrinks by 65^4
+DELTA = 4e-6  # sigma - theta_max for inverse iteration (> the multisection interval)
+INV_ITERS = 3
+PIVMIN = 1e-30
+ON_CHIP_MAX = 128  # largest N_PAD whose M the solver keeps in registers
+ROW_BLOCK = 32  # affinity rows per program on the tiled path
+
+
+@triton.jit
+def _cosine_tile(f_ptr, rows, cols, row_ok, col_ok, D, s_n, s_d,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """cos(f_rows, f_cols) as a (len(rows), len(cols)) fp32 tile; zero rows give 0 (F.normalize's rule)."""
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    sq_r = tl.zeros((rows.shape[0],), dtype=tl.float32)
+    sq_c = tl.zeros((cols.shape[0],), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        fr = tl.load(f_ptr + rows[:, None] * s_n + ks[None, :] * s_d, mask=row_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        fc = tl.load(f_ptr + cols[:, None] * s_n + ks[None, :] * s_d, mask=col_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        if PRECISION == "ieee":  # the interpreter's bf16 dot is wrong: give it fp32 operands
+            fr = fr.to(tl.float32)
+            fc = fc.to(tl.float32)
+        acc = tl.dot(fr, tl.trans(fc), acc, input_precision=PRECISION)
+        fr = fr.to(tl.float32)
+        fc = fc.to(tl.float32)
+        sq_r += tl.sum(fr * fr, axis=1)
+        sq_c += tl.sum(fc * fc, axis=1)
+    inv_r = 1.0 / tl.maximum(tl.sqrt(sq_r), 1e-12)
+    inv_c = 1.0 / tl.maximum(tl.sqrt(sq_c), 1e-12)
+    return acc * inv_r[:, None] * inv_c[None, :]
+
+
+@triton.jit
+def _affinity(cos, ok, tau, eps, USE_TAU: tl.constexpr):
+    if USE_TAU:
+        a = tl.where(cos > tau, 1.0, eps)
+    else:
+        a = tl.maximum(cos, eps)
+    return tl.where(ok, a, 0.0)
+
+
+@triton.jit
+def _affinity_kernel(f_ptr, a_ptr, deg_ptr, N, D, s_b, s_n, s_d, tau, eps,
+                     USE_TAU: tl.constexpr, PRECISION: tl.constexpr, BLOCK_I: tl.constexpr,
+                     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_ok = rows < N
+    f_ptr += b.to(tl.int64) * s_b
+    a_ptr += b.to(tl.int64) * N * N
+    deg = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    for j in range(0, N, BLOCK_J):
+        cols = j + tl.arange(0, BLOCK_J)
+        col_ok = cols < N
+        cos = _cosine_tile(f_ptr, rows, cols, row_ok, col_ok, D, s_n, s_d, BLOCK_K, PRECISION)
+        ok = row_ok[:, None] & col_ok[None, :]
+        a = _affinity(cos, ok, tau, eps, USE_TAU)
+        deg += tl.sum(a, axis=1)
+        tl.store(a_ptr + rows[:, None] * N + cols[None, :], a, mask=ok)
+    tl.store(deg_ptr + b * N + rows, deg, mask=row_ok)
+
+
+@triton.jit
+def _dot(x, y):
+    return tl.sum(x * y, axis=0)
+
+
+@triton.jit
+def _top_ritz(t_ptr, k, STEPS: tl.constexpr, SHIFTS: tl.constexpr, ROUNDS: tl.constexpr,
+              DELTA: tl.constexpr, INV_ITERS: tl.constexpr, PIVMIN: tl.constexpr):
+    """Top eigenvector z (STEPS,), zero past k, of the k x k tridiagonal T stored at t_ptr as
+    alpha[0:STEPS], beta[STEPS:2 STEPS] (beta_i couples i and i + 1); 3 STEPS more floats are scratch."""
+    idx = tl.arange(0, STEPS)
+    live = idx < k
+    alpha = tl.load(t_ptr + idx, mask=live, other=0.0)
+    beta_next = tl.abs(tl.load(t_ptr + STEPS + idx, mask=idx < k - 1, other=0.0))
+    beta_prev = tl.abs(tl.load(t_ptr + STEPS + idx - 1, mask=live & (idx > 0), other=0.0))
+    # Gershgorin interval, then multisection on the Sturm count (number of eigenvalues below a shift =
+    # number of negative pivots of T - shift I): keep the subinterval holding the largest eigenvalue
+    lo = tl.min(tl.where(live, alpha - beta_prev - beta_next, float("inf")), axis=0)
+    hi = tl.max(tl.where(live, alpha + beta_prev + beta_next, -float("inf")), axis=0)
+    frac = (tl.arange(0, SHIFTS) + 1).to(tl.float32) / (SHIFTS + 1)
+    for _ in tl.static_range(ROUNDS):
+        shift = lo + (hi - lo) * frac
+        piv = tl.load(t_ptr) - shift
+        below = (piv < 0).to(tl.int32)
+        for i in range(1, k):
+            piv = tl.where(tl.abs(piv) < PIVMIN, -PIVMIN, piv)
+            b = tl.load(t_ptr + STEPS + i - 1)
+            piv = (tl.load(t_ptr + i) - shift) - b * b / piv
+            below += (piv < 0).to(tl.int32)
+        lo = tl.max(tl.where(below < k, shift, lo), axis=0)
+        hi = tl.min(tl.where(below == k, shift, hi), axis=0)
+    # inverse iteration with sigma just above the top eigenvalue: sigma I - T is positive definite
+    sigma = hi + DELTA
+    rhs_ptr = t_ptr + 2 * STEPS
+    piv_ptr = t_ptr + 3 * STEPS
+    fwd_ptr = t_ptr + 4 * STEPS
+    z = tl.where(live, 1.0, 0.0)
+    for _ in tl.static_range(INV_ITERS):
+        tl.store(rhs_ptr + idx, z)
+        tl.debug_barrier()
+        piv = tl.maximum(sigma - tl.load(t_ptr), PIVMIN)
+        u = tl.load(rhs_ptr)
+        tl.store(piv_ptr, piv)
+        tl.store(fwd_ptr, u)
+        for i in range(1, k):
+            b = tl.load(t_ptr + STEPS + i - 1)
+            u = tl.load(rhs_ptr + i) + (b / piv) * u
+            piv = tl.maximum((sigma - tl.load(t_ptr + i)) - b * b / piv, PIVMIN)
+            tl.store(piv_ptr + i, piv)
+            tl.store(fwd_ptr + i, u)
+        tl.debug_barrier()
+        zi = tl.load(fwd_ptr + k - 1) / tl.load(piv_ptr + k - 1)
+        z = tl.where(idx == k - 1, zi, 0.0)
+        for t in range(0, k - 1):
+            i = k - 2 - t
+            p = tl.load(piv_ptr + i)
+            zi = tl.load(fwd_ptr + i) / p + (tl.load(t_ptr + STEPS + i) / p) * zi
+            z = tl.where(idx == i, zi, z)
+        z = z / tl.sqrt(_dot(z, z))
+    return z
+
+
+@triton.jit
+def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, N, D, s_b, s_n, s_d, tau, eps,
+                   USE_TAU: tl.constexpr, PRECISION: tl.constexpr, ON_CHIP: tl.constexpr,
+                   N_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, Q_CHUNK: tl.constexpr,
+                   STEPS: tl.constexpr, CHECK: tl.constexpr, MAX_CYCLES: tl.constexpr, TOL: tl.constexpr,
+                   SHIFTS: tl.constexpr, ROUNDS: tl.constexpr, DELTA: tl.constexpr,
+                   INV_ITERS: tl.constexpr, PIVMIN: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, N_PAD)
+    ok = offs < N
+    q_ptr += b * STEPS * N_PAD
+    t_ptr += b * 5 * STEPS
+    if ON_CHIP:
+        cos = _cosine_tile(f_ptr + b * s_b, offs, offs, ok, ok, D, s_n, s_d, BLOCK_K, PRECISION)
+        a = _affinity(cos, ok[:, None] & ok[None, :], tau, eps, USE_TAU)
+        deg = tl.sum(a, axis=1)
+        d_isqrt = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, deg, 1.0)), 0.0)
+        m = a * d_isqrt[:, None] * d_isqrt[None, :]
+    else:
+        a_ptr += b * N * N
+        deg_ptr += b * N
+        deg = tl.load(deg_ptr + offs, mask=ok, other=0.0)
+    u1 = tl.sqrt(deg)
+    u1 = u1 / tl.sqrt(_dot(u1, u1))
+    # fixed start vector: alternating signs keep it off u1, whose entries are all positive
+    golden = offs.to(tl.float32) * 0.6180339887
+    x = tl.where(offs % 2 == 0, 1.0, -1.0) * (1.0 + golden - tl.floor(golden))
+    x = tl.where(ok, x, 0.0)
+    rows_c = tl.arange(0, Q_CHUNK)
+    z = tl.zeros((STEPS,), dtype=tl.float32)
+    cycle = 0
+    converged = 0
+    while (cycle < MAX_CYCLES) & (converged == 0):
+        x = x - _dot(x, u1) * u1
+        q = x / tl.sqrt(_dot(x, x))
+        tl.store(q_ptr + offs, q)
+        tl.debug_barrier()
+        q_prev = tl.zeros((N_PAD,), dtype=tl.float32)
+        beta_prev = 0.0
+        j = 0
+        while (j < STEPS) & (converged == 0):
+            if ON_CHIP:
+                w = tl.sum(m * q[:, None], axis=0)  # M is symmetric: M q = M^T q
+            else:
+                w = tl.zeros((N_PAD,), dtype=tl.float32)
+                for r in range(0, N, BLOCK_R):
+                    rr = r + tl.arange(0, BLOCK_R)
+                    r_ok = rr < N
+                    qr = tl.load(q_ptr + j * N_PAD + rr, mask=r_ok, other=0.0)
+                    qr = qr / tl.sqrt(tl.load(deg_ptr + rr, mask=r_ok, other=1.0))
+                    tile = tl.load(a_ptr + rr[:, None] * N + offs[None, :], mask=r_ok[:, None] & ok[None, :],
+                                   other=0.0)
+                    w += tl.sum(tile * qr[:, None], axis=0)
+                w = w / tl.sqrt(tl.where(ok, deg, 1.0))
+            alpha = _dot(q, w)
+            w = w - alpha * q - beta_prev * q_prev
+            for _ in tl.static_range(2):
+                w = w - _dot(w, u1) * u1
+                for c in range(0, j + 1, Q_CHUNK):
+                    basis = tl.load(q_ptr + (c + rows_c)[:, None] * N_PAD + offs[None, :],
+                                    mask=(c + rows_c <= j)[:, None], other=0.0)
+                    h = tl.sum(basis * w[None, :], axis=1)
+                    w = w - tl.sum(basis * h[:, None], axis=0)
+            beta = tl.sqrt(_dot(w, w))
+            tl.store(t_ptr + j, alpha)
+            tl.store(t_ptr + STEPS + j, beta)
+            j += 1
+            if (j % CHECK == 0) | (j == STEPS) | (beta <= TOL):
+                tl.debug_barrier()
+                z = _top_ritz(t_ptr, j, STEPS, SHIFTS, ROUNDS, DELTA, INV_ITERS, PIVMIN)
+                z_last = tl.sum(tl.where(tl.arange(0, STEPS) == j - 1, z, 0.0), axis=0)
+                if beta * tl.abs(z_last) <= TOL:
+                    converged = 1
+            q_prev = q
+            q = w / tl.maximum(beta, PIVMIN)
+            beta_prev = beta
+            if j < STEPS:
+                tl.store(q_ptr + j * N_PAD + offs, q)
+            tl.debug_barrier()
+        # Ritz vector: the basis combined with the tridiagonal's top eigenvector (rows past j are stale)
+        x = tl.zeros((N_PAD,), dtype=tl.float32)
+        for c in range(0, j, Q_CHUNK):
+            basis = tl.load(q_ptr + (c + rows_c)[:, None] * N_PAD + offs[None, :],
+                            mask=(c + rows_c < j)[:, None], other=0.0)
+            zc = tl.sum(tl.where(tl.arange(0, STEPS)[None, :] == (c + rows_c)[:, None], z[None, :], 0.0), axis=1)
+            x += tl.sum(basis * zc[:, None], axis=0)
+        tl.debug_barrier()
+        cycle += 1
+    if ON_CHIP:
+        v = x * d_isqrt
+    else:
+        v = x / tl.sqrt(tl.where(ok, deg, 1.0))
+    tl.store(v_ptr + b * N + offs, v, mask=ok)
+
+
+def _block_k(d: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(d)))
+
+
+def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float) -> torch.Tensor:
+    """(B, N) float32 generalized Fiedler vector D^-1/2 u of each sample's affinity graph (any sign/scale)."""
+    bsz, n, d = feats.shape
+    dev = feats.device
+    n_pad = max(16, triton.next_power_of_2(n))
+    on_chip = n_pad <= ON_CHIP_MAX
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        precision = "ieee"
+    else:  # fp32 operands: 3xTF32 keeps fp32 accuracy; 16-bit operands are exact on tensor cores anyway
+        precision = "tf32x3" if feats.dtype == torch.float32 else "tf32"
+    use_tau = tau is not None
+    tau = 0.0 if tau is None else float(tau)
+    q = torch.empty(bsz, STEPS, n_pad, device=dev, dtype=torch.float32)
+    t = torch.empty(bsz, 5 * STEPS, device=dev, dtype=torch.float32)
+    v = empty_output((bsz, n), torch.float32, dev)
+    block_k = _block_k(d) if on_chip and n_pad <= 64 else min(32, _block_k(d))
+    s_b, s_n, s_d = feats.stride()
+    if on_chip:
+        a = deg = v  # unused on this path
+    else:
+        a = torch.empty(bsz, n, n, device=dev, dtype=torch.float32)
+        deg = torch.empty(bsz, n, device=dev, dtype=torch.float32)
+        _affinity_kernel[(bsz, triton.cdiv(n, ROW_BLOCK))](
+            feats, a, deg, n, d, s_b, s_n, s_d, tau, eps, USE_TAU=use_tau, PRECISION=precision,
+            BLOCK_I=ROW_BLOCK, BLOCK_J=64, BLOCK_K=32, num_warps=4)
+    _solver_kernel[(bsz,)](
+        feats, a, deg, q, t, v, n, d, s_b, s_n, s_d, tau, eps, USE_TAU=use_tau, PRECISION=precision,
+        ON_CHIP=on_chip, N_PAD=n_pad, BLOCK_K=block_k, BLOCK_R=max(1, 4096 // n_pad),
+        Q_CHUNK=min(STEPS, max(1, 4096 // n_pad)), STEPS=STEPS, CHECK=CHECK, MAX_CYCLES=MAX_CYCLES, TOL=TOL,
+        SHIFTS=SHIFTS, ROUNDS=ROUNDS, DELTA=DELTA, INV_ITERS=INV_ITERS, PIVMIN=PIVMIN,
+        num_warps=4 if n_pad <= 32 else 8)
+    return v
