@@ -8,7 +8,6 @@ interpreter) falls back to the next one in the op's preference order, saying so 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -28,9 +27,19 @@ def warn_once(message: str) -> None:
         log.warning(message)
 
 
-@functools.cache
+# Plain module state rather than functools.cache: torch.compile traces these calls without warnings.
+_extension: list[bool] = []
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def cuda_extension_loaded() -> bool:
-    """Load ``maskedssl._C`` (the CUDA kernels) into ``torch.ops.maskedssl`` if it was built."""
+    """Load ``maskedssl._C`` (the CUDA kernels) into ``torch.ops.maskedssl`` once, if it was built."""
+    if not _extension:
+        _extension.append(_load_extension())
+    return _extension[0]
+
+
+def _load_extension() -> bool:
     spec = importlib.util.find_spec("maskedssl._C")
     if spec is None or spec.origin is None:
         return False
@@ -46,13 +55,8 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_FOUND
 
 
 def _runs_here(backend: str, device: torch.device) -> str | None:
