@@ -1,0 +1,228 @@
+"""ncut_bipartition: every backend against the float64 eigensolver on planted clusters, degenerate graphs,
+dtypes, strides, validation, registration and compile. Triton runs here under TRITON_INTERPRET=1 on a few
+small cases; the GPU tests cover both kernel backends up to N = 1024 and B = 256."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cpu_kernel_backends, gpu_kernel_backends
+
+from maskedssl.ops import ncut_bipartition
+from maskedssl.ops.ncut import affinity
+
+
+def planted(batch, n, d, frac, noise, dtype=torch.float32, device="cpu", seed=0, with_labels=False):
+    """Two clusters of patch features (round(frac * n) patches labelled 1) plus Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(batch, 2, d, generator=g)
+    labels = torch.zeros(batch, n, dtype=torch.long)
+    labels[:, : max(1, round(frac * n))] = 1
+    labels = torch.gather(labels, 1, torch.argsort(torch.rand(batch, n, generator=g), dim=1))
+    feats = centers.gather(1, labels.unsqueeze(-1).expand(-1, -1, d)) + noise * torch.randn(batch, n, d, generator=g)
+    feats = feats.to(device=device, dtype=dtype)
+    return (feats, labels.bool()) if with_labels else feats
+
+
+def normalized_affinity(feats, tau, eps):
+    """float64 M = D^-1/2 A D^-1/2 and d^1/2 of the features as the kernels see them."""
+    a = affinity(feats.double().cpu(), tau, eps)
+    deg = a.sum(-1)
+    s = deg.rsqrt()
+    return s.unsqueeze(-1) * a * s.unsqueeze(-2), deg.sqrt()
+
+
+def check_against_reference(feats, tau, backend, eps=1e-5, min_gap=0.05):
+    out = ncut_bipartition(feats, tau, eps, backend=backend)
+    ref = ncut_bipartition(feats, tau, eps, backend="torch")
+    b, n = feats.shape[:2]
+    for t, dtype in zip(out, (torch.float32, torch.bool, torch.float32)):
+        assert t.shape == (b, n) and t.dtype == dtype and t.device == feats.device
+    out = [t.cpu() for t in out]
+    fiedler, foreground, score = out
+    assert torch.isfinite(fiedler).all() and torch.isfinite(score).all()
+    torch.testing.assert_close(fiedler.norm(dim=1), torch.ones(b), atol=1e-5, rtol=0)
+    assert torch.equal(foreground, fiedler > fiedler.mean(1, keepdim=True)) or n == 2
+    # the partition, up to which side is called foreground
+    same = (foreground == ref.foreground.cpu()).float().mean(1)
+    assert torch.minimum(same, 1 - same).max() <= 0.01 or torch.maximum(same, 1 - same).min() >= 0.99, same
+    m, d_sqrt = normalized_affinity(feats, tau, eps)
+    evals = torch.linalg.eigvalsh(m)
+    clear = evals[:, -2] - evals[:, -3] > min_gap if n > 2 else torch.ones(b, dtype=torch.bool)
+    cos = (fiedler.double() * ref.fiedler.cpu().double()).sum(1).abs()
+    assert (cos[clear] >= 0.999).all(), cos
+    # eigen-residual of u = D^1/2 v (unit) against the float64 M
+    u = torch.nn.functional.normalize(fiedler.double() * d_sqrt, dim=1)
+    mu = torch.einsum("bij,bj->bi", m, u)
+    lam = (mu * u).sum(1, keepdim=True)
+    assert ((mu - lam * u).norm(dim=1) <= 1e-4).all()
+    return out, ref
+
+
+CPU_CASES = [  # (n, d, frac, noise, tau, dtype)
+    (16, 32, 0.3, 0.5, None, torch.float32),
+    (49, 40, 0.1, 1.0, 0.2, torch.bfloat16),
+    (3, 8, 0.3, 0.3, None, torch.float16),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"n{c[0]}-d{c[1]}-tau{c[4]}-{str(c[5])[6:]}")
+def test_planted_clusters_cpu(backend, case):
+    n, d, frac, noise, tau, dtype = case
+    check_against_reference(planted(2, n, d, frac, noise, dtype), tau, backend)
+
+
+@pytest.mark.parametrize("backend", cpu_kernel_backends())
+def test_tiled_path_cpu(backend):
+    # N > 128 takes the two-kernel path (affinity in a workspace, solver streaming it)
+    check_against_reference(planted(1, 196, 24, 0.3, 1.0, torch.float16), None, backend)
+
+
+def test_reference_finds_planted_clusters():
+    for frac, noise in [(0.3, 0.5), (0.1, 1.0), (0.3, 2.0)]:
+        feats, labels = planted(4, 64, 96, frac, noise, seed=1, with_labels=True)
+        # the planted labels are recovered, up to which side is the foreground
+        same = (ncut_bipartition(feats).foreground == labels).float().mean(1)
+        assert torch.maximum(same, 1 - same).min() >= (1.0 if noise <= 1.0 else 0.95)
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+@pytest.mark.parametrize("tau", [None, 0.2])
+def test_degenerate_inputs(backend, tau):
+    n, d = 8, 16
+    same = torch.randn(1, 1, d).expand(1, n, d).contiguous()
+    zeros = torch.zeros(1, n, d)
+    some_zero = torch.randn(1, n, d)
+    some_zero[:, ::3] = 0
+    pair = torch.randn(1, 2, d)
+    for feats in (same, zeros, some_zero, pair):
+        first = ncut_bipartition(feats, tau, backend=backend)
+        again = ncut_bipartition(feats, tau, backend=backend)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+        assert torch.isfinite(first.fiedler).all() and torch.isfinite(first.score).all()
+        assert first.foreground.any()
+        torch.testing.assert_close(first.fiedler.norm(dim=1), torch.ones(1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", cpu_kernel_backends())
+def test_non_contiguous_cpu(backend):
+    base = planted(2, 24, 40, 0.3, 0.5).transpose(1, 2).contiguous().transpose(1, 2)[:, :, :33]
+    assert not base.is_contiguous()
+    out = ncut_bipartition(base, backend=backend)
+    ref = ncut_bipartition(base.contiguous(), backend=backend)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_validation():
+    good = torch.randn(2, 5, 8)
+    with pytest.raises(TypeError, match="feats"):
+        ncut_bipartition(good.numpy())
+    with pytest.raises(ValueError, match="feats"):
+        ncut_bipartition(good[0])
+    with pytest.raises(TypeError, match="feats"):
+        ncut_bipartition(good.double())
+    with pytest.raises(TypeError, match="feats"):
+        ncut_bipartition(good.long())
+    with pytest.raises(ValueError, match="N >= 2"):
+        ncut_bipartition(good[:, :1])
+    with pytest.raises(ValueError, match="tau"):
+        ncut_bipartition(good, tau=1.0)
+    with pytest.raises(ValueError, match="tau"):
+        ncut_bipartition(good, tau=-1.5)
+    with pytest.raises(TypeError, match="tau"):
+        ncut_bipartition(good, tau="0.2")
+    with pytest.raises(TypeError, match="tau"):
+        ncut_bipartition(good, tau=True)
+    with pytest.raises(ValueError, match="eps"):
+        ncut_bipartition(good, eps=0.0)
+    with pytest.raises(ValueError, match="eps"):
+        ncut_bipartition(good, eps=2.0)
+    with pytest.raises(TypeError, match="eps"):
+        ncut_bipartition(good, eps=None)
+    with pytest.raises(ValueError, match="backend"):
+        ncut_bipartition(good, backend="numpy")
+
+
+def test_no_gradient():
+    feats = torch.randn(1, 6, 8, requires_grad=True)
+    out = ncut_bipartition(feats)
+    assert not any(t.requires_grad for t in out)
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+def test_opcheck(backend):
+    feats = planted(1, 8, 16, 0.3, 0.5)
+    for tau in (None, 0.2):
+        torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition.default, (feats, tau, 1e-5, backend))
+
+
+def test_compile_fullgraph():
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def informed(feats):
+        out = ncut_bipartition(feats, 0.2)
+        return out.score.masked_fill(~out.foreground, -1.0).argsort(dim=1, descending=True)
+
+    feats = planted(2, 16, 24, 0.3, 0.5)
+    out = ncut_bipartition(feats, 0.2)
+    expected = out.score.masked_fill(~out.foreground, -1.0).argsort(dim=1, descending=True)
+    assert torch.equal(informed(feats), expected)
+
+
+# ----------------------------------------------------------------------------- GPU
+GPU_CASES = [  # (batch, n, d)
+    (1, 2, 16), (3, 3, 32), (8, 16, 64), (16, 49, 100), (64, 64, 384), (256, 196, 768), (32, 256, 384),
+    (16, 576, 384), (4, 1024, 192),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_kernel_backends() or ["triton", "cuda"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"b{c[0]}-n{c[1]}-d{c[2]}")
+@pytest.mark.parametrize("tau", [None, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_planted_clusters_gpu(backend, case, tau, dtype):
+    batch, n, d = case
+    for frac, noise in [(0.3, 0.5), (0.1, 1.0)]:
+        feats = planted(batch, n, d, frac, noise, dtype, device="cuda")
+        check_against_reference(feats, tau, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_kernel_backends() or ["triton", "cuda"])
+@pytest.mark.parametrize("tau", [None, 0.2])
+def test_degenerate_and_strided_gpu(backend, tau):
+    for n in (2, 8, 196, 1024):
+        same = torch.randn(1, 1, 64, device="cuda").expand(2, n, 64)
+        zeros = torch.zeros(2, n, 64, device="cuda")
+        for feats in (same, zeros):
+            first = ncut_bipartition(feats, tau, backend=backend)
+            again = ncut_bipartition(feats, tau, backend=backend)
+            for a, b in zip(first, again):
+                assert torch.equal(a, b)
+            assert torch.isfinite(first.fiedler).all() and first.foreground.any(1).all()
+        strided = planted(4, n, 96, 0.3, 0.5, device="cuda").transpose(1, 2).contiguous().transpose(1, 2)
+        check_against_reference(strided, tau, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_kernel_backends() or ["triton", "cuda"])
+def test_opcheck_gpu(backend):
+    feats = planted(2, 49, 64, 0.3, 0.5, device="cuda")
+    torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition.default, (feats, None, 1e-5, backend))
+    if backend == "cuda":
+        torch.library.opcheck(torch.ops.maskedssl.ncut_fiedler_cuda.default, (feats, 0.2, 1e-5))
+
+
+@pytest.mark.gpu
+def test_backends_agree_gpu():
+    backends = gpu_kernel_backends()
+    if len(backends) < 2:
+        pytest.skip("needs both kernel backends")
+    feats = planted(64, 196, 384, 0.3, 1.0, torch.bfloat16, device="cuda")
+    outs = [ncut_bipartition(feats, backend=b) for b in backends]
+    cos = (outs[0].fiedler * outs[1].fiedler).sum(1).abs()
+    assert (cos >= 0.999).all()
+
