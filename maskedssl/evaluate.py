@@ -139,13 +139,33 @@ def r2_score(y: torch.Tensor, pred: torch.Tensor) -> float:
     return float(1.0 - ss_res / ss_tot)
 
 
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def select_ridge(x: torch.Tensor, y: torch.Tensor, grid: Sequence[float] = RIDGE_GRID,
+                 val_frac: float = 0.25) -> float:
+    """The ridge strength of ``grid`` with the best R^2 on a random ``val_frac`` of the train pairs,
+    fitted on the rest: few pairs and wide features overfit at a fixed small penalty."""
+    n_val = max(1, int(x.shape[0] * val_frac))
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0)).to(x.device)
+    val, fit = order[:n_val], order[n_val:]
+    fit_x, val_x, fit_y, val_y = x[fit], x[val], y[fit], y[val]
+    scores = []
+    for r in grid:
+        weight, bias = ridge_fit(fit_x, fit_y, r)
+        scores.append(r2_score(val_y, val_x.double() @ weight + bias))
+    return float(grid[max(range(len(grid)), key=scores.__getitem__)])
+
+
 def separability_r2(train_mix: torch.Tensor, train_sub: torch.Tensor, train_dom: torch.Tensor,
                     test_mix: torch.Tensor, test_sub: torch.Tensor, test_dom: torch.Tensor,
-                    ridge: float = 1e-3) -> dict:
+                    ridge: float | str = "auto") -> dict:
     """Held-out R^2 of one ridge regression from f(mixture) to [f(sub), f(dom)].
 
     Inputs and targets are z-scored with the train statistics, so every feature dimension weighs the
-    same in the pooled R^2. Returns dict(r2 (both targets), r2_sub, r2_dom).
+    same in the pooled R^2. ``ridge``: a relative penalty, or "auto" to pick it from ``RIDGE_GRID`` on a
+    validation part of the train pairs (``select_ridge``). Returns dict(r2 (both targets), r2_sub,
+    r2_dom, ridge).
     """
     for name, t in (("train_mix", train_mix), ("train_sub", train_sub), ("train_dom", train_dom),
                     ("test_mix", test_mix), ("test_sub", test_sub), ("test_dom", test_dom)):
@@ -155,10 +175,12 @@ def separability_r2(train_mix: torch.Tensor, train_sub: torch.Tensor, train_dom:
     x_train, x_test = standardize(train_mix.double(), test_mix.double())
     y_train, y_test = standardize(torch.cat([train_sub, train_dom], 1).double(),
                                   torch.cat([test_sub, test_dom], 1).double())
+    if ridge == "auto":
+        ridge = select_ridge(x_train, y_train)
     weight, bias = ridge_fit(x_train, y_train, ridge)
     pred = x_test @ weight + bias
     return dict(r2=r2_score(y_test, pred), r2_sub=r2_score(y_test[:, :d], pred[:, :d]),
-                r2_dom=r2_score(y_test[:, d:], pred[:, d:]))
+                r2_dom=r2_score(y_test[:, d:], pred[:, d:]), ridge=float(ridge))
 
 
 def sample_other_class_partners(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -534,7 +556,7 @@ def relation_snapshot(model: torch.nn.Module, images: torch.Tensor, temperature:
 @torch.no_grad()
 def imae_separability(model: torch.nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
                       test_images: torch.Tensor, test_labels: torch.Tensor, *,
-                      weights: Sequence[float] = MIX_WEIGHTS, pool: str = "cls", ridge: float = 1e-3,
+                      weights: Sequence[float] = MIX_WEIGHTS, pool: str = "cls", ridge: float | str = "auto",
                       probe_epochs: int = 100, batch_size: int = 256, seed: int = 0) -> dict:
     """i-MAE's linear separability of a frozen encoder f (RECIPES.md): pair each image (the subordinate,
     weight alpha) with an image of another class (the dominant, 1 - alpha), fit ridge regression
@@ -547,7 +569,7 @@ def imae_separability(model: torch.nn.Module, train_images: torch.Tensor, train_
         partner = sample_other_class_partners(labels, gen)
         base = features_of_images(model, x, pool, batch_size)
         splits.append(dict(x=x, partner=partner, labels=labels, sub=base, dom=base[partner]))
-    result = {key: [] for key in ("r2", "r2_sub", "r2_dom", "probe_sub", "probe_dom")}
+    result = {key: [] for key in ("r2", "r2_sub", "r2_dom", "ridge", "probe_sub", "probe_dom")}
     result["weights"] = [float(w) for w in weights]
     for alpha in weights:
         if not 0.0 < alpha <= 0.5:
@@ -556,7 +578,7 @@ def imae_separability(model: torch.nn.Module, train_images: torch.Tensor, train_
                for s in splits]
         train, test = splits
         r2 = separability_r2(mix[0], train["sub"], train["dom"], mix[1], test["sub"], test["dom"], ridge)
-        for key in ("r2", "r2_sub", "r2_dom"):
+        for key in ("r2", "r2_sub", "r2_dom", "ridge"):
             result[key].append(r2[key])
         for role, labels_of in (("sub", lambda s: s["labels"]), ("dom", lambda s: s["labels"][s["partner"]])):
             probe = linear_probe(mix[0], labels_of(train), mix[1], labels_of(test), epochs=probe_epochs, seed=seed)

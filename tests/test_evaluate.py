@@ -120,6 +120,19 @@ def test_ridge_recovers_affine_map_and_r2():
     assert ev.r2_score(y, y.mean(0, keepdim=True).expand_as(y)) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_ridge_selection_prefers_a_strong_penalty_on_noise():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(60, 40, generator=gen)
+    noise = torch.randn(60, 4, generator=gen)
+    assert ev.select_ridge(x, noise) >= 1.0  # nothing to learn: shrink to the mean
+    clean = x @ torch.randn(40, 4, generator=gen)
+    assert ev.select_ridge(x, clean) <= 1e-2  # an exact linear map: keep the penalty small
+    # with too few pairs for the width, the tuned penalty keeps held-out R^2 near 0, not far below
+    a, b, c = (torch.randn(80, 40, generator=gen) for _ in range(3))
+    assert ev.separability_r2(a[:40], b[:40], c[:40], a[40:], b[40:], c[40:])["r2"] > -0.2
+    assert ev.separability_r2(a[:40], b[:40], c[:40], a[40:], b[40:], c[40:], ridge=1e-4)["r2"] < -0.5
+
+
 def test_other_class_partners():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
     partners = ev.sample_other_class_partners(labels, torch.Generator().manual_seed(0))
