@@ -1,0 +1,149 @@
+"""The ``maskedssl`` command: flags and config files, one-line errors, pretrain / evaluate / demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskedssl import cli, train as T
+
+TINY_FLAGS = ["--img-size", "16", "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-embed-dim",
+              "32", "--decoder-depth", "1", "--decoder-num-heads", "2"]
+QUIET = ["--no-tensorboard", "--no-progress", "--no-pictures", "--data", "synthetic:64", "--batch-size", "16"]
+
+
+def parse(*argv) -> T.TrainConfig:
+    args = cli.build_parser().parse_args(["pretrain", *argv])
+    return cli.config_from_args(args, args.config_keys)
+
+
+def run_module(*argv, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "maskedssl", *argv], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+def test_every_config_field_and_model_option_is_a_flag():
+    cfg = parse("--method", "sgmae", "--model", "micro", "--mask-ratio", "0.6", "--no-norm-pix-loss",
+                "--sg-layer", "2", "--hint-ratio", "0.1", "--tau", "0.2", "--warmup-frac", "0.3",
+                "--epochs", "7", "--batch-size", "8", "--blr", "1e-3", "--weight-decay", "0.1",
+                "--warmup-epochs", "1.5", "--accum-iter", "3", "--compile", "--backend", "torch",
+                "--seed", "4", "--num-workers", "0", "--device", "cpu", "--resume", "--img-size", "16")
+    assert cfg.method.method == "sgmae"
+    assert cfg.method.options == {"mask_ratio": 0.6, "norm_pix_loss": False, "sg_layer": 2, "hint_ratio": 0.1,
+                                  "tau": 0.2, "warmup_frac": 0.3, "img_size": 16}
+    assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.blr, cfg.optim.accum_iter) == (7, 8, 1e-3, 3)
+    assert cfg.run.compile and cfg.run.backend == "torch" and cfg.run.resume == "auto"
+    assert cfg.run.device == "cpu" and cfg.data.num_workers == 0
+    # i-MAE's options, "none" for optional values
+    cfg = parse("--method", "imae", "--lam-mode", "sample", "--distill-sub-weight", "0.5", "--same-prob", "0.7",
+                "--teacher", "t.pt", "--pairing", "kmeans", "--clip-grad", "none", "--lr", "2e-4")
+    assert cfg.method.options == {"lam_mode": "sample", "distill_sub_weight": 0.5}
+    assert cfg.method.teacher == "t.pt" and cfg.data.same_prob == 0.7 and cfg.data.pairing == "kmeans"
+    assert cfg.optim.clip_grad is None and cfg.optim.lr == 2e-4
+    # nothing given: the dataclass defaults
+    assert parse() == T.TrainConfig()
+
+
+@pytest.mark.parametrize("fmt", ["json", "toml"])
+def test_config_file_then_flags(tmp_path, fmt):
+    if fmt == "json":
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"optim": {"epochs": 3, "blr": 5e-4}, "method": {"method": "sgmae",
+                                    "options": {"hint_ratio": 0.2}}, "seed": 9, "mask_ratio": 0.5}))
+    else:
+        path = tmp_path / "c.toml"
+        path.write_text('seed = 9\nmask_ratio = 0.5\n[optim]\nepochs = 3\nblr = 5e-4\n[method]\nmethod = "sgmae"\n'
+                        '[method.options]\nhint_ratio = 0.2\n')
+    cfg = parse("--config", str(path), "--epochs", "5")
+    assert cfg.optim.epochs == 5 and cfg.optim.blr == 5e-4  # flag wins, file fills the rest
+    assert cfg.method.method == "sgmae" and cfg.method.options == {"hint_ratio": 0.2, "mask_ratio": 0.5}
+    assert cfg.run.seed == 9
+    # a run's own config.json is a valid config file
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(cfg.to_dict()))
+    assert parse("--config", str(saved)) == cfg
+
+
+def test_config_file_errors(tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text("epochs = = 3")
+    (tmp_path / "unknown.json").write_text('{"optim": {"epoch": 3}}')
+    for path, message in ((tmp_path / "bad.toml", "cannot be parsed"), (tmp_path / "unknown.json", "unknown key"),
+                          (tmp_path / "missing.json", "does not exist")):
+        assert cli.main(["pretrain", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("maskedssl: error: ") and message in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def test_bad_dataset_path_is_one_line_from_python_m(tmp_path):
+    result = run_module("pretrain", "--data", f"cifar10:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert result.stderr == f"maskedssl: error: cifar10: {tmp_path / 'nowhere'} is not a directory\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "imagefolder:/definitely/not/here"], "imagefolder: /definitely/not/here is not a directory"),
+    (["--data", "cifar100:{tmp}"], "lacks train"),
+    (["--data", "stl10:/x"], "unknown dataset 'stl10:/x'"),
+    (["--method", "mae", "--hint-ratio", "0.1"], "hint_ratio do not apply to method mae"),
+    (["--method", "sgmae", "--teacher", "x.pt"], "teacher applies to method imae only"),
+    (["--method", "imae", "--teacher", "{tmp}/missing.pt"], "missing.pt does not exist"),
+    (["--resume", "{tmp}/nothing.pt"], "nothing.pt does not exist"),
+    (["--mask-ratio", "1.5"], "mask_ratio"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(["pretrain", "--out", str(tmp_path / "o"), *QUIET, *TINY_FLAGS, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maskedssl: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_diverging_run_exits_1_with_the_checkpoint_named(tmp_path, capsys):
+    # an absurd learning rate: the first update blows the weights up, a later loss is not finite
+    code = cli.main(["pretrain", "--out", str(tmp_path), *QUIET, *TINY_FLAGS, "--epochs", "3", "--lr", "1e30"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("maskedssl: error: loss is "), err
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+def test_pretrain_then_evaluate(tmp_path, capsys):
+    assert cli.main(["pretrain", "--out", str(tmp_path), *QUIET, *TINY_FLAGS, "--epochs", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "done" and Path(summary["checkpoint"]).is_file()
+    ckpt = torch.load(summary["checkpoint"], weights_only=True)
+    assert ckpt["config"]["method"]["options"]["embed_dim"] == 32
+    assert cli.main(["evaluate", "--ckpt", summary["checkpoint"], "--data", "synthetic:64", "--metrics", "knn",
+                     "--pool", "mean", "--k", "5"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert 0 <= results["knn_mean"] <= 1
+
+
+def test_demo_writes_report_with_numbers_and_pictures(tmp_path):
+    out = tmp_path / "demo"
+    cli.main(["demo", "--out", str(out), "--epochs", "1", "--train-size", "128", "--batch-size", "32"])
+    report = (out / "report.md").read_text()
+    assert "| linear probe, cls token |" in report and "random init" in report
+    for picture in ("reconstruction.png", "masks.png", "loss.png"):
+        assert f"]({picture})" in report and (out / picture).is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert 0 <= results["pretrained"]["probe_mean"] <= 1 and "fg_iou" in results["pretrained"]["clustering"]
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("pretrain", "evaluate", "demo"))
