@@ -1,0 +1,109 @@
+"""Normalized-cut bi-partition (Self-guided MAE's informed masks): the whole ``ncut_bipartition`` per batch.
+
+    python -m benchmarks.bench_ncut [--quick]
+
+Impls, same inputs (bf16 features of two planted clusters, 30% / 70% of the patches, noise 1.0):
+- ``reference``: batched ``torch.linalg.eigh`` in fp32 on the GPU on the same normalised affinity, with the
+  seed rule and scores (``benchmarks.reference.ncut_eigh``). On CUDA it loops over the matrices for N > 32,
+  so for B > 64 it is timed on 64 samples and scaled by B / 64 (``extra.scaled_from_B``), except at the
+  headline shape, which is timed whole.
+- ``tokencut_cpu``: TokenCut's per-image path: affinity on the GPU, copied to the host, then
+  ``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 2])``; timed on a few images, reported per image x B.
+- ``triton`` and ``cuda``: ``maskedssl.ops.ncut_bipartition`` with that backend (validation, the kernels and
+  the shared ``finish_partition`` included).
+
+Floor: bytes = features read once (B N D e) + outputs written once (B N (4 + 1 + 4)); FLOPs = the affinity
+2 B N^2 D plus one Lanczos cycle of products, 2 B N^2 * 32 (more cycles only when an eigengap is unclear).
+Headline (B = 256, N = 196, D = 768, bf16): ~77 MB and ~15 GFLOP.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from benchmarks.common import bench_main, make_row, time_ms
+from benchmarks.reference import ncut_eigh
+from maskedssl.kernels.ncut import STEPS
+from maskedssl.ops import available_backends, ncut_bipartition
+
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+TAU, EPS = None, 1e-5
+HEADLINE = (256, 196, 768)
+SWEEP = [(b, n, d) for b in (64, 256, 1024) for n in (64, 196, 256, 576) for d in (384, 768)]
+EIGH_MAX_B = 64
+TOKENCUT_IMAGES = 4
+
+
+def planted_features(b: int, n: int, d: int) -> torch.Tensor:
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    centers = torch.randn(b, 2, d, device=DEVICE, generator=g)
+    labels = (torch.rand(b, n, device=DEVICE, generator=g) < 0.3).long()
+    feats = centers.gather(1, labels.unsqueeze(-1).expand(-1, -1, d))
+    return (feats + torch.randn(b, n, d, device=DEVICE, generator=g)).to(DTYPE)
+
+
+def tokencut_cpu_ms_per_image(feats: torch.Tensor) -> float:
+    """TokenCut's bi-partition of one image at a time with scipy's generalized eigensolver."""
+    import numpy as np
+    import scipy.linalg
+
+    times = []
+    for f in feats[:TOKENCUT_IMAGES]:
+        start = time.perf_counter()
+        fn = torch.nn.functional.normalize(f.float(), dim=-1)
+        cos = fn @ fn.T
+        a = (cos.clamp_min(EPS) if TAU is None else torch.where(cos > TAU, 1.0, EPS)).cpu().numpy()
+        deg = np.diag(a.sum(1))
+        _, vecs = scipy.linalg.eigh(deg - a, deg, subset_by_index=[1, 2])
+        v = vecs[:, 0]
+        seed = np.argmax(np.abs(v))
+        above = v > v.mean()
+        foreground = above if above[seed] else ~above
+        fg_mean = (fn.cpu().numpy() * foreground[:, None]).sum(0)
+        _ = fn.cpu().numpy() @ (fg_mean / max(np.linalg.norm(fg_mean), 1e-12))
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_case(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[dict]:
+    warmup, rep = (10, 30) if quick else (25, 100)
+    feats = planted_features(b, n, d)
+    case = {"B": b, "N": n, "D": d, "dtype": "bf16"}
+    bytes_moved = b * n * d * feats.element_size() + b * n * (4 + 1 + 4)
+    flops = 2 * b * n * n * d + 2 * b * n * n * STEPS
+    rows = []
+
+    whole = (b, n, d) == HEADLINE or b <= EIGH_MAX_B
+    sub = feats if whole else feats[:EIGH_MAX_B]
+    ms = time_ms(lambda: ncut_eigh(sub, TAU, EPS), warmup=1, rep=1) * (b / sub.shape[0])
+    row = make_row("ncut_bipartition", case, "reference", ms, bytes_moved, flops, peaks)
+    if not whole:
+        row["extra"] = {"scaled_from_B": EIGH_MAX_B}
+    rows.append(row)
+
+    per_image = tokencut_cpu_ms_per_image(feats)
+    row = make_row("ncut_bipartition", case, "tokencut_cpu", per_image * b, bytes_moved, flops, peaks)
+    row["extra"] = {"ms_per_image": round(per_image, 3), "images_timed": TOKENCUT_IMAGES}
+    rows.append(row)
+
+    for backend in ("triton", "cuda"):
+        if backend in available_backends(DEVICE):
+            ms = time_ms(lambda: ncut_bipartition(feats, TAU, EPS, backend=backend), warmup, rep)
+            rows.append(make_row("ncut_bipartition", case, backend, ms, bytes_moved, flops, peaks))
+    return rows
+
+
+def run(peaks: dict, quick: bool = False) -> list[dict]:
+    rows = measure_case(*HEADLINE, peaks, quick)
+    if not quick:
+        for shape in SWEEP:
+            if shape != HEADLINE:
+                rows += measure_case(*shape, peaks, quick)
+    return rows
+
+
+if __name__ == "__main__":
+    bench_main("ncut", run)
