@@ -60,8 +60,9 @@ def _decode(model, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Ten
 
 def _forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
     masks = _masks(self, imgs, mask_ratio)
-    rows, (target,) = mix_patchify(imgs, _patch_size(self), ids_keep=masks.ids_keep, ids_masked=masks.ids_masked,
-                                   norm_pix=bool(self.norm_pix_loss), out_dtype=self.patch_embed.proj.weight.dtype)
+    rows, (target,) = mix_patchify(imgs, _patch_size(self), ids_keep=masks.ids_keep,
+                                   ids_masked=masks.ids_masked, norm_pix=bool(self.norm_pix_loss),
+                                   out_dtype=self.patch_embed.proj.weight.dtype)
     pred = _decode(self, _encode(self, rows, masks.ids_keep), masks.ids_restore)
     loss = mse(gather_tokens(pred, masks.ids_masked), target)
     return loss, pred, masks.mask
@@ -69,7 +70,8 @@ def _forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
 
 def _forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
     masks = _masks(self, imgs, mask_ratio)
-    rows = gather_tokens(patchify(imgs, _patch_size(self)), masks.ids_keep).to(self.patch_embed.proj.weight.dtype)
+    rows = gather_tokens(patchify(imgs, _patch_size(self)), masks.ids_keep)
+    rows = rows.to(self.patch_embed.proj.weight.dtype)
     return _encode(self, rows, masks.ids_keep), masks.mask, masks.ids_restore
 
 

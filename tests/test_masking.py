@@ -1,4 +1,5 @@
-"""Masks: MAE semantics from scores, random masks equal to ``ops.random_masking``, informed masks with hints."""
+"""Masks: MAE semantics from scores, random masks equal to ``ops.random_masking``, informed masks with
+hints."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def test_informed_masks_cover_the_object_first():
 
 def test_hints_stay_visible_and_the_ratio_is_unchanged():
     feats, objects = _planted(side=5)  # 25 object patches (the smaller side: the foreground), 48 masked
-    informed = InformedMasking(mask_ratio=0.75, hint_ratio=0.25)(feats, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    informed = InformedMasking(mask_ratio=0.75, hint_ratio=0.25)(feats, generator=g)
     masked = informed.masks.mask.bool()
     assert (masked.sum(1) == 48).all()
     assert (informed.hints.sum(1) == 6).all()  # floor(0.25 * 25)

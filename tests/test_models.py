@@ -53,7 +53,8 @@ def test_big_presets_have_the_official_encoder_size(preset, timm_name):
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         ours = build_model("mae", preset)
         reference = timm.create_model(timm_name, num_classes=0)
-    encoder = sum(p.numel() for name, p in ours.named_parameters() if not name.startswith(("decoder", "mask_")))
+    encoder = sum(p.numel() for name, p in ours.named_parameters()
+                  if not name.startswith(("decoder", "mask_")))
     assert encoder == sum(p.numel() for p in reference.parameters())
     assert ours.num_patches == 196 and ours.decoder_pred.out_features == 16 * 16 * 3
     assert (ours.config.arch.decoder_embed_dim, ours.config.arch.decoder_depth) == (512, 8)
@@ -100,7 +101,8 @@ def test_features_and_pictures():
     model = build_model("mae", "micro").eval()
     imgs = torch.randn(2, 3, 32, 32)
     assert model.forward_features(imgs).shape == (2, 65, 96)
-    torch.testing.assert_close(model.forward_features(imgs, pool="mean"), model.forward_features(imgs)[:, 1:].mean(1))
+    torch.testing.assert_close(model.forward_features(imgs, pool="mean"),
+                               model.forward_features(imgs)[:, 1:].mean(1))
     pics = model.reconstruct(imgs)
     assert set(pics) == {"input", "masked", "reconstruction"}
     for pic in pics.values():
@@ -118,7 +120,8 @@ def test_from_official_round_trip_and_errors(tmp_path):
     for name, value in plain.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
 
-    encoder_only = {k: v for k, v in plain.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    encoder_only = {k: v for k, v in plain.state_dict().items()
+                    if not k.startswith(("decoder", "mask_token"))}
     torch.save(encoder_only, path)
     with pytest.raises(ValueError, match=r"missing keys \[decoder_blocks.0.attn.proj.bias, .* 24 more\]"):
         MAE.from_official(path)
@@ -129,7 +132,8 @@ def test_from_official_round_trip_and_errors(tmp_path):
     torch.save(wrong, path)
     with pytest.raises(ValueError, match=r"missing keys \[norm.bias\]; unexpected keys \[extra_head\]"):
         MAE.from_official(path, preset="micro")
-    with pytest.raises(ValueError, match=r"wrong shapes \[blocks.0.attn.proj.bias \(96,\) \(expected \(128,\)\).*more\]"):
+    with pytest.raises(ValueError, match=r"wrong shapes \[blocks.0.attn.proj.bias \(96,\) \(expected "
+                                         r"\(128,\)\).*more\]"):
         torch.save(plain.state_dict(), path)
         MAE.from_official(path, preset="micro", embed_dim=128, num_heads=4)
     path.write_bytes(b"not a checkpoint")
@@ -188,18 +192,20 @@ def test_imae_teacher_sees_the_unmixed_images_and_targets_follow_the_subordinate
     (teacher_rows, teacher_ids), _, grad_enabled = teacher_encode.calls[0]
     assert not grad_enabled
     assert torch.equal(teacher_ids, torch.cat([ids_keep, ids_keep]))
-    torch.testing.assert_close(teacher_rows, torch.cat([_rows(imgs, ids_keep), _rows(imgs[partner], ids_keep)]))
+    torch.testing.assert_close(teacher_rows,
+                               torch.cat([_rows(imgs, ids_keep), _rows(imgs[partner], ids_keep)]))
 
     # one decoder call on both branches
     assert len(decode.calls) == 1 and decode.calls[0][0][0].shape[0] == 6
 
     sub_imgs = torch.where((lam >= 0.5).view(-1, 1, 1, 1), imgs[partner], imgs)
     dom_imgs = torch.where((lam >= 0.5).view(-1, 1, 1, 1), imgs, imgs[partner])
-    ids_masked = torch.stack([torch.nonzero(m).flatten() for m in out.mask.bool()])
-    (rec_sub, target_sub), _, _ = mse_calls.calls[0]
-    (rec_dom, target_dom), _, _ = mse_calls.calls[1]
-    torch.testing.assert_close(target_sub.sort(1).values, _rows(sub_imgs, ids_masked, norm=True).sort(1).values)
-    torch.testing.assert_close(target_dom.sort(1).values, _rows(dom_imgs, ids_masked, norm=True).sort(1).values)
+    ids_masked = decode.calls[0][0][2][:3]  # the rows predicted: the masked ones, as the loss orders them
+    assert torch.equal(out.mask.gather(1, ids_masked), torch.ones(3, 48))
+    (_, target_sub), _, _ = mse_calls.calls[0]
+    (_, target_dom), _, _ = mse_calls.calls[1]
+    torch.testing.assert_close(target_sub, _rows(sub_imgs, ids_masked, norm=True))
+    torch.testing.assert_close(target_dom, _rows(dom_imgs, ids_masked, norm=True))
 
     with torch.no_grad():
         latent_t = teacher.decoder_embed(teacher.encode(teacher_rows, teacher_ids))
@@ -218,7 +224,8 @@ def test_imae_lam_sampling_modes_and_no_teacher():
     batch = build_model("imae", "micro")
     out = batch(imgs)
     assert set(out.losses) == {"rec_sub", "rec_dom", "loss"}
-    assert torch.unique(out.extras["lam"]).numel() == 1 and out.extras["partner"].sort().values.tolist() == [0, 1, 2, 3]
+    assert torch.unique(out.extras["lam"]).numel() == 1
+    assert out.extras["partner"].sort().values.tolist() == [0, 1, 2, 3]
     lam = build_model("imae", "micro", lam_mode="sample")(imgs).extras["lam"]
     assert torch.unique(lam).numel() == 4 and ((lam >= 0) & (lam <= 1)).all()
     pics = batch.reconstruct(imgs, partner=torch.tensor([1, 0, 3, 2]), lam=0.3)
@@ -287,7 +294,8 @@ def test_triton_backend_gives_the_torch_loss(method, monkeypatch):
         model.zero_grad()
         out = _seeded(lambda: model(imgs, **call))
         out.loss.backward()
-        results[backend] = out, model.patch_embed.proj.weight.grad.clone(), model.decoder_pred.weight.grad.clone()
+        grads = model.patch_embed.proj.weight.grad.clone(), model.decoder_pred.weight.grad.clone()
+        results[backend] = out, *grads
     (ref, *ref_grads), (got, *got_grads) = results["torch"], results["triton"]
     assert torch.equal(got.mask, ref.mask)
     torch.testing.assert_close(got.loss, ref.loss, atol=1e-5, rtol=1e-5)
@@ -310,3 +318,24 @@ def test_model_config_is_a_frozen_dataclass():
     assert isinstance(model.config.arch, ModelConfig)
     with pytest.raises(Exception):
         model.config.mask_ratio = 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["mae", "imae", "sgmae"])
+def test_gpu_backends_give_the_torch_loss(method, monkeypatch):
+    from conftest import gpu_kernel_backends
+
+    model, imgs, call = _method_step(method)
+    model, imgs = model.cuda(), imgs.cuda()
+    call = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+    results = {}
+    for backend in ("torch", *gpu_kernel_backends()):
+        monkeypatch.setenv("MASKEDSSL_BACKEND", backend)
+        results[backend] = _seeded(lambda: model(imgs, **call))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = _seeded(lambda: model(imgs, **call))
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+    for backend, out in results.items():
+        assert torch.equal(out.mask, results["torch"].mask), backend
+        torch.testing.assert_close(out.loss, results["torch"].loss, atol=1e-4, rtol=1e-4)

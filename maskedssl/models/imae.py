@@ -75,7 +75,8 @@ class IMAE(MaskedViT):
             raise ValueError(f"the teacher needs a decoder_embed of width decoder_embed_dim={dd}")
         if (t.img_size, t.patch_size, t.in_chans) != (config.arch.img_size, config.arch.patch_size,
                                                       config.arch.in_chans):
-            raise ValueError("the teacher must see the same images: img_size, patch_size and in_chans must match")
+            raise ValueError("the teacher must see the same images: img_size, patch_size and in_chans "
+                             "must match")
         if teacher.decoder_embed.in_features != d:
             raise ValueError(f"the teacher's width {teacher.decoder_embed.in_features} differs from "
                              f"embed_dim={d}: its decoder_embed cannot initialise the heads")
@@ -96,8 +97,9 @@ class IMAE(MaskedViT):
         """A random partner permutation and lam (B,) ~ Beta(alpha, alpha), per batch or per sample."""
         partner = torch.randperm(batch, device=device)
         alpha = torch.tensor(self.config.lam_alpha, device=device)
-        draws = torch.distributions.Beta(alpha, alpha).sample((batch if self.config.lam_mode == "sample" else 1,))
-        return partner, draws.expand(batch)
+        draws = torch.distributions.Beta(alpha, alpha).sample(
+            (batch if self.config.lam_mode == "sample" else 1,))
+        return partner, draws.expand(batch).contiguous()
 
     def _mixing(self, imgs, partner, lam):
         b = imgs.shape[0]
@@ -109,7 +111,7 @@ class IMAE(MaskedViT):
             lam = self.sample_mixing(b, imgs.device)[1]
         if not isinstance(lam, torch.Tensor):
             lam = torch.tensor(float(lam), device=imgs.device)
-        return partner, lam.float().expand(b)
+        return partner, lam.float().expand(b).contiguous()
 
     def forward(self, imgs: torch.Tensor, *, partner: torch.Tensor | None = None,
                 lam: torch.Tensor | float | None = None, progress: float = 0.0) -> ModelOutput:
@@ -137,14 +139,16 @@ class IMAE(MaskedViT):
                                                          ids_keep=masks.ids_keep, ids_masked=masks.ids_keep,
                                                          norm_pix=False, **pixel)
                 ids = masks.ids_keep.repeat(2, 1)
-                latent_t = self.teacher.decoder_embed(self.teacher.encode(torch.cat([own_rows, other_rows]), ids))
+                rows = torch.cat([own_rows, other_rows])
+                latent_t = self.teacher.decoder_embed(self.teacher.encode(rows, ids))
             distill_sub, distill_dom = subordinate_first(partner_is_sub, *latent_t.chunk(2))
             head_sub, head_dom = branches.chunk(2)
             losses["distill_sub"] = mse(head_sub, distill_sub)
             losses["distill_dom"] = mse(head_dom, distill_dom)
 
-        weights = {"rec_sub": self.config.rec_sub_weight, "rec_dom": self.config.rec_dom_weight,
-                   "distill_sub": self.config.distill_sub_weight, "distill_dom": self.config.distill_dom_weight}
+        c = self.config
+        weights = {"rec_sub": c.rec_sub_weight, "rec_dom": c.rec_dom_weight,
+                   "distill_sub": c.distill_sub_weight, "distill_dom": c.distill_dom_weight}
         loss = sum(weights[name] * value for name, value in losses.items())
         logged = {name: value.detach() for name, value in losses.items()} | {"loss": loss.detach()}
         return ModelOutput(loss, logged, masks.mask,
@@ -152,7 +156,8 @@ class IMAE(MaskedViT):
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, *, partner: torch.Tensor | None = None,
-                    lam: torch.Tensor | float | None = None, progress: float = 0.0) -> dict[str, torch.Tensor]:
+                    lam: torch.Tensor | float | None = None, progress: float = 0.0
+                    ) -> dict[str, torch.Tensor]:
         """Pictures (B, C, H, W) in [0, 1]: "mixture", "masked", "sub", "dom" (the unmixed images) and
         "recon_sub", "recon_dom" (each branch's prediction at every patch)."""
         partner, lam = self._mixing(imgs, partner, lam)
@@ -161,7 +166,8 @@ class IMAE(MaskedViT):
                                              **self.pixel_options(imgs))
         sub, dom = subordinate_first(lam >= 0.5, own, other)
         latent = self.encode(gather_tokens(mixture, masks.ids_keep), masks.ids_keep)
-        pred = self.decode(torch.cat([self.sub_head(latent), self.dom_head(latent)]), masks.ids_restore.repeat(2, 1))
+        branches = torch.cat([self.sub_head(latent), self.dom_head(latent)])
+        pred = self.decode(branches, masks.ids_restore.repeat(2, 1))
         pred_sub, pred_dom = pred.chunk(2)
         return {"mixture": self.to_pixels(mixture), "masked": self.masked_pixels(mixture, masks.mask),
                 "sub": self.to_pixels(sub), "dom": self.to_pixels(dom),

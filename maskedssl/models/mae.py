@@ -107,8 +107,9 @@ def _matching_preset(state: dict, path) -> str:
     Encoder-only checkpoints are matched on the encoder alone."""
     try:
         proj = state["patch_embed.proj.weight"]
+        grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
         found = {"embed_dim": state["cls_token"].shape[-1], "patch_size": proj.shape[-1],
-                 "in_chans": proj.shape[1], "img_size": round((state["pos_embed"].shape[1] - 1) ** 0.5) * proj.shape[-1]}
+                 "in_chans": proj.shape[1], "img_size": grid * proj.shape[-1]}
     except KeyError as err:
         raise ValueError(f"{path} is not an MAE checkpoint: no {err.args[0]!r}; pass preset= to see "
                          "every missing and unexpected key") from err

@@ -41,7 +41,8 @@ class SGMAEConfig(MAEConfig):
             raise ValueError(f"warmup_frac must be in [0, 1], got {self.warmup_frac}")
         depth = self.arch.depth
         if not -depth - 1 <= self.sg_layer <= depth:
-            raise ValueError(f"sg_layer must be in [{-depth - 1}, {depth}] for depth {depth}, got {self.sg_layer}")
+            raise ValueError(f"sg_layer must be in [{-depth - 1}, {depth}] for depth {depth}, "
+                             f"got {self.sg_layer}")
 
 
 class SelfGuidedMAE(MAE):

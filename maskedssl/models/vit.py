@@ -58,7 +58,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be divisible by 4 for 2-D sin-cos position embeddings")
         for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
             if getattr(self, dim) % getattr(self, heads):
-                raise ValueError(f"{dim}={getattr(self, dim)} is not divisible by {heads}={getattr(self, heads)}")
+                raise ValueError(f"{dim}={getattr(self, dim)} is not divisible by "
+                                 f"{heads}={getattr(self, heads)}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != self.in_chans:
@@ -82,8 +83,9 @@ class ModelConfig:
 
 
 def _vit(img_size, patch_size, width, depth, heads, dec_width, dec_depth, dec_heads) -> ModelConfig:
-    return ModelConfig(img_size=img_size, patch_size=patch_size, embed_dim=width, depth=depth, num_heads=heads,
-                       decoder_embed_dim=dec_width, decoder_depth=dec_depth, decoder_num_heads=dec_heads)
+    return ModelConfig(img_size=img_size, patch_size=patch_size, embed_dim=width, depth=depth,
+                       num_heads=heads, decoder_embed_dim=dec_width, decoder_depth=dec_depth,
+                       decoder_num_heads=dec_heads)
 
 
 # MAE's decoder (512 wide, 8 blocks, 16 heads) for ViT-B/L. It would outweigh the smaller encoders many
@@ -193,7 +195,8 @@ def _layer_norm(dim: int, **kwargs) -> nn.LayerNorm:
 
 def _blocks(dim, depth, heads, mlp_ratio) -> nn.ModuleList:
     # timm's Attention uses F.scaled_dot_product_attention (fused attention) by default
-    return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=_layer_norm) for _ in range(depth))
+    return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=_layer_norm)
+                         for _ in range(depth))
 
 
 class MaskedViT(nn.Module):
@@ -257,7 +260,8 @@ class MaskedViT(nn.Module):
 
     # ---------------------------------------------------------------- encoder
     def embed(self, inputs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch rows (B, K, p*p*C) at positions ``ids_keep`` (None: all L, in order) -> tokens (B, 1+K, D)."""
+        """Patch rows (B, K, p*p*C) at positions ``ids_keep`` (None: all L, in order) -> tokens
+        (B, 1+K, D), cls first."""
         x = embed_patches(inputs, self.patch_embed.proj.weight, self.patch_embed.proj.bias)
         pos = self.pos_embed[0, 1:].to(x.dtype)
         x = x + (pos if ids_keep is None else pos[ids_keep])
