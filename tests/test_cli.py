@@ -130,7 +130,7 @@ def test_demo_writes_report_with_numbers_and_pictures(tmp_path):
     out = tmp_path / "demo"
     cli.main(["demo", "--out", str(out), "--epochs", "1", "--train-size", "64", "--batch-size", "32"])
     report = (out / "report.md").read_text()
-    assert "| linear probe, cls token |" in report and "random init" in report
+    assert "| linear probe, mean of patch tokens |" in report and "random init" in report
     for picture in ("reconstruction.png", "masks.png", "loss.png"):
         assert f"]({picture})" in report and (out / picture).is_file()
     results = json.loads((out / "results.json").read_text())
