@@ -9,8 +9,9 @@
 //   backward: the index is inverted per batch row into CSR (invert_index_kernel: a stable counting sort),
 //     then every gradient row is the fp32 sum of its segment in index order (segment_sum_kernel), written
 //     once; repeated indices and non-permutations are summed, never raced. Sums over the batch (grad_pos,
-//     grad_mask_token) are per-block fp32 partials summed by ATen in a fixed order (deterministic), or fp32
-//     atomics into one buffer.
+//     grad_mask_token) are per-block fp32 partials summed by ATen in a fixed order (bitwise reproducible);
+//     in the non-deterministic mode grad_pos is added with fp32 atomics into one buffer instead (the mask
+//     token keeps its partials: every block would hit the same D addresses).
 //
 // Layout: token tensors (B, rows, D) with unit stride along D and any strides along B and rows; indices any
 // strides; outputs contiguous. Threads along x cover a row in VEC-element packs, threads along y cover
@@ -30,6 +31,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "common.cuh"
 
@@ -76,14 +78,12 @@ void with_vec(bool vectorized, F&& f) {
 // The chunk index is gridDim.y, which stops at 65535.
 int64_t min_batch_chunk(int64_t batch) { return (batch + kMaxGridY - 1) / kMaxGridY; }
 
-// Batch rows one block sums over when the op reduces over the batch: chunks are as many as keep the fp32
-// partials (one per chunk) under 1/16 (deterministic: a DRAM round trip) or 1/4 (atomics, resolved in L2)
+// Batch rows one block sums over when the op reduces over the batch: each chunk leaves one fp32 partial of
+// partial_elements (stored and read back, or added atomically); chunks are as many as keep those under 1/32
 // of the bytes the kernel moves anyway. Same rule as _batch_chunk in kernels/token_gather.py.
-int64_t batch_chunk(int64_t batch, int64_t main_bytes, int64_t partial_elements, bool deterministic) {
-  const int64_t share = deterministic ? 16 : 4;
-  const int64_t chunks = std::max<int64_t>(1, std::min(batch, main_bytes / std::max<int64_t>(1, share * 4 * partial_elements)));
-  const int64_t chunk = (batch + chunks - 1) / chunks;
-  return std::max(chunk, min_batch_chunk(batch));
+int64_t batch_chunk(int64_t batch, int64_t main_bytes, int64_t partial_elements) {
+  const int64_t chunks = std::max<int64_t>(1, std::min(batch, main_bytes / std::max<int64_t>(1, 32 * 4 * partial_elements)));
+  return std::max((batch + chunks - 1) / chunks, min_batch_chunk(batch));
 }
 
 // ---------------------------------------------------------------------------------------------- forward
@@ -245,7 +245,8 @@ __global__ void segment_sum_kernel(const T* __restrict__ grad, const int* __rest
 
 // Sums of grad (B, L, D) over one block's rows l and batch chunk: of the rows with ids[b, l] >= num_visible into
 // one row of mask_part (reduced over the block's rows through shared memory, in a fixed order), and, with
-// pos_part, of every row per l as in segment_sum_kernel. Without pos_part only the masked rows are read.
+// pos_part, of every row per l as in segment_sum_kernel (stored per chunk, or added atomically). Without
+// pos_part only the masked rows are read: segment_sum_kernel reads the visible ones.
 template <typename T, typename I, int VEC>
 __global__ void masked_sum_kernel(const T* __restrict__ grad, const I* __restrict__ ids, float* __restrict__ mask_part,
                                   float* __restrict__ pos_part, int64_t batch, int64_t length, int64_t num_visible,
@@ -296,15 +297,9 @@ __global__ void masked_sum_kernel(const T* __restrict__ grad, const I* __restric
 #pragma unroll
         for (int v = 0; v < VEC; ++v) total[v] += theirs[v];
       }
-      const int64_t part_row = atomic ? 0 : static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
-      float* dst = mask_part + part_row * d + c * VEC;
+      float* dst = mask_part + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * d + c * VEC;
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        if (atomic)
-          atomicAdd(dst + v, total[v]);
-        else
-          dst[v] = total[v];
-      }
+      for (int v = 0; v < VEC; ++v) dst[v] = total[v];
     }
     __syncthreads();
   }
@@ -354,9 +349,8 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cuda(const at::Tensor&
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto [perm, starts] = invert_index(ids_keep, length, stream);
-  const int64_t chunk = need_pos ? batch_chunk(batch, batch * length * d * grad.element_size(), length * d,
-                                               deterministic)
-                                 : min_batch_chunk(batch);
+  const int64_t chunk =
+      need_pos ? batch_chunk(batch, batch * length * d * grad.element_size(), length * d) : min_batch_chunk(batch);
   const int64_t chunks = (batch + chunk - 1) / chunk;
   at::Tensor pos_part = need_pos ? batch_sum_buffer(chunks, {length, d}, deterministic, grad) : at::Tensor();
   launch_segment_sum(grad, perm, starts, grad_x, need_pos ? pos_part.data_ptr<float>() : nullptr, length, chunk,
@@ -393,10 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_tokens_backward_cuda(cons
         const dim3 block = row_block(d / VEC);
         const int64_t row_blocks = ceil_div(length, block.y);
         const int64_t partial_elements = row_blocks * d + (need_pos ? length * d : 0);
-        const int64_t chunk = batch_chunk(batch, batch * length * d * grad.element_size(), partial_elements,
-                                          deterministic);
+        const int64_t chunk = batch_chunk(batch, batch * length * d * grad.element_size(), partial_elements);
         const int64_t chunks = (batch + chunk - 1) / chunk;
-        at::Tensor mask_part = batch_sum_buffer(chunks * row_blocks, {d}, deterministic, grad);
+        at::Tensor mask_part = at::empty({chunks * row_blocks, d}, grad.options().dtype(at::kFloat));
         at::Tensor pos_part = need_pos ? batch_sum_buffer(chunks, {length, d}, deterministic, grad) : at::Tensor();
         const dim3 grid(static_cast<unsigned int>(row_blocks), static_cast<unsigned int>(chunks));
         const size_t shared = static_cast<size_t>(block.x) * block.y * VEC * sizeof(float);
@@ -405,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_tokens_backward_cuda(cons
             need_pos ? pos_part.data_ptr<float>() : nullptr, batch, length, num_visible, d / VEC,
             ids_restore.stride(0), ids_restore.stride(1), chunk, !deterministic);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        grad_mask = finish_batch_sum(mask_part, deterministic, grad.scalar_type());
+        grad_mask = mask_part.sum(0).to(grad.scalar_type());
         if (need_pos) grad_pos = finish_batch_sum(pos_part, deterministic, grad.scalar_type());
       });
     });

@@ -22,8 +22,10 @@ form: ``perm`` (a stable counting sort of the index) and ``starts[m]`` (how many
 Every gradient row is then the fp32 sum, in index order, of its own segment of source rows
 (``_segment_sum_kernel``): written exactly once (zeros for an empty segment), with a fixed order.
 Sums over the batch (grad_pos, grad_mask_token) are accumulated in fp32 by each program over a chunk of
-batch rows, then either stored as fp32 partials that torch sums in a fixed order (deterministic: bitwise
-reproducible) or added with fp32 atomics into one buffer (no partials round trip through DRAM).
+batch rows and stored as fp32 partials that torch sums in a fixed order: bitwise reproducible. In the
+non-deterministic mode grad_pos (L*D addresses, little contention) is added with fp32 atomics into one
+buffer instead, saving the partials' round trip through DRAM; grad_mask_token keeps its partials (all
+programs would hit the same D addresses).
 
 Bytes that must move (each element once; e = element size, i = index size), for ViT-B/16 at B = 256,
 L = 196, K = 49 in bf16:
@@ -68,16 +70,15 @@ def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _batch_chunk(batch: int, main_bytes: int, partial_elements_per_chunk: int, deterministic: bool) -> int:
+def _batch_chunk(batch: int, main_bytes: int, partial_elements_per_chunk: int) -> int:
     """Batch rows one program sums over, when the op reduces over the batch.
 
-    Each chunk costs one fp32 partial of ``partial_elements_per_chunk``: a DRAM round trip in the
-    deterministic mode, an L2 atomic otherwise. Chunks are as many as keep that cost under 1/16
-    (deterministic) or 1/4 (atomics) of the ``main_bytes`` the kernel moves anyway: more chunks means more
-    programs in flight. These ratios are first guesses, to be tuned on a GPU.
+    Each chunk of batch rows leaves one fp32 partial of ``partial_elements_per_chunk`` (stored and read
+    back, or added atomically). Chunks are as many as keep those partials under 1/32 of the ``main_bytes``
+    the kernel moves anyway (<= ~6% extra traffic); more chunks would mean more programs in flight. The
+    ratio is a first guess, to be tuned on a GPU.
     """
-    share = 16 if deterministic else 4
-    chunks = max(1, min(batch, main_bytes // max(1, share * 4 * partial_elements_per_chunk)))
+    chunks = max(1, min(batch, main_bytes // max(1, 32 * 4 * partial_elements_per_chunk)))
     return triton.cdiv(batch, chunks)
 
 
@@ -254,8 +255,8 @@ def _masked_sum_kernel(grad_ptr, ids_ptr, mask_part_ptr, pos_part_ptr,
                        HAS_POS: tl.constexpr, ATOMIC: tl.constexpr,
                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Over this program's batch chunk and rows: the sum of grad[b, l] where ids[b, l] >= K (one row of
-    mask_part) and, with HAS_POS, the sum over the chunk of grad[:, l] (pos_part). Without HAS_POS only
-    the masked rows are read: the visible ones are read by the segment sum."""
+    mask_part) and, with HAS_POS, the sum over the chunk of grad[:, l] (pos_part, stored per chunk or added
+    atomically). Without HAS_POS only the masked rows are read: the segment sum reads the visible ones."""
     pid = tl.program_id(0)
     chunk = pid // row_blocks
     row_block = pid % row_blocks
@@ -276,11 +277,8 @@ def _masked_sum_kernel(grad_ptr, ids_ptr, mask_part_ptr, pos_part_ptr,
         mask_acc += tl.where(masked[:, None], g, 0.0)
         if HAS_POS:
             pos_acc += g
-    mask_sum = tl.sum(mask_acc, axis=0)
-    if ATOMIC:
-        tl.atomic_add(mask_part_ptr + cols, mask_sum, mask=col_ok)
-    else:
-        tl.store(mask_part_ptr + pid.to(tl.int64) * D + cols, mask_sum, mask=col_ok)
+    # every program would add to the same D addresses: partials, never atomics, for the mask token
+    tl.store(mask_part_ptr + pid.to(tl.int64) * D + cols, tl.sum(mask_acc, axis=0), mask=col_ok)
     if HAS_POS:
         tile_ok = l_ok[:, None] & col_ok[None, :]
         offs = (l * D)[:, None] + cols[None, :]
@@ -308,20 +306,17 @@ def gather_tokens_backward(grad: torch.Tensor, ids_keep: torch.Tensor, length: i
     batch, k, d = grad.shape
     grad_x = empty_output((batch, length, d), grad.dtype, grad.device)
     if grad_x.numel() == 0:
-        grad_pos = torch.zeros((length, d), dtype=grad.dtype, device=grad.device)
-        return grad_x, grad_pos if need_pos else grad.new_empty(0)
+        return grad_x, grad.new_zeros((length, d) if need_pos else 0)
     perm, starts = invert_index(ids_keep, length)
     block_d = _block_d(d)
     block_m = _block_rows(length, block_d)
     row_blocks = triton.cdiv(length, block_m)
-    chunk = 1
-    if need_pos:
-        chunk = _batch_chunk(batch, batch * length * d * grad.element_size(), length * d, deterministic)
+    chunk = _batch_chunk(batch, batch * length * d * grad.element_size(), length * d) if need_pos else 1
     chunks = triton.cdiv(batch, chunk)
     pos_part = _batch_sum_buffer(chunks, (length, d), deterministic, grad.device) if need_pos else grad_x
     _segment_sum_kernel[(chunks * row_blocks, triton.cdiv(d, block_d))](
         grad, perm, starts, grad_x, pos_part, batch, length, k, d, chunk, row_blocks,
-        HAS_POS=need_pos, ATOMIC=not deterministic, BLOCK_M=block_m, BLOCK_D=block_d)
+        HAS_POS=need_pos, ATOMIC=need_pos and not deterministic, BLOCK_M=block_m, BLOCK_D=block_d)
     grad_pos = _finish_batch_sum(pos_part, deterministic, grad.dtype) if need_pos else grad.new_empty(0)
     return grad_x, grad_pos
 
@@ -333,11 +328,9 @@ def scatter_tokens_backward(grad: torch.Tensor, ids_restore: torch.Tensor, num_v
     batch row) and grad_pos (L, D) = grad summed over the batch (shape (0,) when not ``need_pos``)."""
     batch, length, d = grad.shape
     k = num_visible
+    if grad.numel() == 0:
+        return grad.new_zeros((batch, k, d)), grad.new_zeros(d), grad.new_zeros((length, d) if need_pos else 0)
     grad_x_vis = empty_output((batch, k, d), grad.dtype, grad.device)
-    if batch * length * d == 0:
-        grad_x_vis = torch.zeros((batch, k, d), dtype=grad.dtype, device=grad.device)
-        zeros = grad.new_zeros
-        return grad_x_vis, zeros(d), zeros((length, d)) if need_pos else grad.new_empty(0)
     block_d = _block_d(d)
     col_blocks = triton.cdiv(d, block_d)
     if k > 0:
@@ -352,14 +345,14 @@ def scatter_tokens_backward(grad: torch.Tensor, ids_restore: torch.Tensor, num_v
     row_blocks = triton.cdiv(length, block_l)
     main_bytes = batch * length * d * grad.element_size()
     partial_per_chunk = row_blocks * d + (length * d if need_pos else 0)
-    chunk = _batch_chunk(batch, main_bytes, partial_per_chunk, deterministic)
+    chunk = _batch_chunk(batch, main_bytes, partial_per_chunk)
     chunks = triton.cdiv(batch, chunk)
-    mask_part = _batch_sum_buffer(chunks * row_blocks, (d,), deterministic, grad.device)
+    mask_part = torch.empty((chunks * row_blocks, d), dtype=torch.float32, device=grad.device)
     pos_part = _batch_sum_buffer(chunks, (length, d), deterministic, grad.device) if need_pos else mask_part
     _masked_sum_kernel[(chunks * row_blocks, col_blocks)](
         grad, ids_restore, mask_part, pos_part, batch, length, k, d,
         ids_restore.stride(0), ids_restore.stride(1), chunk, row_blocks,
-        HAS_POS=need_pos, ATOMIC=not deterministic, BLOCK_L=block_l, BLOCK_D=block_d)
-    grad_mask = _finish_batch_sum(mask_part, deterministic, grad.dtype)
+        HAS_POS=need_pos, ATOMIC=need_pos and not deterministic, BLOCK_L=block_l, BLOCK_D=block_d)
+    grad_mask = mask_part.sum(0).to(grad.dtype)
     grad_pos = _finish_batch_sum(pos_part, deterministic, grad.dtype) if need_pos else grad.new_empty(0)
     return grad_x_vis, grad_mask, grad_pos
