@@ -11,16 +11,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
-import tomllib
 import typing
 from pathlib import Path
 
 from . import train as train_lib
 from .data import DatasetError
-from .train import ConfigError, DataConfig, MethodConfig, OptimConfig, RunConfig, TrainConfig, TrainingDiverged
+from .train import (ConfigError, DataConfig, MethodConfig, OptimConfig, RunConfig, TrainConfig,
+                    TrainingDiverged)
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: JSON config files only
+    tomllib = None
 
 SECTIONS = {"data": DataConfig, "method": MethodConfig, "optim": OptimConfig, "run": RunConfig}
 
@@ -87,10 +93,11 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> dict:
     from . import models
 
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML config: sections [data] [method] "
-                        "[optim] [run] (and [method.options]) as in OUT/config.json, or flat keys; flags override")
+                        "[optim] [run] [method.options] as in OUT/config.json, or flat keys; flags override")
     flags: dict[str, str] = {}
-    choices = {"method": sorted(models.METHODS), "model": sorted(models.PRESETS), "pairing": ["labels", "kmeans"],
-               "precision": ["auto", "bf16", "fp16", "fp32"], "backend": ["auto", "torch", "triton", "cuda"]}
+    choices = {"method": sorted(models.METHODS), "model": sorted(models.PRESETS),
+               "pairing": ["labels", "kmeans"], "precision": ["auto", "bf16", "fp16", "fp32"],
+               "backend": ["auto", "torch", "triton", "cuda"]}
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} ({cls.__doc__.strip()})")
         hints = typing.get_type_hints(cls)
@@ -101,8 +108,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> dict:
             if f.name == "resume":
                 extra = {"nargs": "?", "const": "auto"}
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            _add_field(group, f"{section}.{f.name}", f.name, hints[f.name], default, f.metadata["help"], flags,
-                       **extra)
+            _add_field(group, f"{section}.{f.name}", f.name, hints[f.name], default, f.metadata["help"],
+                       flags, **extra)
 
     for method, model_cls in models.METHODS.items():
         cls = model_cls.config_class
@@ -116,7 +123,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> dict:
     hints = typing.get_type_hints(models.ModelConfig)
     for f in dataclasses.fields(models.ModelConfig):
         if _value_type(hints[f.name])[0] is not None and typing.get_origin(hints[f.name]) is None:
-            _add_field(group, f"options.{f.name}", f.name, hints[f.name], "preset", f"architecture: {f.name}", flags)
+            _add_field(group, f"options.{f.name}", f.name, hints[f.name], "preset", f"architecture: {f.name}",
+                       flags)
     return {flag[2:].replace("-", "_"): dest for flag, dest in flags.items()}
 
 
@@ -124,11 +132,14 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
+    toml = p.suffix.lower() == ".toml"
+    if toml and tomllib is None:
+        raise ConfigError(f"config file {p}: TOML needs Python 3.11 or later; use JSON")
     try:
-        if p.suffix.lower() == ".toml":
+        if toml:
             return tomllib.loads(p.read_text())
         return json.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError) as err:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise ConfigError(f"config file {p} cannot be parsed: {err}") from None
 
 
@@ -185,16 +196,16 @@ DEMO_CLASSES = "shape x texture"
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--method", default="sgmae", choices=["mae", "imae", "sgmae"],
-                        help="method to pretrain (default: sgmae, whose informed masks make the best pictures)")
+                        help="method to pretrain (default: sgmae: its informed masks make the best pictures)")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of pretraining: the epoch count "
                         "is chosen from a measured step time to fit (default: 120)")
     parser.add_argument("--epochs", type=int, default=None, help="fixed epoch count (overrides --budget)")
     parser.add_argument("--max-epochs", type=int, default=40, help="at most this many epochs (default: 40)")
-    parser.add_argument("--train-size", type=int, default=5000, help="synthetic training images (default: 5000; "
-                        "the test split has a fifth as many)")
+    parser.add_argument("--train-size", type=int, default=5000, help="synthetic training images, at most "
+                        "(default: 5000; the test split has a fifth as many)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3; short runs "
-                        "need more than MAE's blr scaling gives a batch of 64)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3; short "
+                        "runs need more than MAE's blr scaling gives a batch of 64)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -234,7 +245,8 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     out = Path(args.out)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
         # On an oversubscribed CPU, OpenMP workers that spin-wait for each other make every op several
         # times slower (measured: 5-13 s instead of 0.8 s per step on a busy 2-core machine); one thread
@@ -248,12 +260,11 @@ def run_demo(args: argparse.Namespace) -> dict:
         run=RunConfig(out=str(out), seed=args.seed, device=str(device), log_every=5))
     if args.epochs is None:
         step_s = _step_seconds(cfg, device)
-        affordable = int(args.budget / step_s)  # optimizer steps that fit the budget
-        steps_per_epoch = args.train_size // args.batch_size
-        if affordable < steps_per_epoch:  # a slow machine: fewer images rather than a blown budget
-            steps_per_epoch = max(4, affordable)
-            cfg.data.data = f"synthetic:{steps_per_epoch * args.batch_size}"
-        cfg.optim.epochs = max(1, min(args.max_epochs, affordable // steps_per_epoch))
+        affordable = max(4, int(args.budget / step_s))  # optimizer steps that fit the budget
+        # whole epochs that spend the budget: as few images less than --train-size as that takes
+        cfg.optim.epochs = min(args.max_epochs, math.ceil(affordable / (args.train_size // args.batch_size)))
+        steps_per_epoch = min(args.train_size // args.batch_size, affordable // cfg.optim.epochs)
+        cfg.data.data = f"synthetic:{steps_per_epoch * args.batch_size}"
         print(f"demo: {step_s:.2f} s per step -> {cfg.optim.epochs} epochs of {steps_per_epoch} steps in the "
               f"{args.budget:.0f} s budget", file=sys.stderr)
     cfg.optim.warmup_epochs = min(1.0, cfg.optim.epochs / 4)
@@ -270,15 +281,21 @@ def run_demo(args: argparse.Namespace) -> dict:
     # mean-pooled features only, of at most 2000 train images: the probe's numbers barely move with more,
     # while feature extraction is most of the evaluation's time on a CPU
     results = {name: evaluate.evaluate_model(model, train_set, test_set, metrics, pools=("mean",),
-                                             max_train=2000, probe_epochs=50, cluster_images=128, seed=args.seed)
+                                             max_train=2000, probe_epochs=50, cluster_images=128,
+                                             seed=args.seed)
                for name, model in (("pretrained", trained), ("random init", scratch))}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("kind") == "train"]
-    report = _demo_report(cfg, results, losses, train_seconds, time.perf_counter() - start, summary["pictures"], out)
-    (out / "report.md").write_text(report)
+    total_seconds = time.perf_counter() - start
+    (out / "report.md").write_text(_demo_report(cfg, results, losses, train_seconds, total_seconds,
+                                                summary["pictures"], out))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"demo: wrote {out / 'report.md'} ({time.perf_counter() - start:.0f} s in all)", file=sys.stderr)
     return results
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _probe_verdict(results: dict) -> str:
@@ -286,8 +303,8 @@ def _probe_verdict(results: dict) -> str:
     if gain > 0:
         return f"Pretraining raised the linear probe {100 * gain:.1f} points above the random initialisation."
     return ("After so short a run the probe does not beat the random initialisation yet: masked-image "
-            "features take long to become linearly separable (MAE pretrains for hundreds of epochs). The demo "
-            "shows the whole pipeline; train longer on a GPU for features that probe well.")
+            "features take long to become linearly separable (MAE pretrains for hundreds of epochs). "
+            "The demo shows the whole pipeline; train longer on a GPU for features that probe well.")
 
 
 def _demo_report(cfg, results, losses, train_seconds, total_seconds, pictures, out: Path) -> str:
@@ -306,32 +323,34 @@ def _demo_report(cfg, results, losses, train_seconds, total_seconds, pictures, o
 
     method_names = {"mae": "MAE", "imae": "i-MAE", "sgmae": "Self-guided MAE"}
     device_name = (torch.cuda.get_device_name() if cfg.run.device.startswith("cuda")
-                   else f"the CPU ({torch.get_num_threads()} threads)")
+                   else f"the CPU ({_count(torch.get_num_threads(), 'thread')})")
     o = cfg.optim
     lines = [
         "# maskedssl demo",
         "",
-        f"{method_names[cfg.method.method]} pretrained on the embedded synthetic data "
-        f"({cfg.data.data.split(':')[1]} images of 32 px, 10 classes: {DEMO_CLASSES}; colour, position, scale "
-        f"and rotation vary) with the `micro` preset (ViT, 96 wide, 4 blocks, patch 4): {o.epochs} epochs of "
-        f"batch {o.batch_size}, peak lr {o.lr:g}, in {train_seconds:.0f} s on {device_name}; the whole demo "
-        f"took {total_seconds:.0f} s.",
+        (f"{method_names[cfg.method.method]} pretrained on the embedded synthetic data "
+         f"({cfg.data.data.split(':')[1]} images of 32 px, 10 classes: {DEMO_CLASSES}; colour, position, "
+         f"scale and rotation vary) with the `micro` preset (ViT, 96 wide, 4 blocks, patch 4): "
+         f"{_count(o.epochs, 'epoch')} of batch {o.batch_size}, peak lr {o.lr:g}, "
+         f"in {train_seconds:.0f} s on {device_name}; the whole demo took {total_seconds:.0f} s."),
         "",
-        f"Training loss: {losses[0]:.3f} at the first record, {losses[-1]:.3f} at the last." if losses else "",
+        f"Training loss: {losses[0]:.3f} at the first record, {losses[-1]:.3f} at the last." if losses
+        else "",
         "",
-        "Frozen features (probe fitted on up to 2000 training images, scored on the held-out split), against "
-        "the same network at its random initialisation:",
+        ("Frozen features (probe fitted on up to 2000 training images, scored on the held-out split), "
+         "against the same network at its random initialisation:"),
         "",
         "| metric | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
         row("linear probe, mean of patch tokens", lambda r: r["probe_mean"]),
         row("k-NN (k=20), mean of patch tokens", lambda r: r["knn_mean"]),
-        row("normalized-cut foreground vs true object patches (IoU)", lambda r: r["clustering"]["fg_iou"], "{:.3f}"),
+        row("normalized-cut foreground vs true object patches (IoU)", lambda r: r["clustering"]["fg_iou"],
+            "{:.3f}"),
         row("training mask vs object patches (IoU)", lambda r: r["clustering"]["mask_iou"], "{:.3f}"),
         row("share of object patches masked", lambda r: r["clustering"]["mask_object_coverage"], "{:.1%}"),
         "",
-        "Chance is 10% for the probes. The IoU rows use the ground-truth object masks the synthetic data "
-        "carries: informed masks cover the object first, random masks cover about the mask ratio of it.",
+        ("Chance is 10% for the probes. The IoU rows use the ground-truth object masks the synthetic data "
+         "carries: informed masks cover the object first, random masks cover about the mask ratio of it."),
         "",
         _probe_verdict(results),
         "",
@@ -345,7 +364,8 @@ def _demo_report(cfg, results, losses, train_seconds, total_seconds, pictures, o
         lines += [f"### {captions.get(key, key)}", "", f"![{key}]({Path(path).relative_to(out)})", ""]
     lines += ["Reproduce or extend:", "", "```bash",
               f"maskedssl pretrain --config {out / 'config.json'} --epochs {o.epochs}",
-              f"maskedssl evaluate --ckpt {out / train_lib.CHECKPOINT_NAME} --data {cfg.data.data}", "```", ""]
+              f"maskedssl evaluate --ckpt {out / train_lib.CHECKPOINT_NAME} --data {cfg.data.data}",
+              "```", ""]
     return "\n".join(lines)
 
 
@@ -355,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pretrain", help="pretrain a model", argument_default=argparse.SUPPRESS,
-                       description="Pretrain MAE / i-MAE / Self-guided MAE. Multi-GPU: torchrun --nproc_per_node "
-                       "N -m maskedssl pretrain ... (or the maskedssl script under torchrun).")
+                       description="Pretrain MAE / i-MAE / Self-guided MAE. Multi-GPU: torchrun "
+                       "--nproc_per_node N -m maskedssl pretrain ...")
     p.set_defaults(func=cmd_pretrain)
     p.set_defaults(config_keys=add_pretrain_arguments(p))
 

@@ -56,7 +56,8 @@ def _uniform(seed: int, index: torch.Tensor, stream: int, shape=()) -> torch.Ten
     """Counter-based uniforms in [0, 1): value k of ``stream`` for image ``index`` is a hash of
     (seed, index, stream, k), so every image is reproducible alone and all are drawn in one vector op."""
     count = math.prod(shape)
-    key = _hash32(_hash32(torch.full_like(index, seed & 0xFFFFFFFF)) ^ index) ^ (stream * 0x9E3779B9 & 0xFFFFFFFF)
+    key = _hash32(_hash32(torch.full_like(index, seed & 0xFFFFFFFF)) ^ index)
+    key = key ^ (stream * 0x9E3779B9 & 0xFFFFFFFF)
     k = torch.arange(count, dtype=torch.int64)
     bits = _hash32(_hash32(key.view(-1, 1)) ^ k.view(1, -1))
     return (bits.float() / 2.0**32).view(-1, *shape)
@@ -203,7 +204,8 @@ def _unpickle(path: Path, name: str) -> dict:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="latin1")
     except Exception as err:  # a truncated or foreign file can raise nearly anything
-        raise DatasetError(f"{name}: {path} is not a CIFAR python pickle ({type(err).__name__}: {err})") from None
+        raise DatasetError(f"{name}: {path} is not a CIFAR python pickle "
+                           f"({type(err).__name__}: {err})") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{name}: {path} is not a CIFAR python pickle (holds a {type(obj).__name__})")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -220,7 +222,7 @@ def load_cifar(name: str, path: str, train: bool) -> TensorImages:
     missing = [f for f in files if not (root / f).is_file()]
     if missing:
         raise DatasetError(f"{name}: {root} lacks {', '.join(missing)} (expected the python-pickle "
-                           f"folder {inner}/, as downloaded from https://www.cs.toronto.edu/~kriz/cifar.html)")
+                           f"folder {inner}/ from https://www.cs.toronto.edu/~kriz/cifar.html)")
     images, labels = [], []
     for f in files:
         batch = _unpickle(root / f, name)
@@ -228,9 +230,11 @@ def load_cifar(name: str, path: str, train: bool) -> TensorImages:
             raise DatasetError(f"{name}: {root / f} has no 'data'/'{label_key}' entries")
         data = np.asarray(batch["data"])
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DatasetError(f"{name}: {root / f} 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+            raise DatasetError(f"{name}: {root / f} 'data' must be uint8 (N, 3072), "
+                               f"got {data.dtype} {data.shape}")
         if len(batch[label_key]) != data.shape[0]:
-            raise DatasetError(f"{name}: {root / f} has {data.shape[0]} images but {len(batch[label_key])} labels")
+            raise DatasetError(f"{name}: {root / f} has {data.shape[0]} images "
+                               f"but {len(batch[label_key])} labels")
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
         labels.append(torch.as_tensor(batch[label_key], dtype=torch.long))
     num_classes = 10 if name == "cifar10" else 100
@@ -270,11 +274,11 @@ def load_imagefolder(path: str, train: bool, img_size: int):
                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                                 v2.RandomHorizontalFlip()])
     else:
-        transform = v2.Compose([v2.PILToTensor(), v2.Resize(int(round(img_size * 256 / 224)), antialias=True),
+        transform = v2.Compose([v2.PILToTensor(), v2.Resize(round(img_size * 256 / 224), antialias=True),
                                 v2.CenterCrop(img_size)])
     try:
         classes_from = datasets.ImageFolder(str(train_root))
-        dataset = datasets.ImageFolder(str(folder), transform=transform) if folder != train_root else classes_from
+        dataset = classes_from if folder == train_root else datasets.ImageFolder(str(folder))
     except (FileNotFoundError, OSError) as err:
         raise DatasetError(f"imagefolder: {err}") from None
     if folder != train_root:
@@ -341,7 +345,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.length, generator=g)[: self.num_batches * self.batch_size * self.world_size]
+        used = self.num_batches * self.batch_size * self.world_size
+        order = torch.randperm(self.length, generator=g)[:used]
         return iter(order[self.rank::self.world_size][self.skip:].tolist())
 
     def __len__(self) -> int:
@@ -436,7 +441,8 @@ def augment_batch(imgs: torch.Tensor, img_size: int, generator: torch.Generator,
     theta[:, 1, 2] = (2 * y0 + h) / height - 1
     theta = theta.to(imgs.device)
     grid = F.affine_grid(theta, [b, imgs.shape[1], img_size, img_size], align_corners=False)
-    x = F.grid_sample(imgs.float().div_(255), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = F.grid_sample(imgs.float().div_(255), grid, mode="bilinear", padding_mode="border",
+                      align_corners=False)
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s

@@ -114,7 +114,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """From nested sections ``{"data": {...}, "optim": {...}, ...}``, each key a field name."""
         sections = {"data": DataConfig, "method": MethodConfig, "optim": OptimConfig, "run": RunConfig}
         unknown = set(d) - set(sections)
@@ -124,9 +124,11 @@ class TrainConfig:
         for name, section in sections.items():
             values = d.get(name, {})
             fields = {f.name for f in dataclasses.fields(section)}
-            if not isinstance(values, dict) or set(values) - fields:
-                raise ConfigError(f"unknown key(s) {sorted(set(values) - fields) if isinstance(values, dict) else values!r} "
-                                  f"in section {name!r}; expected {sorted(fields)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"section {name!r} must be a table of keys, got {values!r}")
+            if set(values) - fields:
+                raise ConfigError(f"unknown key(s) {sorted(set(values) - fields)} in section {name!r}; "
+                                  f"expected {sorted(fields)}")
             kwargs[name] = section(**values)
         return cls(**kwargs)
 
@@ -192,7 +194,8 @@ def build_model(cfg: MethodConfig, img_size: int | None = None) -> torch.nn.Modu
 
     options = dict(cfg.options)
     if cfg.teacher is not None:
-        options["teacher"] = load_model(cfg.teacher, preset=cfg.model, method="mae").eval().requires_grad_(False)
+        teacher = load_model(cfg.teacher, preset=cfg.model, method="mae")
+        options["teacher"] = teacher.eval().requires_grad_(False)
     try:
         return models.build_model(cfg.method, cfg.model, **options)
     except (ValueError, TypeError) as err:
@@ -338,7 +341,7 @@ def validate(cfg: TrainConfig) -> None:
     if m.model not in models.PRESETS:
         raise ConfigError(f"unknown model preset {m.model!r}; choose one of {sorted(models.PRESETS)}")
     own = models.METHODS[m.method].config_class
-    allowed = {f.name for f in dataclasses.fields(own)} | {f.name for f in dataclasses.fields(models.ModelConfig)}
+    allowed = {f.name for cls in (own, models.ModelConfig) for f in dataclasses.fields(cls)}
     bad = sorted(set(m.options) - (allowed - {"arch"}))
     if bad:
         raise ConfigError(f"option(s) {', '.join(bad)} do not apply to method {m.method} ({own.__name__})")
@@ -395,7 +398,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
     loader = data_lib.make_loader(train_set, sampler, workers, device, seed=seed)
     steps_per_epoch = sampler.num_batches // o.accum_iter
     if steps_per_epoch == 0:
-        raise ConfigError(f"one epoch holds {sampler.num_batches} batches, fewer than --accum-iter {o.accum_iter}")
+        raise ConfigError(f"one epoch holds {sampler.num_batches} batches, "
+                          f"fewer than accum_iter={o.accum_iter}")
     total_steps = o.epochs * steps_per_epoch
     warmup_steps = round(o.warmup_epochs * steps_per_epoch)
     eff_batch = o.batch_size * o.accum_iter * d.world_size
@@ -467,8 +471,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
 
     # ---- the loop
     if d.main:
-        print(f"pretraining {cfg.method.method}/{cfg.method.model} on {cfg.data.data} ({len(train_set)} images) "
-              f"| {d.world_size} x {device} | {o.epochs} epochs x {steps_per_epoch} steps | "
+        print(f"pretraining {cfg.method.method}/{cfg.method.model} on {cfg.data.data} "
+              f"({len(train_set)} images) | {d.world_size} x {device} | "
+              f"{o.epochs} epochs x {steps_per_epoch} steps | "
               f"batch {eff_batch} | lr {base_lr:.3g}", file=sys.stderr)
     viz_batch = _viz_batch(cfg, train_set) if d.main else None
     model.train()
@@ -498,7 +503,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
                 if cfg.method.method == "imae":
                     partner = partners_for(cfg.data, raw_model, x, labels, aug_gen).to(device)
                 # gradients are all-reduced only on the last micro-batch of a step
-                sync = contextlib.nullcontext() if (micro == o.accum_iter - 1 or not d.enabled) else model.no_sync()
+                last_micro = micro == o.accum_iter - 1
+                sync = model.no_sync() if d.enabled and not last_micro else contextlib.nullcontext()
                 with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                           enabled=amp_dtype is not None):
                     result = model(x, partner=partner, progress=step / total_steps)
@@ -506,7 +512,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
                     loss_value = all_mean(result.loss.detach().float(), d).item()
                     if not math.isfinite(loss_value):
                         bar.close()
-                        where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
+                        where = (f"last good checkpoint: {last_good}" if last_good
+                                 else "no checkpoint was written yet")
                         raise TrainingDiverged(f"loss is {loss_value} at epoch {epoch + 1}, step {step}: "
                                                f"stopping ({where})")
                     scaler.scale(result.loss / o.accum_iter).backward()
@@ -578,6 +585,7 @@ def _pictures(model, batch: dict, out: Path, cfg: TrainConfig, tag: str = "") ->
     """Pictures on their own random streams, so drawing them never changes the run's."""
     from . import viz
 
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    cuda_in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = [torch.cuda.current_device()] if cuda_in_use else []
     with torch.random.fork_rng(devices=devices):
         return viz.write_pictures(model, batch, out, method=cfg.method.method, tag=tag, seed=cfg.run.seed)

@@ -48,7 +48,8 @@ def image_grid(rows: dict[str, torch.Tensor], path: Path, title: str | None = No
 def patch_map(patch_values: torch.Tensor, patch_size: int, size: int) -> torch.Tensor:
     """(B, L) per-patch values -> (B, 1, size, size) pixels (each patch one constant block)."""
     grid = size // patch_size
-    return F.interpolate(patch_values.float().view(-1, 1, grid, grid), scale_factor=patch_size, mode="nearest")
+    blocks = patch_values.float().view(-1, 1, grid, grid)
+    return F.interpolate(blocks, scale_factor=patch_size, mode="nearest")
 
 
 def tint(imgs: torch.Tensor, region: torch.Tensor, color: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
@@ -98,8 +99,9 @@ def write_pictures(model: torch.nn.Module, batch: dict, out: Path, method: str, 
     model.eval()
     try:
         torch.manual_seed(seed)
-        paths = {"reconstruction": _reconstructions(model, x, batch["labels"], method, out / f"reconstruction{tag}.png"),
-                 "masks": _masks(model, x, batch.get("object_masks"), method, out / f"masks{tag}.png")}
+        recon_path, masks_path = out / f"reconstruction{tag}.png", out / f"masks{tag}.png"
+        paths = {"reconstruction": _reconstructions(model, x, batch["labels"], method, recon_path),
+                 "masks": _masks(model, x, batch.get("object_masks"), method, masks_path)}
     finally:
         model.train(was_training)
     curve = loss_curve(out / "metrics.jsonl", out / "loss.png")
@@ -119,8 +121,9 @@ def _reconstructions(model, x: torch.Tensor, labels: torch.Tensor, method: str, 
     progress = 1.0 if method == "sgmae" else 0.0
     pics = model.reconstruct(x, progress=progress)
     kind = "informed" if method == "sgmae" else "random"
-    return image_grid({"input": pics["input"], f"masked ({kind})": pics["masked"],
-                       "reconstruction": pics["reconstruction"]}, path, f"{method}: reconstruction of masked patches")
+    rows = {"input": pics["input"], f"masked ({kind})": pics["masked"],
+            "reconstruction": pics["reconstruction"]}
+    return image_grid(rows, path, f"{method}: reconstruction of masked patches")
 
 
 def _masks(model, x: torch.Tensor, object_masks: torch.Tensor | None, method: str, path: Path) -> Path:

@@ -11,7 +11,6 @@ import torch
 from maskedssl import data
 from maskedssl.data import DatasetError, build_dataset
 
-
 # ---------------------------------------------------------------------------------------------- synthetic
 
 def test_synthetic_is_deterministic_per_index():
@@ -189,7 +188,8 @@ def test_tensor_batches_follow_the_sampler():
     order = list(sampler)
     batches = list(loader)
     assert len(batches) == len(loader) == 5
-    assert torch.equal(batches[1][0], ds.images[order[8:16]]) and torch.equal(batches[1][1], ds.labels[order[8:16]])
+    second = order[8:16]
+    assert torch.equal(batches[1][0], ds.images[second]) and torch.equal(batches[1][1], ds.labels[second])
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
@@ -218,7 +218,8 @@ def test_augment_shapes_crops_and_flips():
     plain = data.normalize_batch(imgs)
     for f in flipped:
         for b in range(2):
-            assert torch.allclose(f[b], plain[b], atol=1e-4) or torch.allclose(f[b], plain[b].flip(-1), atol=1e-4)
+            same = torch.allclose(f[b], plain[b], atol=1e-4)
+            assert same or torch.allclose(f[b], plain[b].flip(-1), atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- pairing

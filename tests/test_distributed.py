@@ -1,4 +1,4 @@
-"""Two processes on the CPU with gloo, launched the way users launch GPUs: torchrun (torch.distributed.run)."""
+"""Two processes on the CPU with gloo, launched as GPUs are: torchrun (torch.distributed.run)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-TINY_FLAGS = ["--img-size", "16", "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-embed-dim",
-              "32", "--decoder-depth", "1", "--decoder-num-heads", "2"]
+TINY_FLAGS = ["--img-size", "16", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
+              "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2"]
 
 
 def test_two_process_gloo_run(tmp_path):
@@ -20,7 +20,7 @@ def test_two_process_gloo_run(tmp_path):
            "--epochs", "2", "--device", "cpu", "--out", str(out), "--log-every", "1", "--no-tensorboard",
            "--no-progress", "--no-pictures", *TINY_FLAGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=170)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=170, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
 
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
 import pytest
 import torch
 
-from maskedssl import models, train as T, viz
+from maskedssl import models, viz
+from maskedssl import train as T
 from maskedssl.data import build_dataset
 
 # a network small enough for many short CPU runs: 16 px, patch 4 -> 16 patches, width 32, one block each
-TINY = dict(img_size=16, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
-            decoder_num_heads=2)
+TINY = {"img_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+        "decoder_num_heads": 2}
 
 
 def tiny_config(out, method="mae", epochs=2, **run) -> T.TrainConfig:
@@ -36,7 +38,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55)
     assert lrs[110] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
 def test_no_weight_decay_on_biases_norms_positions_tokens():
@@ -77,9 +79,12 @@ def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
 
     gen = torch.Generator().manual_seed(5)
     T.save_atomic({"rng": T.rng_state(gen)}, tmp_path / "r.pt")
-    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item()
+
+    expected = draw()
     T.set_rng_state(load_state(tmp_path / "r.pt")["rng"], gen)
-    assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item()) == expected
+    assert draw() == expected
 
 
 def test_checkpoint_load_errors(tmp_path):
@@ -152,7 +157,8 @@ def test_outputs_metrics_tensorboard_and_pictures(tmp_path):
     cfg = tiny_config(tmp_path, "sgmae", epochs=1, tensorboard=True, pictures=True)
     summary = T.train(cfg)
     assert summary["status"] == "done"
-    for name in ("checkpoint.pt", "config.json", "metrics.jsonl", "reconstruction.png", "masks.png", "loss.png"):
+    outputs = ("checkpoint.pt", "config.json", "metrics.jsonl", "reconstruction.png", "masks.png", "loss.png")
+    for name in outputs:
         assert (tmp_path / name).is_file(), name
     assert any((tmp_path / "tb").iterdir())
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
