@@ -350,7 +350,7 @@ def _demo_report(cfg, results, losses, train_seconds, total_seconds, pictures, o
         row("share of object patches masked", lambda r: r["clustering"]["mask_object_coverage"], "{:.1%}"),
         "",
         ("Chance is 10% for the probes. The IoU rows use the ground-truth object masks the synthetic data "
-         "carries: informed masks cover the object first, random masks cover about the mask ratio of it."),
+         "carries: random masks cover about the mask ratio of the object; informed masks aim at it first."),
         "",
         _probe_verdict(results),
         "",
