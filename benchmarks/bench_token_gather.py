@@ -39,8 +39,10 @@ MASK_RATIO = 0.75
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
 HEADLINE = [("gather_tokens", 256, 768), ("scatter_tokens", 256, 512)]
-SWEEP = ([("gather_tokens", b, 768) for b in (64, 128, 512)] + [("gather_tokens", 256, d) for d in (384, 1024)]
-         + [("scatter_tokens", b, 512) for b in (64, 128, 512)] + [("scatter_tokens", 256, d) for d in (256, 768)])
+SWEEP = ([("gather_tokens", b, 768) for b in (64, 128, 512)]
+         + [("gather_tokens", 256, d) for d in (384, 1024)]
+         + [("scatter_tokens", b, 512) for b in (64, 128, 512)]
+         + [("scatter_tokens", 256, d) for d in (256, 768)])
 
 
 # ----------------------------------------------------------------------------- the official MAE path
@@ -85,7 +87,8 @@ def make_inputs(op: str, b: int, d: int, requires_grad: bool):
         return (x, ids_keep, pos), [x], torch.randn(b, _kept(), d, device=DEVICE, dtype=DTYPE)
     x_vis = torch.randn(b, _kept(), d, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
     token = torch.randn(1, 1, d, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
-    return (x_vis, ids_restore, token, pos), [x_vis, token], torch.randn(b, LENGTH, d, device=DEVICE, dtype=DTYPE)
+    grad_out = torch.randn(b, LENGTH, d, device=DEVICE, dtype=DTYPE)
+    return (x_vis, ids_restore, token, pos), [x_vis, token], grad_out
 
 
 def impls(op: str) -> dict:
@@ -124,29 +127,31 @@ def host_us(fn, calls: int = 200) -> float:
     return elapsed / calls * 1e6
 
 
+def timed_step(fn, inputs, leaves, grad_out, backward: bool):
+    """The forward, or the forward and the backward to the trained leaves (no .grad accumulation)."""
+    if backward:
+        return lambda: torch.autograd.grad(fn(*inputs), leaves, grad_out)
+    return lambda: fn(*inputs)
+
+
 def measure_case(op: str, b: int, d: int, peaks: dict, headline: bool, quick: bool) -> list[dict]:
     warmup, rep = (10, 30) if quick else (25, 100)
     rows = []
     for backward in (False, True):
         inputs, leaves, grad_out = make_inputs(op, b, d, requires_grad=backward)
-        case = {"B": b, "L": LENGTH, "K": _kept(), "D": d, "dtype": str(DTYPE).removeprefix("torch."), "pass": "fwd+bwd" if backward else "fwd"}
+        case = {"B": b, "L": LENGTH, "K": _kept(), "D": d, "dtype": str(DTYPE).removeprefix("torch."),
+                "pass": "fwd+bwd" if backward else "fwd"}
         bytes_moved = floor_bytes(op, b, d, backward)
         for name, fn in impls(op).items():
-            if backward:
-                def step(fn=fn):
-                    return torch.autograd.grad(fn(*inputs), leaves, grad_out)
-            else:
-                def step(fn=fn):
-                    return fn(*inputs)
-            checked = [False, True] if headline and name in ("triton", "cuda") else [False]
-            for check in checked:
+            step = timed_step(fn, inputs, leaves, grad_out, backward)
+            kernel = name in ("triton", "cuda")
+            for check in (False, True) if headline and kernel else (False,):
                 with index_checks(check):
                     row = make_row(op, case, f"{name}+check" if check else name, time_ms(step, warmup, rep),
                                    bytes_moved, 0, peaks)
-                    if name in ("triton", "cuda"):
+                    if kernel:
                         row["extra"] = {"host_us": round(host_us(step), 1)}
                 rows.append(row)
-        del inputs, leaves, grad_out
     return rows
 
 

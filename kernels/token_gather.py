@@ -1,7 +1,8 @@
 """Token gather / scatter for masked autoencoders: Triton kernels and their launchers.
 
-    gather_tokens   out[b, k] = x[b, i] + pos[i],                          i = ids_keep[b, k]     (B, K, D)
-    scatter_tokens  out[b, l] = (x_vis[b, r] if r < K else mask_token) + pos[l],  r = ids_restore[b, l]   (B, L, D)
+    gather_tokens   out[b, k] = x[b, i] + pos[i],  i = ids_keep[b, k]                        (B, K, D)
+    scatter_tokens  out[b, l] = (x_vis[b, r] if r < K else mask_token) + pos[l],
+                    r = ids_restore[b, l]                                                   (B, L, D)
 
 Forward. Both ops are one kernel, ``_gather_rows_kernel``: every output row copies one source row (or the
 fill row) and adds one position row. The add is done in fp32 and rounded once to the data dtype, which is
@@ -89,7 +90,7 @@ def _round_to(val, dtype: tl.constexpr):
     NaN): the same bits on a GPU and in the Triton interpreter, whose own bf16 cast truncates."""
     if dtype == tl.bfloat16:
         bits = val.to(tl.uint32, bitcast=True)
-        bits = tl.where(val != val, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
+        bits = tl.where(val != val, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))  # noqa: PLR0124 (NaN)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return val.to(dtype)
@@ -99,19 +100,20 @@ def _round_to(val, dtype: tl.constexpr):
 def _gather_rows_kernel(src_ptr, ids_ptr, fill_ptr, pos_ptr, out_ptr,
                         rows_out, rows_src, D,
                         src_stride_b, src_stride_r, ids_stride_b, ids_stride_r, pos_stride,
-                        row_blocks,
+                        total_rows,
                         HAS_FILL: tl.constexpr, HAS_POS: tl.constexpr, POS_AT_INDEX: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, i] = (src[b, r] if r < rows_src else fill) + pos[r if POS_AT_INDEX else i], r = ids[b, i]."""
-    pid = tl.program_id(0)
-    b = (pid // row_blocks).to(tl.int64)
-    rows = (pid % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """out[b, i] = (src[b, r] if r < rows_src else fill) + pos[r if POS_AT_INDEX else i], r = ids[b, i].
+    Tiles run over the flattened (b, i) output rows, so a tile never idles at the end of a batch row."""
+    flat = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = flat // rows_out
+    i = flat - b * rows_out
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < rows_out
+    row_ok = flat < total_rows
     col_ok = cols < D
     tile_ok = row_ok[:, None] & col_ok[None, :]
 
-    r = tl.load(ids_ptr + b * ids_stride_b + rows * ids_stride_r, mask=row_ok, other=0).to(tl.int64)
+    r = tl.load(ids_ptr + b * ids_stride_b + i * ids_stride_r, mask=row_ok, other=0).to(tl.int64)
     src_rows = src_ptr + b * src_stride_b + r * src_stride_r
     if HAS_FILL:
         visible = r < rows_src
@@ -121,11 +123,10 @@ def _gather_rows_kernel(src_ptr, ids_ptr, fill_ptr, pos_ptr, out_ptr,
     else:
         val = tl.load(src_rows[:, None] + cols[None, :], mask=tile_ok)
     if HAS_POS:
-        pos_rows = r if POS_AT_INDEX else rows.to(tl.int64)
+        pos_rows = r if POS_AT_INDEX else i
         p = tl.load(pos_ptr + pos_rows[:, None] * pos_stride + cols[None, :], mask=tile_ok)
         val = _round_to(val.to(tl.float32) + p.to(tl.float32), out_ptr.dtype.element_ty)
-    out_rows = (b * rows_out + rows) * D
-    tl.store(out_ptr + out_rows[:, None] + cols[None, :], val, mask=tile_ok)
+    tl.store(out_ptr + (flat * D)[:, None] + cols[None, :], val, mask=tile_ok)
 
 
 def _gather_rows(src: torch.Tensor, ids: torch.Tensor, fill: torch.Tensor | None, pos: torch.Tensor | None,
@@ -139,14 +140,14 @@ def _gather_rows(src: torch.Tensor, ids: torch.Tensor, fill: torch.Tensor | None
     pos = _unit_stride_last(pos) if pos is not None else None
     fill = fill.contiguous() if fill is not None else None
     block_d = _block_d(d)
-    block_r = _block_rows(rows_out, block_d)
-    row_blocks = triton.cdiv(rows_out, block_r)
-    grid = (batch * row_blocks, triton.cdiv(d, block_d))
+    total_rows = batch * rows_out
+    block_r = _block_rows(total_rows, block_d)
+    grid = (triton.cdiv(total_rows, block_r), triton.cdiv(d, block_d))
     _gather_rows_kernel[grid](
         src, ids, fill if fill is not None else src, pos if pos is not None else src, out,
         rows_out, rows_src, d,
         src.stride(0), src.stride(1), ids.stride(0), ids.stride(1), pos.stride(0) if pos is not None else 0,
-        row_blocks,
+        total_rows,
         HAS_FILL=fill is not None, HAS_POS=pos is not None, POS_AT_INDEX=pos_at_index,
         BLOCK_R=block_r, BLOCK_D=block_d)
     return out
@@ -223,13 +224,13 @@ def _segment_sum_kernel(grad_ptr, perm_ptr, starts_ptr, out_ptr, pos_part_ptr,
     m_ok = m < M
     col_ok = cols < D
     pos_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for t in range(0, batch_chunk):
+    for t in range(batch_chunk):
         b = (chunk * batch_chunk + t).to(tl.int64)
         row_ok = m_ok & (b < B)
         start = tl.load(starts_ptr + b * (M + 1) + m, mask=row_ok, other=0)
         count = tl.load(starts_ptr + b * (M + 1) + m + 1, mask=row_ok, other=0) - start
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for j in range(0, tl.max(count, axis=0)):
+        for j in range(tl.max(count, axis=0)):
             take = j < count
             n = tl.load(perm_ptr + b * N + start + j, mask=take, other=0).to(tl.int64)
             g = tl.load(grad_ptr + ((b * N + n) * D)[:, None] + cols[None, :],
@@ -266,7 +267,7 @@ def _masked_sum_kernel(grad_ptr, ids_ptr, mask_part_ptr, pos_part_ptr,
     col_ok = cols < D
     mask_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     pos_acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    for t in range(0, batch_chunk):
+    for t in range(batch_chunk):
         b = (chunk * batch_chunk + t).to(tl.int64)
         row_ok = l_ok & (b < B)
         r = tl.load(ids_ptr + b * ids_stride_b + l * ids_stride_l, mask=row_ok, other=0)
@@ -329,7 +330,8 @@ def scatter_tokens_backward(grad: torch.Tensor, ids_restore: torch.Tensor, num_v
     batch, length, d = grad.shape
     k = num_visible
     if grad.numel() == 0:
-        return grad.new_zeros((batch, k, d)), grad.new_zeros(d), grad.new_zeros((length, d) if need_pos else 0)
+        grad_pos = grad.new_zeros((length, d) if need_pos else 0)
+        return grad.new_zeros((batch, k, d)), grad.new_zeros(d), grad_pos
     grad_x_vis = empty_output((batch, k, d), grad.dtype, grad.device)
     block_d = _block_d(d)
     col_blocks = triton.cdiv(d, block_d)

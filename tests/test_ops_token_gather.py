@@ -61,9 +61,9 @@ def _ids_restore(b, length, device, dtype=torch.int64, permutation=True):
     return torch.randint(0, length, (b, length), device=device, dtype=dtype)
 
 
-def _both(fn, backend):
-    """fn(backend) for the kernel backend and for the torch reference."""
-    return fn(backend), fn("torch")
+def _both(backend, fn, *args):
+    """``fn(*args, backend=...)`` with the kernel backend and with the torch reference."""
+    return fn(*args, backend=backend), fn(*args, backend="torch")
 
 
 # ----------------------------------------------------------------------------- forward
@@ -77,13 +77,13 @@ def test_forward_bit_identical(backend, device, dtype, index_dtype, shape):
     x = torch.randn(b, length, d, device=device, dtype=dtype)
     pos = torch.randn(length, d, device=device, dtype=dtype)
     ids_keep = _ids_keep(b, length, k, device, index_dtype)
-    got, want = _both(lambda be: ops.gather_tokens(x, ids_keep, pos, backend=be), backend)
+    got, want = _both(backend, ops.gather_tokens, x, ids_keep, pos)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
     x_vis = torch.randn(b, k, d, device=device, dtype=dtype)
     mask_token = torch.randn(d, device=device, dtype=dtype)
     ids_restore = _ids_restore(b, length, device, index_dtype)
-    got, want = _both(lambda be: ops.scatter_tokens(x_vis, ids_restore, mask_token, pos, backend=be), backend)
+    got, want = _both(backend, ops.scatter_tokens, x_vis, ids_restore, mask_token, pos)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
@@ -102,26 +102,26 @@ def test_forward_without_pos_and_with_strided_inputs(backend, device, dtype):
     ids_keep = _ids_keep(b, length, 2 * k, device)[:, ::2]
     for x in views["x"]:
         for pos in views["pos"]:
-            got, want = _both(lambda be: ops.gather_tokens(x, ids_keep, pos, backend=be), backend)
+            got, want = _both(backend, ops.gather_tokens, x, ids_keep, pos)
             torch.testing.assert_close(got, want, atol=0, rtol=0)
 
     x_vis = torch.randn(k, b, d, device=device, dtype=dtype).transpose(0, 1)
     mask_token = torch.randn(1, 1, d, device=device, dtype=dtype)  # MAE's parameter shape
     ids_restore = _ids_restore(b, length, device).t().contiguous().t()
     for pos in views["pos"]:
-        got, want = _both(lambda be: ops.scatter_tokens(x_vis, ids_restore, mask_token, pos, backend=be), backend)
+        got, want = _both(backend, ops.scatter_tokens, x_vis, ids_restore, mask_token, pos)
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- backward
-def _gather_grads(backend, x, ids_keep, pos, grad_out):
+def _gather_grads(x, ids_keep, pos, grad_out, backend):
     x = x.detach().requires_grad_()
     pos = pos.detach().requires_grad_() if pos is not None else None
     ops.gather_tokens(x, ids_keep, pos, backend=backend).backward(grad_out)
     return x.grad, pos.grad if pos is not None else None
 
 
-def _scatter_grads(backend, x_vis, ids_restore, mask_token, pos, grad_out):
+def _scatter_grads(x_vis, ids_restore, mask_token, pos, grad_out, backend):
     x_vis = x_vis.detach().requires_grad_()
     mask_token = mask_token.detach().requires_grad_()
     pos = pos.detach().requires_grad_() if pos is not None else None
@@ -151,7 +151,7 @@ def test_gather_backward(backend, device, dtype, shape, deterministic):
         # MAE's case (a permutation's prefix, frozen pos), then repeats with a pos gradient
         for repeats, p in ((False, None), (True, pos)):
             ids_keep = _ids_keep(b, length, k, device, repeats=repeats)
-            got, want = _both(lambda be: _gather_grads(be, x, ids_keep, p, grad_out), backend)
+            got, want = _both(backend, _gather_grads, x, ids_keep, p, grad_out)
             _assert_grads_close(got, want, dtype)
 
 
@@ -169,7 +169,7 @@ def test_scatter_backward(backend, device, dtype, shape, deterministic):
     with _deterministic(deterministic):
         for permutation, p in ((True, None), (False, pos)):
             ids_restore = _ids_restore(b, length, device, torch.int32, permutation=permutation)
-            got, want = _both(lambda be: _scatter_grads(be, x_vis, ids_restore, mask_token, p, grad_out), backend)
+            got, want = _both(backend, _scatter_grads, x_vis, ids_restore, mask_token, p, grad_out)
             _assert_grads_close(got, want, dtype)
 
 
@@ -184,8 +184,8 @@ def test_deterministic_mode_is_bitwise_reproducible(backend, device):
     mask_token = torch.randn(d, device=device, dtype=torch.bfloat16)
     ids_restore = _ids_restore(b, length, device, permutation=False).clamp(max=k + 3)
     with _deterministic(True):
-        runs = [(_gather_grads(backend, x, ids, pos, torch.ones(b, k, d, device=device, dtype=x.dtype)),
-                 _scatter_grads(backend, x_vis, ids_restore, mask_token, pos, x.new_ones(b, length, d)))
+        runs = [(_gather_grads(x, ids, pos, x.new_ones(b, k, d), backend),
+                 _scatter_grads(x_vis, ids_restore, mask_token, pos, x.new_ones(b, length, d), backend))
                 for _ in range(3)]
     for run in runs[1:]:
         for got, first in zip([*run[0], *run[1]], [*runs[0][0], *runs[0][1]]):
@@ -201,17 +201,17 @@ def test_headline_shape_on_gpu(backend):
     ids_keep, ids_restore, _ = ops.random_masking(b, length, 0.75, device="cuda")
     x = torch.randn(b, length, 768, device="cuda", dtype=torch.bfloat16)
     pos = torch.randn(length, 768, device="cuda", dtype=torch.bfloat16)
-    got, want = _both(lambda be: ops.gather_tokens(x, ids_keep, pos, backend=be), backend)
+    got, want = _both(backend, ops.gather_tokens, x, ids_keep, pos)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
-    grads = _both(lambda be: _gather_grads(be, x, ids_keep, pos, torch.randn_like(got)), backend)
+    grads = _both(backend, _gather_grads, x, ids_keep, pos, torch.randn_like(got))
     _assert_grads_close(*grads, torch.bfloat16)
 
     x_vis = torch.randn(b, k, 512, device="cuda", dtype=torch.bfloat16)
     token = torch.randn(512, device="cuda", dtype=torch.bfloat16)
     pos = torch.randn(length, 512, device="cuda", dtype=torch.bfloat16)
-    got, want = _both(lambda be: ops.scatter_tokens(x_vis, ids_restore, token, pos, backend=be), backend)
+    got, want = _both(backend, ops.scatter_tokens, x_vis, ids_restore, token, pos)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
-    grads = _both(lambda be: _scatter_grads(be, x_vis, ids_restore, token, pos, torch.randn_like(got)), backend)
+    grads = _both(backend, _scatter_grads, x_vis, ids_restore, token, pos, torch.randn_like(got))
     _assert_grads_close(*grads, torch.bfloat16)
 
 
@@ -221,12 +221,15 @@ def _op_cases(backend):
     ids_keep = torch.tensor([[1, 4, 4], [0, 5, 2]], dtype=torch.int32)
     _, ids_restore, _ = ops.random_masking(2, 6, 0.5)
     return [
-        (torch.ops.maskedssl.gather_tokens.default, (x.requires_grad_(), ids_keep, torch.randn(6, 5), backend)),
+        (torch.ops.maskedssl.gather_tokens.default,
+         (x.requires_grad_(), ids_keep, torch.randn(6, 5), backend)),
         (torch.ops.maskedssl.scatter_tokens.default,
          (torch.randn(2, 3, 5, requires_grad=True), ids_restore, torch.randn(5, requires_grad=True),
           torch.randn(6, 5, requires_grad=True), backend)),
-        (torch.ops.maskedssl.gather_tokens_backward.default, (torch.randn(2, 3, 5), ids_keep, 6, True, True, backend)),
-        (torch.ops.maskedssl.gather_tokens_backward.default, (torch.randn(2, 3, 5), ids_keep, 6, False, False, backend)),
+        (torch.ops.maskedssl.gather_tokens_backward.default,
+         (torch.randn(2, 3, 5), ids_keep, 6, True, True, backend)),
+        (torch.ops.maskedssl.gather_tokens_backward.default,
+         (torch.randn(2, 3, 5), ids_keep, 6, False, False, backend)),
         (torch.ops.maskedssl.scatter_tokens_backward.default,
          (torch.randn(2, 6, 5), ids_restore, 3, True, True, backend)),
         (torch.ops.maskedssl.scatter_tokens_backward.default,
@@ -250,7 +253,8 @@ def test_gradcheck_float64_with_repeated_indices():
     x_vis = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
     token = torch.randn(1, 1, 3, dtype=torch.float64, requires_grad=True)
     ids_restore = torch.tensor([[0, 4, 2, 2, 5, 3], [1, 1, 3, 0, 0, 4]])
-    assert torch.autograd.gradcheck(lambda a, t, p: ops.scatter_tokens(a, ids_restore, t, p), (x_vis, token, pos))
+    assert torch.autograd.gradcheck(lambda a, t, p: ops.scatter_tokens(a, ids_restore, t, p),
+                                    (x_vis, token, pos))
 
 
 def test_compile_fullgraph_forward_and_backward():
@@ -271,7 +275,7 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.skipif(not cuda_extension_loaded(), reason="maskedssl._C not built (no nvcc here, or not built yet)")
+@pytest.mark.skipif(not cuda_extension_loaded(), reason="maskedssl._C not built (no nvcc, or not built yet)")
 def test_cuda_schemas_registered():
     for name in ("gather_tokens_cuda", "scatter_tokens_cuda", "gather_tokens_backward_cuda",
                  "scatter_tokens_backward_cuda"):
@@ -289,9 +293,9 @@ from maskedssl.kernels import token_gather as kernels
 # bf16 data, int64 index; 16-byte-aligned pointers and D / row strides that are multiples of 16 carry the
 # divisibility hints the launcher's specialisation would give them (D = 768).
 ALIGNED = {"D", "src_stride_b", "src_stride_r", "pos_stride"}
-POINTERS = {"src_ptr": "*bf16", "ids_ptr": "*i64", "fill_ptr": "*bf16", "pos_ptr": "*bf16", "out_ptr": "*bf16",
-            "grad_ptr": "*bf16", "perm_ptr": "*i32", "starts_ptr": "*i32", "mask_part_ptr": "*fp32",
-            "pos_part_ptr": "*fp32"}
+POINTERS = {"src_ptr": "*bf16", "ids_ptr": "*i64", "fill_ptr": "*bf16", "pos_ptr": "*bf16",
+            "out_ptr": "*bf16", "grad_ptr": "*bf16", "perm_ptr": "*i32", "starts_ptr": "*i32",
+            "mask_part_ptr": "*fp32", "pos_part_ptr": "*fp32"}
 
 def ptx(kernel, **constexprs):
     signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "i32") for n in kernel.arg_names}
@@ -318,7 +322,7 @@ def test_triton_kernels_compile_for_hopper_with_16_byte_accesses():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -331,45 +335,34 @@ def _ids(*shape, value=0, dtype=torch.int64, device="cpu"):
     return torch.full(shape, value, dtype=dtype, device=device)
 
 
+G, S = ops.gather_tokens, ops.scatter_tokens
+# (name, op, args, error, message)
 BAD_CALLS = [
-    ("gather: x 2-D", lambda be: ops.gather_tokens(_x(2, 5), _ids(2, 1), backend=be), ValueError, "x must be 3-D"),
-    ("gather: x int", lambda be: ops.gather_tokens(_x(2, 5, 3).int(), _ids(2, 1), backend=be), TypeError, "x must"),
-    ("gather: ids float", lambda be: ops.gather_tokens(_x(2, 5, 3), _x(2, 1), backend=be), TypeError, "ids_keep"),
-    ("gather: ids 1-D", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2), backend=be), ValueError, "ids_keep"),
-    ("gather: ids too big", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2, 1, value=5), backend=be),
-     ValueError, r"\[0, 5\)"),
-    ("gather: ids negative", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2, 1, value=-1), backend=be),
-     ValueError, "ids_keep must hold"),
-    ("gather: batch mismatch", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(3, 1), backend=be),
-     ValueError, "ids_keep must have shape"),
-    ("gather: pos shape", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2, 1), _x(4, 3), backend=be),
-     ValueError, "pos must have shape"),
-    ("gather: pos dtype", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2, 1), _x(5, 3, dtype=torch.float16),
-                                                       backend=be), TypeError, "pos must"),
-    ("gather: device", lambda be: ops.gather_tokens(_x(2, 5, 3), _ids(2, 1, device="meta"), backend=be),
-     ValueError, "one device"),
-    ("scatter: x_vis 2-D", lambda be: ops.scatter_tokens(_x(2, 3), _ids(2, 4), _x(3), backend=be),
-     ValueError, "x_vis must be 3-D"),
-    ("scatter: ids too big", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(2, 4, value=4), _x(3), backend=be),
-     ValueError, "ids_restore must hold"),
-    ("scatter: batch mismatch", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(1, 4), _x(3), backend=be),
-     ValueError, "ids_restore must have shape"),
-    ("scatter: mask_token size", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(2, 4), _x(4), backend=be),
-     ValueError, "mask_token must hold"),
-    ("scatter: mask_token dtype", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(2, 4),
-                                                                _x(3, dtype=torch.bfloat16), backend=be),
-     TypeError, "mask_token must"),
-    ("scatter: pos shape", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(2, 4), _x(3), _x(2, 3), backend=be),
-     ValueError, "pos must have shape"),
-    ("scatter: device", lambda be: ops.scatter_tokens(_x(2, 2, 3), _ids(2, 4), _x(3).to("meta"), backend=be),
-     ValueError, "one device"),
+    ("gather: x 2-D", G, (_x(2, 5), _ids(2, 1)), ValueError, "x must be 3-D"),
+    ("gather: x int", G, (_x(2, 5, 3).int(), _ids(2, 1)), TypeError, "x must"),
+    ("gather: ids float", G, (_x(2, 5, 3), _x(2, 1)), TypeError, "ids_keep"),
+    ("gather: ids 1-D", G, (_x(2, 5, 3), _ids(2)), ValueError, "ids_keep"),
+    ("gather: ids too big", G, (_x(2, 5, 3), _ids(2, 1, value=5)), ValueError, r"\[0, 5\)"),
+    ("gather: ids negative", G, (_x(2, 5, 3), _ids(2, 1, value=-1)), ValueError, "ids_keep must hold"),
+    ("gather: batch mismatch", G, (_x(2, 5, 3), _ids(3, 1)), ValueError, "ids_keep must have shape"),
+    ("gather: pos shape", G, (_x(2, 5, 3), _ids(2, 1), _x(4, 3)), ValueError, "pos must have shape"),
+    ("gather: pos dtype", G, (_x(2, 5, 3), _ids(2, 1), _x(5, 3, dtype=torch.float16)), TypeError, "pos must"),
+    ("gather: device", G, (_x(2, 5, 3), _ids(2, 1, device="meta")), ValueError, "one device"),
+    ("scatter: x_vis 2-D", S, (_x(2, 3), _ids(2, 4), _x(3)), ValueError, "x_vis must be 3-D"),
+    ("scatter: ids too big", S, (_x(2, 2, 3), _ids(2, 4, value=4), _x(3)), ValueError, "ids_restore must"),
+    ("scatter: batch mismatch", S, (_x(2, 2, 3), _ids(1, 4), _x(3)), ValueError, "ids_restore must have"),
+    ("scatter: mask_token size", S, (_x(2, 2, 3), _ids(2, 4), _x(4)), ValueError, "mask_token must hold"),
+    ("scatter: mask_token dtype", S, (_x(2, 2, 3), _ids(2, 4), _x(3, dtype=torch.bfloat16)), TypeError,
+     "mask_token must"),
+    ("scatter: pos shape", S, (_x(2, 2, 3), _ids(2, 4), _x(3), _x(2, 3)), ValueError, "pos must have shape"),
+    ("scatter: device", S, (_x(2, 2, 3), _ids(2, 4), _x(3).to("meta")), ValueError, "one device"),
 ]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_inputs_raise_before_any_kernel(backend, case):
-    _, call, err, words = case
+    _, op, args, err, words = case
     with pytest.raises(err, match=words):
-        call(backend)
+        op(*args, backend=backend)
 

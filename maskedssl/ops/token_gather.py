@@ -10,7 +10,7 @@ Every backend computes the forward bit-identically (x + pos in fp32, rounded onc
 backward accepts any valid index: repeated entries in ``ids_keep`` and an ``ids_restore`` that is not a
 permutation sum their gradient rows in fp32. The kernels' sums over the batch (grad_pos, grad_mask_token)
 use no float atomics, bitwise reproducible, when ``torch.are_deterministic_algorithms_enabled()`` at
-forward time; otherwise grad_pos is accumulated with fp32 atomics (one pass less).
+forward time; otherwise grad_pos is accumulated with fp32 atomics (no partials round trip).
 
 Index checks (``check_index_range``) cost one ``aminmax`` over the index and one device->host sync per
 call; ``MASKEDSSL_CHECK_INDICES=0`` turns them off, and ``torch.compile`` skips them.
@@ -27,10 +27,6 @@ from ._validate import INDEX_DTYPES, REFERENCE_DTYPES, check_index_range, check_
 # one is expected ahead because its launch path (C++ dispatcher) is cheaper than Triton's Python launcher
 # at these tens-of-microseconds sizes. Reorder from benchmarks/bench_token_gather.py results.
 AUTO_ORDER = ("cuda", "triton", "torch")
-
-
-def _deterministic(deterministic: bool | None) -> bool:
-    return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -107,7 +103,8 @@ def _gather_tokens_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, lengt
     if backend == "triton":
         return _kernels().gather_tokens_backward(grad.contiguous(), ids_keep, length, need_pos, deterministic)
     if backend == "cuda":
-        return torch.ops.maskedssl.gather_tokens_backward_cuda(grad, ids_keep, length, need_pos, deterministic)
+        return torch.ops.maskedssl.gather_tokens_backward_cuda(grad, ids_keep, length, need_pos,
+                                                               deterministic)
     return _gather_tokens_backward_torch(grad, ids_keep, length, need_pos)
 
 
@@ -125,7 +122,7 @@ def _gather_setup_context(ctx, inputs, output):
     ctx.length = x.shape[1]
     ctx.has_pos = pos is not None
     ctx.backend = backend
-    ctx.deterministic = _deterministic(None)
+    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
 def _gather_backward(ctx, grad):
@@ -177,12 +174,12 @@ _scatter_tokens_backward_op.register_fake(_scatter_tokens_backward_fake)
 
 
 def _scatter_setup_context(ctx, inputs, output):
-    x_vis, ids_restore, mask_token, pos, backend = inputs
+    x_vis, ids_restore, _, pos, backend = inputs
     ctx.save_for_backward(ids_restore)
     ctx.num_visible = x_vis.shape[1]
     ctx.has_pos = pos is not None
     ctx.backend = backend
-    ctx.deterministic = _deterministic(None)
+    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
 def _scatter_backward(ctx, grad):
@@ -236,7 +233,7 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | N
 
 def scatter_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                    pos: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
-    """``out[b, l] = (x_vis[b, r] if r < K else mask_token) + pos[l]``, ``r = ids_restore[b, l]`` -> (B, L, D).
+    """``out[b, l] = (x_vis[b, r] if r < K else mask_token) + pos[l]``, ``r = ids_restore[b, l]``: (B, L, D).
 
     x_vis: (B, K, D) visible tokens in shuffled order; ids_restore: (B, L) int32/int64 in [0, L), entries
     >= K take the mask token (need not be a permutation); mask_token: (D,) (any shape with D elements, e.g.
