@@ -1,6 +1,6 @@
 """Train MAE, i-MAE and Self-guided MAE on the same budget and compare them with maskedssl.evaluate.
 
-    .venv/bin/python experiments/run_experiments.py                        # embedded synthetic data, CPU scale
+    .venv/bin/python experiments/run_experiments.py --epochs 8     # embedded synthetic data, CPU scale (9 min)
     .venv/bin/python experiments/run_experiments.py --data cifar10:PATH --out experiments/results/cifar10
 
 Every method gets the same preset, data, epochs, batch size and learning-rate schedule, through the
@@ -39,25 +39,27 @@ METHOD_NAMES = {"random": "untrained encoder", "mae": "MAE", "imae": "i-MAE", "s
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="synthetic:2000", help="synthetic[:N] | cifar10:PATH (default: synthetic:2000)")
+    p.add_argument("--data", default="synthetic:1500",
+                   help="synthetic[:N] | cifar10:PATH (default: synthetic:1500)")
     p.add_argument("--preset", default="micro", help="architecture preset (default: micro)")
     p.add_argument("--methods", default="mae,imae,sgmae")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1.5e-3, help="absolute peak learning rate (default: 1.5e-3; MAE's "
-                   "blr 1.5e-4 * batch/256 is far too small for a run this short)")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="absolute peak learning rate (default: 1.5e-3; "
+                   "MAE's blr 1.5e-4 * batch/256 is far too small for a run this short)")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--max-train", type=int, default=None, help="evaluation: at most this many train images")
     p.add_argument("--max-test", type=int, default=None, help="evaluation: at most this many test images")
     p.add_argument("--probe-epochs", type=int, default=100)
-    p.add_argument("--finetune-epochs", type=int, default=2)
-    p.add_argument("--sep-images", type=int, default=800)
+    p.add_argument("--finetune-epochs", type=int, default=0, help="end-to-end fine-tune epochs per model "
+                   "(default 0: skipped, about 2 min per model and epoch on this CPU)")
+    p.add_argument("--sep-images", type=int, default=500)
     p.add_argument("--cluster-images", type=int, default=64)
     p.add_argument("--track-images", type=int, default=32, help="test images tracked after every epoch")
     p.add_argument("--imae-teacher", action="store_true", help="distil i-MAE from this run's MAE (i-MAE then "
                    "builds on MAE's budget: off by default, so the budgets stay equal)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared CPU, more "
-                   "threads than free cores slow every op down)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared CPU, "
+                   "more threads than free cores slow every op down)")
     p.add_argument("--out", default="experiments/results/synthetic", help="tables and plots (committed)")
     p.add_argument("--runs", default="runs/experiments", help="checkpoints and training logs (git-ignored)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +70,8 @@ def train_config(args, method: str, out: Path, teacher: str | None) -> TrainConf
     return TrainConfig(
         DataConfig(data=args.data),
         MethodConfig(method=method, model=args.preset, teacher=teacher),
-        OptimConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs),
+        OptimConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                    warmup_epochs=args.warmup_epochs),
         RunConfig(out=str(out), seed=args.seed, device="cpu" if not torch.cuda.is_available() else "auto",
                   progress=False, tensorboard=False, resume="auto"),
     )
@@ -84,7 +87,8 @@ def track(model: torch.nn.Module, images: torch.Tensor, seed: int) -> dict:
     dec = ev.decoder_maps(model, images, progress=1.0, seed=seed)
     rates = [ev.exploitation_rates(a, dec["row_mask"], dec["num_prefix"]) for a in dec["attention"]]
     return dict(relations=[ev.token_relations(f) for f in enc["feats"]], gap=gap.nanmean().item(),
-                exploitation_visible=[r["visible"] for r in rates], exploitation_mask=[r["mask"] for r in rates])
+                exploitation_visible=[r["visible"] for r in rates],
+                exploitation_mask=[r["mask"] for r in rates])
 
 
 def pretrain(args, method: str, tracked: torch.Tensor, teacher: str | None) -> tuple[dict, list]:
@@ -116,6 +120,10 @@ def kl_to_final(history: list) -> list[list[float]]:
     return [[ev.relation_kl(r, f).mean().item() for r, f in zip(h["relations"], final)] for h in history]
 
 
+def args_weights(results: dict) -> list[float]:
+    return next(iter(results.values()))["eval"]["separability"]["weights"]
+
+
 def fmt(x, digits=3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -141,17 +149,15 @@ def plot_tracking(results: dict, path: Path) -> None:
         t = results[method]["tracking"]
         name = METHOD_NAMES[method]
         axes[1, 0].plot(t["epochs"], t["gap"], marker="o", label=name)
-        axes[1, 1].plot(t["epochs"], [v[-1] for v in t["exploitation_visible"]], marker="o", label=f"{name} visible")
+        axes[1, 1].plot(t["epochs"], [v[-1] for v in t["exploitation_visible"]], marker="o",
+                        label=f"{name} visible")
         axes[1, 1].plot(t["epochs"], [v[-1] for v in t["exploitation_mask"]], marker="s", ls="--",
                         label=f"{name} mask")
-        dist = results[method]["eval"]["clustering"]
-        axes[1, 2].plot(range(len(dist["attention_distance"]) + len(dist["decoder_attention_distance"])),
-                        dist["attention_distance"] + dist["decoder_attention_distance"], marker="o", label=name)
-    if "random" in results:
-        dist = results["random"]["eval"]["clustering"]
-        axes[1, 2].plot(range(len(dist["attention_distance"]) + len(dist["decoder_attention_distance"])),
-                        dist["attention_distance"] + dist["decoder_attention_distance"], marker="x", ls=":",
-                        label=METHOD_NAMES["random"])
+    for method in trained + (["random"] if "random" in results else []):
+        c = results[method]["eval"]["clustering"]
+        dist = c["attention_distance"] + c["decoder_attention_distance"]
+        style = dict(marker="x", ls=":") if method == "random" else dict(marker="o")
+        axes[1, 2].plot(range(len(dist)), dist, label=METHOD_NAMES[method], **style)
     axes[1, 0].set(title="mu_intra - mu_inter (last encoder layer)", xlabel="epoch")
     axes[1, 1].set(title="exploitation rates, last decoder layer", xlabel="epoch")
     axes[1, 2].set(title="mean attention distance (px)", xlabel="layer (encoder, then decoder)")
@@ -189,7 +195,8 @@ def claim_checks(results: dict) -> list[str]:
         if "mask_object_coverage" in cs:
             line("informed masks concentrate on the object (share of object patches masked above a random "
                  "mask's)", cs["mask_object_coverage"] > cm["mask_object_coverage"],
-                 f"{cs['mask_object_coverage']:.3f} vs {cm['mask_object_coverage']:.3f} for MAE's random masks")
+                 f"{cs['mask_object_coverage']:.3f} vs {cm['mask_object_coverage']:.3f} for MAE's random "
+                 "masks")
     if mae:
         t = mae["tracking"]
         line("MAE widens mu_intra - mu_inter during training", t["gap"][-1] > t["gap"][0],
@@ -218,8 +225,8 @@ def write_markdown(args, results: dict, meta: dict, path: Path) -> None:
         "",
         f"**Regenerate:** `{meta['command']}` ({meta['total_minutes']:.1f} min here on {meta['machine']}).",
         "",
-        "Accuracies are fractions of the test set; definitions in docs/METRICS.md. The untrained encoder row is "
-        "the same architecture at initialisation (no pretraining).",
+        "Accuracies are fractions of the test set; definitions in docs/METRICS.md. The untrained encoder row "
+        "is the same architecture at initialisation (no pretraining).",
         "",
         "| method | final loss | train s | probe cls | probe mean | k-NN cls | k-NN mean | fine-tune | "
         "sep R2 a=0.1 | sep R2 a=0.5 | sigma_F | sigma_s | gap cos | gap attn |"
@@ -231,7 +238,7 @@ def write_markdown(args, results: dict, meta: dict, path: Path) -> None:
         sep = e["separability"]
         row = [METHOD_NAMES[method], fmt(r.get("train", {}).get("final_loss")),
                fmt(r.get("train", {}).get("train_seconds"), 0), fmt(e["probe_cls"]), fmt(e["probe_mean"]),
-               fmt(e["knn_cls"]), fmt(e["knn_mean"]), fmt(e["finetune"]),
+               fmt(e["knn_cls"]), fmt(e["knn_mean"]), fmt(e.get("finetune", "not run")),
                fmt(sep["r2"][sep["weights"].index(0.1)]), fmt(sep["r2"][sep["weights"].index(0.5)]),
                fmt(c["sigma_f"]), fmt(c["sigma_s"], 4), fmt(c["gap_cosine"]), fmt(c["gap_attention"], 4)]
         if has_objects:
@@ -239,26 +246,29 @@ def write_markdown(args, results: dict, meta: dict, path: Path) -> None:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Separability per mixing weight (held-out R^2 of f(mix) -> [f(sub), f(dom)]; "
               "probe accuracy of the subordinate / dominant label from f(mix))", "",
-              "| method | " + " | ".join(f"a={w}" for w in results[next(iter(results))]["eval"]["separability"]
-                                        ["weights"]) + " |",
-              "|---|" + "---|" * len(ev.MIX_WEIGHTS)]
+              "| method | " + " | ".join(f"a={w}" for w in args_weights(results)) + " |",
+              "|---|" + "---|" * len(args_weights(results))]
     for method, r in results.items():
         sep = r["eval"]["separability"]
-        cells = [f"{fmt(a)} ({fmt(s, 2)} / {fmt(d, 2)})" for a, s, d in zip(sep["r2"], sep["probe_sub"], sep["probe_dom"])]
+        cells = [f"{fmt(a)} ({fmt(s, 2)} / {fmt(d, 2)})"
+                 for a, s, d in zip(sep["r2"], sep["probe_sub"], sep["probe_dom"])]
         lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
     lines += ["", "## Decoder exploitation rates after training (mask-token queries; per decoder layer: "
               "visible / mask)", ""]
     for method, r in results.items():
         c = r["eval"]["clustering"]
-        pairs = ", ".join(f"{fmt(v, 2)} / {fmt(m, 2)}" for v, m in zip(c["exploitation_visible"], c["exploitation_mask"]))
-        lines.append(f"- {METHOD_NAMES[method]}: {pairs}" + (" (informed masks)" if c.get("informed") else ""))
+        pairs = ", ".join(f"{fmt(v, 2)} / {fmt(m, 2)}"
+                          for v, m in zip(c["exploitation_visible"], c["exploitation_mask"]))
+        informed = " (informed masks)" if c.get("informed") else ""
+        lines.append(f"- {METHOD_NAMES[method]}: {pairs}{informed}")
     lines += ["", "## KL of token relations to the final model, per epoch (mean over encoder layers)", ""]
     for method, r in results.items():
         if "tracking" in r:
             kl = r["tracking"]["kl_to_final"]
             lines.append(f"- {METHOD_NAMES[method]}: " + ", ".join(fmt(sum(row) / len(row), 4) for row in kl))
-    lines += ["", "Plots: `separability.png` (R^2 and label probes against the mixing weight), `tracking.png` "
-              "(KL to final per layer, gap and exploitation rates per epoch, attention distance per layer).", "",
+    lines += ["", "Plots: `separability.png` (R^2 and label probes against the mixing weight), "
+              "`tracking.png` (KL to final per layer, gap and exploitation rates per epoch, attention "
+              "distance per layer).", "",
               "## The papers' directional claims at this scale (computed from the numbers above)", "",
               *meta["notes"], ""]
     path.write_text("\n".join(lines))
@@ -274,7 +284,8 @@ def main(argv=None) -> int:
     train_set = build_dataset(args.data, train=True, img_size=img_size, seed=args.seed)
     test_set = build_dataset(args.data, train=False, img_size=img_size, seed=args.seed)
     tracked, _ = ev.load_images(test_set, args.track_images)
-    eval_kwargs = dict(metrics=ev.METRICS, pools=("cls", "mean"), max_train=args.max_train, max_test=args.max_test,
+    eval_kwargs = dict(metrics=ev.METRICS, pools=("cls", "mean"), max_train=args.max_train,
+                       max_test=args.max_test,
                        probe_epochs=args.probe_epochs, finetune_epochs=args.finetune_epochs,
                        sep_images=args.sep_images, cluster_images=args.cluster_images, seed=args.seed)
 
@@ -316,12 +327,13 @@ def main(argv=None) -> int:
         command=command.strip(), total_minutes=total / 60, commit=commit,
         machine=f"{platform.machine()} CPU, {args.threads} torch thread(s), shared with other jobs",
         torch=torch.__version__,
-        scale=(f"{len(train_set)} train / {len(test_set)} test images of {img_size} px ({args.data}); preset "
-               f"`{args.preset}` (ViT {arch.embed_dim} wide, {arch.depth} blocks, patch {arch.patch_size}; decoder "
-               f"{arch.decoder_embed_dim} x {arch.decoder_depth}); {args.epochs} epochs x batch {args.batch_size}, "
-               f"AdamW lr {args.lr} (warm-up {args.warmup_epochs} epoch, cosine), mask ratio 0.75, the models' "
-               f"default options (i-MAE: same-class partners, {'MAE teacher' if args.imae_teacher else 'no teacher'};"
-               f" Self-guided MAE: informed masks after 10% of training). Thousands of times smaller than the "
+        scale=(f"{len(train_set)} train / {len(test_set)} test images of {img_size} px ({args.data}); "
+               f"preset `{args.preset}` (ViT {arch.embed_dim} wide, {arch.depth} blocks, patch "
+               f"{arch.patch_size}; decoder {arch.decoder_embed_dim} x {arch.decoder_depth}); {args.epochs} "
+               f"epochs x batch {args.batch_size}, AdamW lr {args.lr} (warm-up {args.warmup_epochs} epoch, "
+               f"cosine), mask ratio 0.75, the models' default options (i-MAE: same-class partners, "
+               f"{'MAE teacher' if args.imae_teacher else 'no teacher'}; Self-guided MAE: informed masks "
+               f"after 10% of training). Thousands of times smaller than the "
                f"papers' runs (hundreds of epochs on CIFAR/ImageNet): directions at this scale are weak "
                f"evidence at best."),
         notes=claim_checks(results),

@@ -283,8 +283,10 @@ def exploitation_rates(attn: torch.Tensor, mask: torch.Tensor, num_prefix: int =
     on_visible = keys.sum(-1) - on_mask
     weight = masked[:, None, :].float().expand(b, h, -1)
     count = weight.sum().clamp_min(1)
-    return dict(visible=float((on_visible * weight).sum() / count), mask=float((on_mask * weight).sum() / count),
-                prefix=float((prefix * weight).sum() / count))
+    def rate(mass):
+        return float((mass * weight).sum() / count)
+
+    return dict(visible=rate(on_visible), mask=rate(on_mask), prefix=rate(prefix))
 
 
 def attention_distance(attn: torch.Tensor, grid: tuple[int, int], patch_size: int = 1,
@@ -389,9 +391,23 @@ def extract_features(model: torch.nn.Module, loader: Iterable, pool: str = "cls"
 def features_of_images(model: torch.nn.Module, images: torch.Tensor, pool: str = "cls",
                        batch_size: int = 256) -> torch.Tensor:
     """``extract_features`` for an in-memory uint8 or normalised float batch (N, C, H, W) -> (N, D)."""
+    return pooled_features(model, images, (pool,), batch_size)[pool]
+
+
+@torch.no_grad()
+def pooled_features(model: torch.nn.Module, images: torch.Tensor, pools: Sequence[str] = ("cls", "mean"),
+                    batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Several poolings of one encoder pass: {pool: (N, D)} with pool "cls" (token 0, after the final
+    norm, as ``forward_features(pool="cls")``) or "mean" (of the patch tokens)."""
+    if set(pools) - {"cls", "mean"}:
+        raise ValueError(f"pools must be 'cls' and/or 'mean', got {pools}")
+    out = {pool: [] for pool in pools}
     with _eval_mode(model):
-        return torch.cat([model.forward_features(model_input(model, chunk), pool=pool).float().cpu()
-                          for chunk in _batches(images, batch_size)])
+        for chunk in _batches(images, batch_size):
+            tokens = model.forward_features(model_input(model, chunk), pool=None).float().cpu()
+            for pool in pools:
+                out[pool].append(tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1))
+    return {pool: torch.cat(f) for pool, f in out.items()}
 
 
 def _attention_probs(attn_module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -417,7 +433,8 @@ def capture(blocks: Sequence[torch.nn.Module], attention: bool = True, outputs: 
     for i, block in enumerate(blocks):
         if attention:
             handles.append(block.attn.register_forward_pre_hook(
-                lambda mod, args, i=i: record["attention"][i].append(_attention_probs(mod, args[0]).detach())))
+                lambda mod, args, i=i: record["attention"][i].append(
+                    _attention_probs(mod, args[0]).detach())))
         if outputs:
             handles.append(block.register_forward_hook(
                 lambda mod, args, out, i=i: record["outputs"][i].append(out.detach().float())))
@@ -574,14 +591,15 @@ def imae_separability(model: torch.nn.Module, train_images: torch.Tensor, train_
     for alpha in weights:
         if not 0.0 < alpha <= 0.5:
             raise ValueError(f"mixing weights must be in (0, 0.5], got {alpha}")
-        mix = [features_of_images(model, alpha * s["x"] + (1 - alpha) * s["x"][s["partner"]], pool, batch_size)
-               for s in splits]
+        mix = [features_of_images(model, alpha * s["x"] + (1 - alpha) * s["x"][s["partner"]], pool,
+                                  batch_size) for s in splits]
         train, test = splits
         r2 = separability_r2(mix[0], train["sub"], train["dom"], mix[1], test["sub"], test["dom"], ridge)
         for key in ("r2", "r2_sub", "r2_dom", "ridge"):
             result[key].append(r2[key])
         for role, labels_of in (("sub", lambda s: s["labels"]), ("dom", lambda s: s["labels"][s["partner"]])):
-            probe = linear_probe(mix[0], labels_of(train), mix[1], labels_of(test), epochs=probe_epochs, seed=seed)
+            probe = linear_probe(mix[0], labels_of(train), mix[1], labels_of(test), epochs=probe_epochs,
+                                 seed=seed)
             result[f"probe_{role}"].append(probe["acc"])
     return result
 
@@ -659,7 +677,8 @@ def finetune(model: torch.nn.Module, train_loader: Iterable, test_loader: Iterab
 # Whole-model reports and the ``maskedssl evaluate`` subcommand
 # --------------------------------------------------------------------------------------------------
 
-def _loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0):
+def _loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
+            seed: int = 0):
     dataset = torch.utils.data.TensorDataset(images, labels)
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)
@@ -667,7 +686,8 @@ def _loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle
 
 def evaluate_model(model: torch.nn.Module, train_set, test_set, metrics: Sequence[str] = ("probe", "knn"), *,
                    pools: Sequence[str] = ("cls", "mean"), max_train: int | None = None,
-                   max_test: int | None = None, k: int = 20, probe_epochs: int = 100, finetune_epochs: int = 3,
+                   max_test: int | None = None, k: int = 20, probe_epochs: int = 100,
+                   finetune_epochs: int = 3,
                    weights: Sequence[float] = MIX_WEIGHTS, sep_images: int = 1000, cluster_images: int = 64,
                    layer: int = -1, batch_size: int = 256, seed: int = 0) -> dict:
     """Every requested metric of one model on a train/test dataset pair, as a JSON-ready dict."""
@@ -678,14 +698,16 @@ def evaluate_model(model: torch.nn.Module, train_set, test_set, metrics: Sequenc
     test_x, test_y = load_images(test_set, max_test)
     out: dict = dict(num_train=int(train_x.shape[0]), num_test=int(test_x.shape[0]))
     if "probe" in metrics or "knn" in metrics:
+        train_feats = pooled_features(model, train_x, pools, batch_size)
+        test_feats = pooled_features(model, test_x, pools, batch_size)
         for pool in pools:
-            tr = features_of_images(model, train_x, pool, batch_size)
-            te = features_of_images(model, test_x, pool, batch_size)
+            tr, te = train_feats[pool], test_feats[pool]
             if "probe" in metrics:
-                out[f"probe_{pool}"] = linear_probe(tr, train_y, te, test_y, epochs=probe_epochs, seed=seed)["acc"]
+                probe = linear_probe(tr, train_y, te, test_y, epochs=probe_epochs, seed=seed)
+                out[f"probe_{pool}"] = probe["acc"]
             if "knn" in metrics:
                 out[f"knn_{pool}"] = knn_accuracy(tr, train_y, te, test_y, k=k)
-    if "finetune" in metrics:
+    if "finetune" in metrics and finetune_epochs > 0:
         num_classes = int(max(train_y.max(), test_y.max())) + 1
         out["finetune"] = finetune(model, _loader(train_x, train_y, 64, shuffle=True, seed=seed),
                                    _loader(test_x, test_y, batch_size), num_classes=num_classes,
@@ -704,14 +726,14 @@ def evaluate_model(model: torch.nn.Module, train_set, test_set, metrics: Sequenc
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``maskedssl evaluate``."""
-    parser.add_argument("--ckpt", required=True, help="a maskedssl checkpoint (OUT/checkpoint.pt) or an official "
-                        "facebookresearch/mae one")
+    parser.add_argument("--ckpt", required=True,
+                        help="a maskedssl checkpoint (OUT/checkpoint.pt) or an official facebookresearch/mae one")
     parser.add_argument("--data", default="synthetic", help="synthetic[:N] | cifar10:PATH | cifar100:PATH | "
                         "imagefolder:PATH (default: synthetic)")
-    parser.add_argument("--metrics", default="probe,knn", help=f"comma-separated subset of {','.join(METRICS)} "
-                        "(default: probe,knn)")
-    parser.add_argument("--pool", default="cls,mean", help="features: cls, mean or cls,mean (default: both; the "
-                        "first also serves fine-tune and separability)")
+    parser.add_argument("--metrics", default="probe,knn",
+                        help=f"comma-separated subset of {','.join(METRICS)} (default: probe,knn)")
+    parser.add_argument("--pool", default="cls,mean", help="features: cls, mean or cls,mean (default: both; "
+                        "the first also serves fine-tune and separability)")
     parser.add_argument("--k", type=int, default=20, help="k-NN neighbours (default: 20)")
     parser.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs (default: 100)")
     parser.add_argument("--finetune-epochs", type=int, default=3, help="fine-tune epochs (default: 3)")
@@ -719,11 +741,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-test", type=int, default=None, help="use at most this many test images")
     parser.add_argument("--mix-weights", default=",".join(str(w) for w in MIX_WEIGHTS),
                         help="separability: subordinate mixing weights in (0, 0.5] (default: 0.1,...,0.5)")
-    parser.add_argument("--sep-images", type=int, default=1000, help="separability: images, half to fit, half "
-                        "held out (default: 1000)")
-    parser.add_argument("--cluster-images", type=int, default=64, help="clustering: test images (default: 64)")
-    parser.add_argument("--layer", type=int, default=-1, help="clustering: encoder block whose patch features "
-                        "are bi-partitioned (default: -1, the last)")
+    parser.add_argument("--sep-images", type=int, default=1000,
+                        help="separability: images, half to fit, half held out (default: 1000)")
+    parser.add_argument("--cluster-images", type=int, default=64,
+                        help="clustering: test images (default: 64)")
+    parser.add_argument("--layer", type=int, default=-1, help="clustering: encoder block whose patch "
+                        "features are bi-partitioned (default: -1, the last)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward (default: 256)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--seed", type=int, default=0)
@@ -739,13 +762,15 @@ def main(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     pools = [p.strip() for p in args.pool.split(",") if p.strip()]
     if not metrics or set(metrics) - set(METRICS):
-        raise ConfigError(f"--metrics must be a comma-separated subset of {','.join(METRICS)}, got {args.metrics!r}")
+        raise ConfigError(f"--metrics must be a comma-separated subset of {','.join(METRICS)}, "
+                          f"got {args.metrics!r}")
     if not pools or set(pools) - {"cls", "mean"}:
         raise ConfigError(f"--pool must be cls, mean or cls,mean, got {args.pool!r}")
     try:
         weights = [float(w) for w in args.mix_weights.split(",")]
     except ValueError:
-        raise ConfigError(f"--mix-weights must be comma-separated numbers, got {args.mix_weights!r}") from None
+        raise ConfigError(f"--mix-weights must be comma-separated numbers, "
+                          f"got {args.mix_weights!r}") from None
     if not all(0.0 < w <= 0.5 for w in weights):
         raise ConfigError(f"--mix-weights must lie in (0, 0.5], got {weights}")
     for name in ("k", "probe_epochs", "finetune_epochs", "sep_images", "cluster_images", "batch_size"):

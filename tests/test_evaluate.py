@@ -296,8 +296,8 @@ def test_extract_features_and_probes_on_a_model(micro_mae, synthetic):
     loader = torch.utils.data.DataLoader(train, batch_size=16)
     feats, labels = ev.extract_features(micro_mae, loader, pool="cls")
     assert feats.shape == (60, 96) and labels.shape == (60,)
-    torch.testing.assert_close(feats[:16], micro_mae.forward_features(ev.model_input(micro_mae, train.images[:16]),
-                                                                      pool="cls"))
+    direct = micro_mae.forward_features(ev.model_input(micro_mae, train.images[:16]), pool="cls")
+    torch.testing.assert_close(feats[:16], direct)
     mean_feats, _ = ev.extract_features(micro_mae, loader, pool="mean")
     assert not torch.allclose(feats, mean_feats)
     with pytest.raises(ValueError, match="pool"):
@@ -315,7 +315,8 @@ def test_clustering_metrics_on_a_model(micro_mae, synthetic):
     assert 0 <= out["fg_iou"] <= 1 and 0 <= out["mask_object_coverage"] <= 1
     assert out["informed"] is False
     snap = ev.relation_snapshot(micro_mae, train.images[:4])
-    assert len(snap) == 4 and torch.allclose(ev.relation_kl(snap[-1], snap[-1]), torch.zeros(4, dtype=torch.float64))
+    assert len(snap) == 4
+    assert torch.allclose(ev.relation_kl(snap[-1], snap[-1]), torch.zeros(4, dtype=torch.float64))
 
 
 def test_separability_and_finetune_on_a_model(micro_mae, synthetic, tmp_path):
@@ -327,6 +328,28 @@ def test_separability_and_finetune_on_a_model(micro_mae, synthetic, tmp_path):
     assert ev.plot_separability({"mae": res}, tmp_path / "sep.png").stat().st_size > 0
     before = {k: v.clone() for k, v in micro_mae.state_dict().items()}
     loader = torch.utils.data.DataLoader(train, batch_size=30)
-    out = ev.finetune(micro_mae, loader, torch.utils.data.DataLoader(test, batch_size=40), num_classes=10, epochs=1)
+    test_loader = torch.utils.data.DataLoader(test, batch_size=40)
+    out = ev.finetune(micro_mae, loader, test_loader, num_classes=10, epochs=1)
     assert 0 <= out["acc"] <= 1 and math.isfinite(out["train_loss"])
     assert all(torch.equal(before[k], v) for k, v in micro_mae.state_dict().items())  # the copy was trained
+
+
+def test_evaluate_subcommand(micro_mae, tmp_path, capsys):
+    import json
+
+    from maskedssl import cli
+    from maskedssl.train import MethodConfig, TrainConfig
+
+    cfg = TrainConfig(method=MethodConfig(method="mae", model="micro")).to_dict()
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"config": cfg, "model": micro_mae.state_dict()}, ckpt)
+    out = tmp_path / "eval" / "res.json"
+    rc = cli.main(["evaluate", "--ckpt", str(ckpt), "--data", "synthetic:50", "--metrics", "probe,knn",
+                   "--pool", "mean", "--probe-epochs", "3", "--k", "5", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["method"] == "mae" and 0 <= res["probe_mean"] <= 1 and 0 <= res["knn_mean"] <= 1
+    assert "probe_cls" not in res
+    assert cli.main(["evaluate", "--ckpt", str(ckpt), "--metrics", "probe,nope"]) == 2
+    assert cli.main(["evaluate", "--ckpt", str(ckpt), "--mix-weights", "0.7"]) == 2
+    assert "mix-weights" in capsys.readouterr().err
