@@ -312,3 +312,10 @@ def test_ncut_opcheck():
 def test_ncut_rejects(args, kwargs, err):
     with pytest.raises(err):
         ops.ncut_bipartition(*args, **kwargs)
+
+
+def test_ncut_float64_runs_the_reference():
+    feats, fg = _planted(2, 12, 5, 0.3, 0.2)
+    res = ops.ncut_bipartition(feats.double(), backend="triton")  # no float64 kernels: falls back to torch
+    ref = ops.ncut_bipartition(feats.double(), backend="torch")
+    assert torch.equal(res.foreground, ref.foreground) and res.fiedler.dtype == torch.float32

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from ._backend import cuda_extension_loaded, resolve_backend
-from ._validate import FLOAT_DTYPES, check_tensor
+from ._validate import REFERENCE_DTYPES, check_tensor
 
 AUTO_ORDER = ("cuda", "triton", "torch")
 
@@ -103,10 +103,10 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
                      backend: str | None = None) -> NCut:
     """Normalized-cut bi-partition of each sample's N patch features (B, N, D) -> ``NCut``.
 
-    feats: float32/bfloat16/float16, N >= 2; tau: TokenCut's binary-graph threshold in (-1, 1) or None
+    feats: float32/bfloat16/float16 (float64 runs the torch backend), N >= 2; tau: TokenCut's binary-graph threshold in (-1, 1) or None
     for the clamped cosine graph; eps > 0: the affinity floor. No gradient flows through the result.
     """
-    check_tensor("feats", feats, ndim=3, dtypes=FLOAT_DTYPES, what="(B, N, D)")
+    check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, D)")
     b, n, d = feats.shape
     if b < 1 or n < 2 or d < 1:
         raise ValueError(f"feats must have B >= 1, N >= 2 patches and D >= 1, got {tuple(feats.shape)}")
@@ -119,7 +119,7 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"eps must be in (0, 1], got {eps}")
-    name = resolve_backend("ncut_bipartition", backend, feats.device, AUTO_ORDER)
+    name = resolve_backend("ncut_bipartition", backend, feats.device, AUTO_ORDER, feats.dtype)
     fiedler, foreground, score = torch.ops.maskedssl.ncut_bipartition(
         feats.detach(), None if tau is None else float(tau), float(eps), name)
     return NCut(fiedler, foreground, score)
