@@ -28,8 +28,9 @@ KERNEL_TARGETS = [
     pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
     pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
 ]
-# (B, L, K, D): odd D, K = L, K = 1, L = 1, B = 1, L = 197 (with cls), a wide D.
-FORWARD_SHAPES = [(2, 196, 49, 100), (1, 50, 50, 64), (3, 1, 1, 1), (2, 197, 1, 24), (1, 64, 16, 768)]
+# (B, L, K, D): odd D, K = L, K = 1, L = 1, B = 1, L = 197 (with cls), a wide D, L = 49 (MAE's K).
+FORWARD_SHAPES = [(2, 196, 49, 100), (1, 50, 50, 64), (3, 1, 1, 1), (2, 197, 1, 24), (1, 64, 16, 768),
+                  (2, 49, 12, 192)]
 BACKWARD_SHAPES = [(2, 50, 12, 24), (1, 49, 49, 100), (3, 1, 1, 1)]
 INDEX_DTYPES = [torch.int64, torch.int32]
 
