@@ -205,6 +205,18 @@ std::tuple<at::Tensor, at::Tensor> invert_index(const at::Tensor& ids, int64_t t
 // out[b, m] = sum of grad[b, perm[b, j]] over j in [starts[b, m], starts[b, m + 1]), in fp32, in order. Block
 // (x, y) covers rows m of batch rows [y * batch_chunk, (y + 1) * batch_chunk). With pos_part, each thread's
 // sum of out[:, m] over its chunk goes to pos_part[y, m] (deterministic) or is added atomically to pos_part[m].
+// A batch chunk's fp32 partial sums: stored in the chunk's own row (deterministic), or added atomically.
+template <int VEC>
+__device__ __forceinline__ void store_partial(float* dst, const float (&acc)[VEC], bool atomic) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    if (atomic)
+      atomicAdd(dst + v, acc[v]);
+    else
+      dst[v] = acc[v];
+  }
+}
+
 template <typename T, int VEC>
 __global__ void segment_sum_kernel(const T* __restrict__ grad, const int* __restrict__ perm,
                                    const int* __restrict__ starts, T* __restrict__ out, float* __restrict__ pos_part,
@@ -236,16 +248,9 @@ __global__ void segment_sum_kernel(const T* __restrict__ grad, const int* __rest
       }
       reinterpret_cast<P*>(out + (b * m_rows + m) * d)[c] = o;
     }
-    if (pos_part != nullptr) {
-      float* dst = pos_part + ((atomic ? 0 : static_cast<int64_t>(blockIdx.y) * m_rows) + m) * d + c * VEC;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        if (atomic)
-          atomicAdd(dst + v, pos_acc[v]);
-        else
-          dst[v] = pos_acc[v];
-      }
-    }
+    if (pos_part != nullptr)
+      store_partial<VEC>(pos_part + ((atomic ? 0 : static_cast<int64_t>(blockIdx.y) * m_rows) + m) * d + c * VEC,
+                         pos_acc, atomic);
   }
 }
 
@@ -281,16 +286,9 @@ __global__ void masked_sum_kernel(const T* __restrict__ grad, const I* __restric
           if (masked) mask_acc[v] += value;
         }
       }
-      if (pos_part != nullptr) {
-        float* dst = pos_part + ((atomic ? 0 : static_cast<int64_t>(blockIdx.y) * length) + l) * d + c * VEC;
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          if (atomic)
-            atomicAdd(dst + v, pos_acc[v]);
-          else
-            dst[v] = pos_acc[v];
-        }
-      }
+      if (pos_part != nullptr)
+        store_partial<VEC>(pos_part + ((atomic ? 0 : static_cast<int64_t>(blockIdx.y) * length) + l) * d + c * VEC,
+                           pos_acc, atomic);
     }
     float* mine = block_sums + (threadIdx.y * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
