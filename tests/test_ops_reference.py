@@ -319,3 +319,12 @@ def test_ncut_float64_runs_the_reference():
     res = ops.ncut_bipartition(feats.double(), backend="triton")  # no float64 kernels: falls back to torch
     ref = ops.ncut_bipartition(feats.double(), backend="torch")
     assert torch.equal(res.foreground, ref.foreground) and res.fiedler.dtype == torch.float32
+
+
+def test_ncut_empty_batch_and_non_finite_features():
+    res = ops.ncut_bipartition(torch.randn(0, 4, 3), backend="torch")
+    assert res.fiedler.shape == (0, 4) and res.foreground.dtype == torch.bool
+    bad = torch.randn(2, 4, 3)
+    bad[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        ops.ncut_bipartition(bad)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from ._backend import cuda_extension_loaded, resolve_backend
-from ._validate import REFERENCE_DTYPES, check_tensor
+from ._validate import REFERENCE_DTYPES, check_tensor, index_checks_enabled
 
 AUTO_ORDER = ("cuda", "triton", "torch")
 
@@ -103,13 +103,15 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
                      backend: str | None = None) -> NCut:
     """Normalized-cut bi-partition of each sample's N patch features (B, N, D) -> ``NCut``.
 
-    feats: float32/bfloat16/float16 (float64 runs the torch backend), N >= 2; tau: TokenCut's binary-graph threshold in (-1, 1) or None
-    for the clamped cosine graph; eps > 0: the affinity floor. No gradient flows through the result.
+    feats: float32/bfloat16/float16 (float64 runs the torch backend), finite, N >= 2 (B = 0 gives empty
+    results); tau: TokenCut's binary-graph threshold in (-1, 1) or None for the clamped cosine graph;
+    eps > 0: the affinity floor. No gradient flows through the result. The finiteness check costs one
+    reduction and one device->host sync, like the ops' index checks (``MASKEDSSL_CHECK_INDICES=0`` skips it).
     """
     check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, D)")
     b, n, d = feats.shape
-    if b < 1 or n < 2 or d < 1:
-        raise ValueError(f"feats must have B >= 1, N >= 2 patches and D >= 1, got {tuple(feats.shape)}")
+    if n < 2 or d < 1:
+        raise ValueError(f"feats must have N >= 2 patches and D >= 1, got {tuple(feats.shape)}")
     if tau is not None:
         if isinstance(tau, bool) or not isinstance(tau, (int, float)):
             raise TypeError(f"tau must be a float or None, got {type(tau).__name__}")
@@ -120,6 +122,11 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"eps must be in (0, 1], got {eps}")
     name = resolve_backend("ncut_bipartition", backend, feats.device, AUTO_ORDER, feats.dtype)
+    if b == 0:
+        empty = feats.new_empty(0, n, dtype=torch.float32)
+        return NCut(empty, empty.bool(), empty.clone())
+    if index_checks_enabled() and not bool(torch.isfinite(feats).all()):
+        raise ValueError("feats must be finite: found NaN or inf")
     fiedler, foreground, score = torch.ops.maskedssl.ncut_bipartition(
         feats.detach(), None if tau is None else float(tau), float(eps), name)
     return NCut(fiedler, foreground, score)
