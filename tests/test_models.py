@@ -339,3 +339,21 @@ def test_gpu_backends_give_the_torch_loss(method, monkeypatch):
     for backend, out in results.items():
         assert torch.equal(out.mask, results["torch"].mask), backend
         torch.testing.assert_close(out.loss, results["torch"].loss, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["mae", "imae", "sgmae"])
+def test_a_training_step_makes_no_index_check_syncs(method, monkeypatch):
+    """The models' masks are valid by construction: their op calls skip the range checks (each a
+    device->host sync); only indices a caller passes in are checked."""
+    model = build_model(method, "micro")
+    imgs = torch.rand(2, 3, 32, 32)
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t.shape) or real(t))
+    model(imgs, progress=1.0).loss.backward()
+    assert calls == []
+    if method == "imae":
+        model(imgs, partner=torch.tensor([1, 0]), lam=torch.tensor([0.3, 0.6]))
+        # the op that takes the caller's partner and lam checks every index it is given, once:
+        # partner, lam, ids_keep, ids_masked
+        assert len(calls) == 4

@@ -328,3 +328,23 @@ def test_ncut_empty_batch_and_non_finite_features():
     bad[1, 2, 0] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         ops.ncut_bipartition(bad)
+
+
+def test_check_indices_argument_skips_only_the_range_check(monkeypatch):
+    x = torch.randn(2, 5, 3)
+    monkeypatch.setenv("MASKEDSSL_CHECK_INDICES", "0")
+    with pytest.raises(ValueError):  # the argument wins over the environment
+        ops.gather_tokens(x, torch.full((2, 1), 7), check_indices=True)
+    monkeypatch.delenv("MASKEDSSL_CHECK_INDICES")
+    bad = torch.full((2, 1), 7)
+    calls = []
+    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t) or (t.min(), t.max()))
+    ops.gather_tokens(x, torch.zeros(2, 1, dtype=torch.long), check_indices=False)
+    ops.scatter_tokens(torch.randn(2, 1, 3), torch.zeros(2, 5, dtype=torch.long), torch.randn(3),
+                       check_indices=False)
+    ops.mix_patchify(torch.rand(2, 3, 4, 4), 2, partner=torch.tensor([1, 0]), lam=0.3,
+                     ids_keep=torch.zeros(2, 1, dtype=torch.long), check_indices=False)
+    assert calls == []
+    with pytest.raises(ValueError, match="ids_keep"):
+        ops.gather_tokens(x, bad)
+    assert len(calls) == 1

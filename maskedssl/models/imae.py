@@ -117,12 +117,14 @@ class IMAE(MaskedViT):
                 lam: torch.Tensor | float | None = None, progress: float = 0.0) -> ModelOutput:
         """imgs: (B, C, H, W) float (normalised) or uint8; partner: (B,) indices into the batch; lam: the
         weight of ``imgs[b]`` in its mixture, a float or (B,) in [0, 1]. ``progress`` is unused."""
+        # a caller's partner/lam are range-checked once, in the first op; the masks are ours
+        check = None if partner is not None or lam is not None else False
         partner, lam = self._mixing(imgs, partner, lam)
         masks = random_masks(imgs.shape[0], self.num_patches, self.config.mask_ratio, device=imgs.device)
         pixel = self.pixel_options(imgs)
         inputs, (own, other) = mix_patchify(imgs, self.patch_size, partner=partner, lam=lam,
                                             ids_keep=masks.ids_keep, ids_masked=masks.ids_masked,
-                                            norm_pix=self.config.norm_pix_loss, **pixel)
+                                            norm_pix=self.config.norm_pix_loss, check_indices=check, **pixel)
         partner_is_sub = lam >= 0.5
         target_sub, target_dom = subordinate_first(partner_is_sub, own, other)
 
@@ -137,7 +139,7 @@ class IMAE(MaskedViT):
                 # rows = ids_keep as "targets" yields both unmixed images' visible rows: the teacher's inputs
                 _, (own_rows, other_rows) = mix_patchify(imgs, self.patch_size, partner=partner, lam=lam,
                                                          ids_keep=masks.ids_keep, ids_masked=masks.ids_keep,
-                                                         norm_pix=False, **pixel)
+                                                         norm_pix=False, check_indices=False, **pixel)
                 ids = masks.ids_keep.repeat(2, 1)
                 rows = torch.cat([own_rows, other_rows])
                 latent_t = self.teacher.decoder_embed(self.teacher.encode(rows, ids))
@@ -160,12 +162,13 @@ class IMAE(MaskedViT):
                     ) -> dict[str, torch.Tensor]:
         """Pictures (B, C, H, W) in [0, 1]: "mixture", "masked", "sub", "dom" (the unmixed images) and
         "recon_sub", "recon_dom" (each branch's prediction at every patch)."""
+        check = None if partner is not None or lam is not None else False
         partner, lam = self._mixing(imgs, partner, lam)
         masks = random_masks(imgs.shape[0], self.num_patches, self.config.mask_ratio, device=imgs.device)
         mixture, (own, other) = mix_patchify(imgs, self.patch_size, partner=partner, lam=lam, norm_pix=False,
-                                             **self.pixel_options(imgs))
+                                             check_indices=check, **self.pixel_options(imgs))
         sub, dom = subordinate_first(lam >= 0.5, own, other)
-        latent = self.encode(gather_tokens(mixture, masks.ids_keep), masks.ids_keep)
+        latent = self.encode(gather_tokens(mixture, masks.ids_keep, check_indices=False), masks.ids_keep)
         branches = torch.cat([self.sub_head(latent), self.dom_head(latent)])
         pred = self.decode(branches, masks.ids_restore.repeat(2, 1))
         pred_sub, pred_dom = pred.chunk(2)

@@ -40,7 +40,7 @@ class MAE(MaskedViT):
         masks, extras = self.make_masks(imgs, progress)
         inputs, (target,) = mix_patchify(imgs, self.patch_size, ids_keep=masks.ids_keep,
                                          ids_masked=masks.ids_masked, norm_pix=self.config.norm_pix_loss,
-                                         **self.pixel_options(imgs))
+                                         check_indices=False, **self.pixel_options(imgs))
         latent = self.encode(inputs, masks.ids_keep)
         pred = self.decode(self.decoder_embed(latent), masks.ids_restore, masks.ids_masked)
         loss = mse(pred, target)
@@ -55,7 +55,7 @@ class MAE(MaskedViT):
             raise ValueError(f"{type(self).__name__} does not mix images: partner and lam must be None")
         masks, _ = self.make_masks(imgs, progress)
         rows = self.patch_rows(imgs)
-        latent = self.encode(gather_tokens(rows, masks.ids_keep), masks.ids_keep)
+        latent = self.encode(gather_tokens(rows, masks.ids_keep, check_indices=False), masks.ids_keep)
         pred = self.prediction_rows(self.decode(self.decoder_embed(latent), masks.ids_restore), rows)
         mixed = torch.where(masks.mask[..., None] > 0, pred, rows.float())
         return {"input": self.to_pixels(rows), "masked": self.masked_pixels(rows, masks.mask),

@@ -70,20 +70,25 @@ def check_positive_int(name: str, value: int) -> int:
     return value
 
 
-def index_checks_enabled() -> bool:
-    """Index range checks cost one small reduction and a device->host sync per call.
+def index_checks_enabled(requested: bool | None = None) -> bool:
+    """Whether to run the data-dependent checks (index ranges, lam range, finite features).
 
-    They are on by default in eager mode; ``MASKEDSSL_CHECK_INDICES=0`` turns them off, and they are
-    skipped while ``torch.compile`` traces (a data-dependent check would break the graph).
+    Each costs one small reduction and one device->host sync per call. ``requested`` is the op's
+    ``check_indices`` argument: True/False decide; None (the default) means on unless
+    ``MASKEDSSL_CHECK_INDICES=0``. Callers whose indices are valid by construction (the models' own
+    masks) pass False, so a training step does not stall the GPU queue. Always skipped while
+    ``torch.compile`` traces (a data-dependent check would break the graph).
     """
-    if os.environ.get("MASKEDSSL_CHECK_INDICES", "1") == "0":
+    if torch.compiler.is_compiling():
         return False
-    return not torch.compiler.is_compiling()
+    if requested is not None:
+        return bool(requested)
+    return os.environ.get("MASKEDSSL_CHECK_INDICES", "1") != "0"
 
 
-def check_index_range(name: str, ids: torch.Tensor, high: int) -> None:
+def check_index_range(name: str, ids: torch.Tensor, high: int, requested: bool | None = None) -> None:
     """Every entry of ``ids`` lies in [0, high): out-of-range indices never reach a kernel."""
-    if ids.numel() == 0 or not index_checks_enabled():
+    if ids.numel() == 0 or not index_checks_enabled(requested):
         return
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both bounds
     if lo < 0 or hi >= high:

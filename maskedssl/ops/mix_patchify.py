@@ -98,20 +98,21 @@ if cuda_extension_loaded():
     torch.library.register_fake("maskedssl::mix_patchify_cuda")(_fake_outputs)
 
 
-def _check_rows(name, ids, b, length):
+def _check_rows(name, ids, b, length, check_indices):
     if ids is None:
         return
     check_tensor(name, ids, ndim=2, dtypes=INDEX_DTYPES, what="(B, rows)")
     if ids.shape[0] != b:
         raise ValueError(f"{name} must have shape ({b}, rows), got {tuple(ids.shape)}")
-    check_index_range(name, ids, length)
+    check_index_range(name, ids, length, check_indices)
 
 
 def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor | None = None,
                  lam: torch.Tensor | float | None = None, ids_keep: torch.Tensor | None = None,
                  ids_masked: torch.Tensor | None = None, norm_pix: bool = True,
                  mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None, backend: str | None = None):
+                 out_dtype: torch.dtype | None = None, backend: str | None = None,
+                 check_indices: bool | None = None):
     """Mix, patchify, select rows and build targets -> ``(inputs, targets)``.
 
     imgs: (B, C, H, W) float32/bfloat16/float16/uint8, H and W divisible by ``patch_size``;
@@ -124,7 +125,7 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
     Backends: ``torch`` (reference), ``triton`` (kernels/mix_patchify.py) and ``cuda``
     (csrc/mix_patchify.cu) each compute it in one pass over the pixels, reading only the patches the rows
     need. The range checks of partner, lam and the row indices cost one device->host sync each
-    (``MASKEDSSL_CHECK_INDICES=0`` skips them; ``torch.compile`` always does).
+    (``check_indices=False`` or ``MASKEDSSL_CHECK_INDICES=0`` skips them; ``torch.compile`` always does).
     """
     check_tensor("imgs", imgs, ndim=4, dtypes=IMAGE_DTYPES, what="(B, C, H, W)")
     b, c, height, width = imgs.shape
@@ -140,7 +141,7 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
         raise ValueError("partner and lam go together: pass both to mix, or neither")
     if partner is not None:
         check_tensor("partner", partner, shape=(b,), dtypes=INDEX_DTYPES)
-        check_index_range("partner", partner, b)
+        check_index_range("partner", partner, b, check_indices)
         if isinstance(lam, bool):
             raise TypeError("lam must be a float or a (B,) tensor, got bool")
         if isinstance(lam, (int, float)):
@@ -149,12 +150,12 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
             lam = torch.full((b,), float(lam), device=imgs.device)
         check_tensor("lam", lam, shape=(b,), dtypes=FLOAT_DTYPES)
         lam = lam.detach().float()
-        if lam.numel() and index_checks_enabled():
+        if lam.numel() and index_checks_enabled(check_indices):
             lo, hi = torch.stack(torch.aminmax(lam)).tolist()
             if not (0.0 <= lo and hi <= 1.0):
                 raise ValueError(f"lam must hold weights in [0, 1], found {lo if not 0.0 <= lo else hi}")
-    _check_rows("ids_keep", ids_keep, b, length)
-    _check_rows("ids_masked", ids_masked, b, length)
+    _check_rows("ids_keep", ids_keep, b, length, check_indices)
+    _check_rows("ids_masked", ids_masked, b, length, check_indices)
     if (mean is None) != (std is None):
         raise ValueError("mean and std go together: pass both, or neither")
     if mean is not None:

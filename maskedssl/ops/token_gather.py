@@ -207,13 +207,14 @@ if cuda_extension_loaded():
 
 # ----------------------------------------------------------------------------- public API
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None = None, *,
-                  backend: str | None = None) -> torch.Tensor:
+                  backend: str | None = None, check_indices: bool | None = None) -> torch.Tensor:
     """``out[b, k] = x[b, ids_keep[b, k]] + pos[ids_keep[b, k]]`` -> (B, K, D).
 
     x: (B, L, D) float32/bfloat16/float16 (float64 runs the torch backend), any strides; ids_keep: (B, K)
     int32/int64 in [0, L), repeats allowed; pos: (L, D) of x's dtype, or None. Differentiable in x and pos.
-    The range check of ids_keep costs one ``aminmax`` and one device->host sync (``MASKEDSSL_CHECK_INDICES=0``
-    disables it; ``torch.compile`` skips it).
+    The range check of ids_keep costs one ``aminmax`` and one device->host sync; ``check_indices=False``
+    (for indices valid by construction) or ``MASKEDSSL_CHECK_INDICES=0`` skips it, and so does
+    ``torch.compile``.
     """
     check_tensor("x", x, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, L, D)")
     b, length, d = x.shape
@@ -226,13 +227,14 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | N
         if pos.dtype != x.dtype:
             raise TypeError(f"pos must have x's dtype {x.dtype}, got {pos.dtype}")
     device = check_same_device(x=x, ids_keep=ids_keep, pos=pos)
-    check_index_range("ids_keep", ids_keep, length)
+    check_index_range("ids_keep", ids_keep, length, check_indices)
     name = resolve_backend("gather_tokens", backend, device, AUTO_ORDER, x.dtype)
     return torch.ops.maskedssl.gather_tokens(x, ids_keep, pos, name)
 
 
 def scatter_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                   pos: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+                   pos: torch.Tensor | None = None, *, backend: str | None = None,
+                   check_indices: bool | None = None) -> torch.Tensor:
     """``out[b, l] = (x_vis[b, r] if r < K else mask_token) + pos[l]``, ``r = ids_restore[b, l]``: (B, L, D).
 
     x_vis: (B, K, D) visible tokens in shuffled order; ids_restore: (B, L) int32/int64 in [0, L), entries
@@ -258,6 +260,6 @@ def scatter_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: t
         if pos.dtype != x_vis.dtype:
             raise TypeError(f"pos must have x_vis's dtype {x_vis.dtype}, got {pos.dtype}")
     device = check_same_device(x_vis=x_vis, ids_restore=ids_restore, mask_token=mask_token, pos=pos)
-    check_index_range("ids_restore", ids_restore, length)
+    check_index_range("ids_restore", ids_restore, length, check_indices)
     name = resolve_backend("scatter_tokens", backend, device, AUTO_ORDER, x_vis.dtype)
     return torch.ops.maskedssl.scatter_tokens(x_vis, ids_restore, mask_token.reshape(d), pos, name)
