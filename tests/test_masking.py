@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from maskedssl.masking import InformedMasking, masks_from_scores, random_masks
-from maskedssl.ops import patchify, random_masking
+from maskedssl.ops import ncut_bipartition, patchify, random_masking
 
 
 def _check_masks(masks, length, keep):
@@ -89,3 +89,19 @@ def test_informed_masking_validates():
         InformedMasking(hint_ratio=1.5)
     with pytest.raises(ValueError, match="feats"):
         InformedMasking()(torch.randn(64, 8))
+
+
+def test_centring_makes_masks_ignore_a_shared_feature_component(monkeypatch):
+    """With ``center_features`` the cut sees each sample's features minus their mean, so a component
+    shared by every patch (large early in training) changes nothing; without it the raw features go in."""
+    rows, objects = _planted()
+    shared = 20 * torch.randn(rows.shape[-1], generator=torch.Generator().manual_seed(1))
+    centred = InformedMasking(mask_ratio=0.75, hint_ratio=0.0)
+    with_shared, without = centred(rows + shared), centred(rows)
+    assert torch.equal(with_shared.masks.mask, without.masks.mask)
+    assert with_shared.masks.mask.bool()[objects].all()
+    seen = []
+    monkeypatch.setattr("maskedssl.masking.ncut_bipartition",
+                        lambda feats, tau, eps: seen.append(feats) or ncut_bipartition(feats, tau, eps))
+    InformedMasking(mask_ratio=0.75, hint_ratio=0.0, center_features=False)(rows + shared)
+    torch.testing.assert_close(seen[0], rows + shared)

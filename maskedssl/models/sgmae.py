@@ -26,7 +26,9 @@ class SGMAEConfig(MAEConfig):
     last block; the paper finds early layers about as good, and they are cheaper);
     hint_ratio: fraction of the would-be-masked foreground patches left visible (our default 0.05);
     tau: None for the clamped-cosine affinity, else TokenCut's binary graph threshold (TokenCut: 0.2);
-    eps: the affinity floor.
+    eps: the affinity floor;
+    center_features: subtract each sample's mean patch feature before the cut (our choice, default on;
+    see ``maskedssl.masking.InformedMasking``; False gives TokenCut's plain cosine graph).
     """
 
     warmup_frac: float = 0.1
@@ -34,6 +36,7 @@ class SGMAEConfig(MAEConfig):
     hint_ratio: float = 0.05
     tau: float | None = None
     eps: float = 1e-5
+    center_features: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,7 +57,8 @@ class SelfGuidedMAE(MAE):
     def __init__(self, config: SGMAEConfig | None = None):
         config = config or SGMAEConfig()
         super().__init__(config)
-        self.informed_masking = InformedMasking(config.mask_ratio, config.hint_ratio, config.tau, config.eps)
+        self.informed_masking = InformedMasking(config.mask_ratio, config.hint_ratio, config.tau, config.eps,
+                                                config.center_features)
 
     def make_masks(self, imgs: torch.Tensor, progress: float) -> tuple[Masks, dict]:
         if progress < self.config.warmup_frac:
