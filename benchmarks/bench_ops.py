@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.common import add_speedups, format_table, measure_peaks, require_cuda, write_results
 
 # Not per-op modules: this driver and the end-to-end training benchmark.
-NOT_OPS = {"ops", "train"}
+NOT_OPS = {"ops", "train", "dispatch"}
 
 
 def op_modules() -> list[str]:
