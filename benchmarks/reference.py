@@ -27,6 +27,11 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
+# Init-time and layout helpers are ours (the same functions the official code has); what the reference
+# keeps of the official code is how the training step moves its data.
+from maskedssl.models.vit import sincos_pos_embed
+from maskedssl.ops import patchify
+
 
 @dataclasses.dataclass
 class ReferenceConfig:
@@ -68,30 +73,6 @@ def config_from_model(model: nn.Module) -> ReferenceConfig:
     return ReferenceConfig(**values)
 
 
-def sincos_pos_embed(dim: int, grid: int, cls_token: bool) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos table, (1 + grid*grid or grid*grid, dim); half the channels per axis."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-    coords = torch.arange(grid, dtype=torch.float64)
-    gh, gw = torch.meshgrid(coords, coords, indexing="xy")
-
-    def encode(pos):
-        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    table = torch.cat([encode(gh), encode(gw)], dim=1)
-    if cls_token:
-        table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)
-    return table.float()
-
-
-def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    b, c, height, width = imgs.shape
-    h, w = height // p, width // p
-    x = imgs.reshape(b, c, h, p, w, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(b, h * w, p * p * c)
-
-
 def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
     norm = partial(nn.LayerNorm, eps=1e-6)
     return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth))
@@ -111,12 +92,12 @@ class ReferenceMAE(nn.Module):
         grid = cfg.img_size // p
         self.num_patches = grid * grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos_embed = nn.Parameter(sincos_pos_embed(d, grid, True)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(d, grid, grid)[None], requires_grad=False)
         self.blocks = make_blocks(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.decoder_embed = nn.Linear(d, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(dd, grid, True)[None], requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(dd, grid, grid)[None], requires_grad=False)
         self.decoder_blocks = make_blocks(dd, cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio)
         self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
         self.decoder_pred = nn.Linear(dd, p * p * cfg.in_chans)
