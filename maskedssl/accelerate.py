@@ -17,7 +17,6 @@ import types
 import torch
 
 from .masking import Masks, random_masks
-from .models.vit import mse
 from .ops import embed_patches, gather_tokens, mix_patchify, patchify, scatter_tokens
 
 REQUIRED = ("patchify", "random_masking", "forward_encoder", "forward_decoder", "forward_loss", "patch_embed",
@@ -59,6 +58,9 @@ def _decode(model, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Ten
 
 
 def _forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
+    # imported here: models/ pulls in timm, which `import maskedssl.ops` should not pay for
+    from .models.vit import mse
+
     masks = _masks(self, imgs, mask_ratio)
     rows, (target,) = mix_patchify(imgs, _patch_size(self), ids_keep=masks.ids_keep,
                                    ids_masked=masks.ids_masked, norm_pix=bool(self.norm_pix_loss),
