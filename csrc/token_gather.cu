@@ -41,6 +41,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
 
+// The training dtypes only: the kernels add and accumulate in fp32, which would silently round float64
+// (the public ops send float64 to the torch backend); any other dtype raises.
+#define MASKEDSSL_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)          \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
@@ -132,7 +140,7 @@ at::Tensor gather_rows(const at::Tensor& src_in, const at::Tensor& ids, const st
   const at::Tensor pos = pos_in.has_value() ? (pos_in->stride(1) == 1 ? *pos_in : pos_in->contiguous()) : at::Tensor();
   const int64_t pos_stride = pos.defined() ? pos.stride(0) : 0;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_tokens_cuda", [&] {
+  MASKEDSSL_DISPATCH_FLOAT_TYPES(src.scalar_type(), "gather_tokens_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "gather_tokens_cuda", [&] {
       const scalar_t* fill_ptr = fill.defined() ? fill.data_ptr<scalar_t>() : nullptr;
       const scalar_t* pos_ptr = pos.defined() ? pos.data_ptr<scalar_t>() : nullptr;
@@ -326,7 +334,7 @@ void launch_segment_sum(const at::Tensor& grad, const at::Tensor& perm, const at
                         float* pos_part, int64_t m_rows, int64_t chunk, int64_t chunks, bool atomic,
                         cudaStream_t stream) {
   const int64_t batch = grad.size(0), n_rows = grad.size(1), d = grad.size(2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "segment_sum_cuda", [&] {
+  MASKEDSSL_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "segment_sum_cuda", [&] {
     const bool vectorized = can_vectorize<scalar_t>(d, {}, {grad.data_ptr(), out.data_ptr()});
     with_vec<scalar_t>(vectorized, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
@@ -384,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_tokens_backward_cuda(cons
   }
 
   at::Tensor grad_mask, grad_pos = at::empty({0}, grad.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scatter_tokens_backward_cuda", [&] {
+  MASKEDSSL_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "scatter_tokens_backward_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "scatter_tokens_backward_cuda", [&] {
       with_vec<scalar_t>(can_vectorize<scalar_t>(d, {}, {grad.data_ptr()}), [&](auto vec) {
         constexpr int VEC = decltype(vec)::value;
