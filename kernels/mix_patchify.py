@@ -7,7 +7,8 @@ then (x - mean[c]) / std[c] when given),
   inputs[b, k]  = patch ids_keep[b, k] of lerp(imgs[q], imgs[b], lam[b])        (no mixing: of imgs[b])
   target[b, m]  = normalise(patch ids_masked[b, m] of imgs[b])
   other[b, m]   = normalise(patch ids_masked[b, m] of imgs[q])                  (only when mixing)
-normalise = MAE's norm_pix_loss, (t - mean) / sqrt(var + 1e-6) with unbiased var over the row, in fp32
+normalise = MAE's norm_pix_loss, (t - mean) / sqrt(var + 1e-6) with unbiased var over the row, in fp32,
+computed on the row shifted by its first value (exact zeros for a flat patch)
 (identity when norm_pix is off). Outputs are written in out_dtype.
 
 Layout: imgs (B, C, H, W) with any strides; a patch row has R = p*p*C entries ordered (py, px, c), i.e.
@@ -50,7 +51,10 @@ def _load_patches(imgs, sample, patch, grid_w, stride_b, stride_h, stride_w, lan
 
 
 @triton.jit
-def _normalize_rows(x, valid, R: tl.constexpr):
+def _normalize_rows(x, valid, first, R: tl.constexpr):
+    # Shift by the row's first value before the mean (as the torch backend): a flat patch gives exact
+    # zeros, not its rounding error amplified by 1 / sqrt(1e-6).
+    x = x - tl.sum(tl.where(first, x, 0.0), axis=1)[:, None]
     mean = tl.sum(tl.where(valid, x, 0.0), axis=1) / R
     centered = tl.where(valid, x - mean[:, None], 0.0)
     var = tl.sum(centered * centered, axis=1) / (R - 1)
@@ -107,18 +111,19 @@ def _mix_patchify_kernel(imgs, partner, lam, ids_keep, ids_masked, mean, std, in
         else:
             patch = tl.load(ids_masked + row, mask=row_ok, other=0).to(tl.int64)
         valid = row_ok[:, None] & lane_ok[None, :]
+        first = (lane == 0)[None, :]
         out = row[:, None] * R + lane[None, :]
         x = _load_patches(imgs, sample, patch, grid_w, stride_b, stride_h, stride_w, lane_offset, valid,
                           mean_c, std_c, P, NORMALIZE)
         if NORM_PIX:
-            x = _normalize_rows(x, valid, R)
+            x = _normalize_rows(x, valid, first, R)
         tl.store(target + out, x.to(target.dtype.element_ty), mask=valid)
         if MIX:
             mate = tl.load(partner + sample, mask=row_ok, other=0).to(tl.int64)
             y = _load_patches(imgs, mate, patch, grid_w, stride_b, stride_h, stride_w, lane_offset, valid,
                               mean_c, std_c, P, NORMALIZE)
             if NORM_PIX:
-                y = _normalize_rows(y, valid, R)
+                y = _normalize_rows(y, valid, first, R)
             tl.store(other + out, y.to(other.dtype.element_ty), mask=valid)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from conftest import DTYPES, HAS_CUDA, assert_close, cpu_kernel_backends, gpu_kernel_backends
@@ -121,6 +122,47 @@ def test_uint8_equals_normalising_first(backend):
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+@pytest.mark.parametrize("kind", ["float32", "uint8"])
+def test_flat_patches_normalise_to_exact_zeros(backend, kind):
+    # A constant patch has mean = its value and var = 0: its norm_pix target is 0. Computing the mean
+    # first left its rounding error times 1/sqrt(1e-6), up to 2.4e-4 (value 2.9), different per backend.
+    imgs, kwargs = make_case(kind, b=2, height=16, width=32, p=16, ids=False)
+    imgs[:, :, :, :16] = 77 if kind == "uint8" else 2.9
+    inputs, (target, other) = check_against_torch(backend, imgs, 16, **kwargs)
+    assert torch.equal(target[:, 0], torch.zeros_like(target[:, 0]))
+    assert torch.equal(other[:, 0], torch.zeros_like(other[:, 0]))
+    assert target[:, 1].abs().max() > 0.5  # the random patch is normalised as before
+    assert torch.equal(ops.normalize_rows(torch.full((3, 768), 0.7)), torch.zeros(3, 768))
+
+
+def test_float64_and_scalar_lam_forms():
+    imgs, kwargs = make_case("float32", b=2, mix=True)
+    want_inputs, want_targets = ops.mix_patchify(imgs, 4, **kwargs)
+    # float64 images, lam, mean/std run on the torch backend in float64, whatever backend was asked for
+    for backend in ["torch", *cpu_kernel_backends()]:
+        got_inputs, got_targets = ops.mix_patchify(imgs.double(), 4, backend=backend,
+                                                   **dict(kwargs, lam=kwargs["lam"].double()))
+        assert got_inputs.dtype == torch.float64
+        assert_close(got_inputs.float(), want_inputs)
+        for got, want in zip(got_targets, want_targets):
+            assert got.dtype == torch.float64 and got.shape == want.shape
+            assert_close(got.float(), want)
+    one = dict(kwargs, lam=0.25)
+    want_inputs, _ = ops.mix_patchify(imgs, 4, **one)
+    for lam in (torch.tensor(0.25), torch.tensor(0.25, dtype=torch.float64), np.float32(0.25)):
+        assert torch.equal(ops.mix_patchify(imgs, 4, **dict(kwargs, lam=lam))[0], want_inputs)
+
+
+def test_meta_tensors_give_shapes():
+    meta = torch.device("meta")
+    inputs, (target, other) = ops.mix_patchify(
+        torch.rand(2, 3, 8, 12, device=meta), 4, partner=torch.zeros(2, dtype=torch.long, device=meta),
+        lam=0.5, ids_keep=torch.zeros(2, 2, dtype=torch.long, device=meta))
+    assert inputs.shape == (2, 2, 48) and target.shape == other.shape == (2, 6, 48)
+    assert inputs.device.type == "meta"
+
+
 def test_index_dtypes_mixed():
     for backend in ["torch", *cpu_kernel_backends()]:
         imgs, kwargs = make_case("float32", mix=True)
@@ -168,6 +210,26 @@ def _bad_cases():
         ("norm_pix on one value", dict(imgs=torch.rand(2, 1, 4, 4), patch_size=1), ValueError, "norm_pix"),
         ("patch_size zero", dict(patch_size=0), ValueError, "patch_size"),
         ("backend", dict(backend="fast"), ValueError, "backend"),
+        ("no channels", dict(imgs=torch.rand(2, 0, 8, 8), norm_pix=False), ValueError, "channel"),
+        ("imgs bool", dict(imgs=torch.rand(2, 3, 8, 8) > 0.5), TypeError, "imgs"),
+        ("patch_size float", dict(patch_size=4.0), TypeError, "patch_size"),
+        ("lam 2-D", dict(partner=two, lam=torch.rand(2, 1)), ValueError, "lam"),
+        ("lam bool tensor", dict(partner=two, lam=torch.tensor([True, False])), TypeError, "lam"),
+        ("std zero", dict(mean=torch.zeros(3), std=torch.tensor([1.0, 0.0, 1.0])), ValueError, "std"),
+        ("std negative", dict(mean=torch.zeros(3), std=torch.tensor([1.0, -0.5, 1.0])), ValueError, "std"),
+        ("std nan", dict(mean=torch.zeros(3), std=torch.tensor([1.0, float("nan"), 1.0])), ValueError, "std"),
+        ("mean inf", dict(mean=torch.tensor([0.0, float("inf"), 0.0]), std=torch.ones(3)), ValueError,
+         "mean"),
+        ("norm_pix str", dict(norm_pix="no"), TypeError, "norm_pix"),
+        ("check_indices str", dict(check_indices="no"), TypeError, "check_indices"),
+        # devices are compared before any value is read (reading a meta tensor used to raise
+        # NotImplementedError from the range check)
+        ("partner on meta", dict(partner=two.to("meta"), lam=0.5), ValueError, "device"),
+        ("lam on meta", dict(partner=two, lam=torch.rand(2, device="meta")), ValueError, "device"),
+        ("ids on meta", dict(ids_keep=torch.zeros(2, 1, dtype=torch.long, device="meta")), ValueError,
+         "device"),
+        ("imgs on meta", dict(imgs=torch.rand(2, 3, 8, 8, device="meta"), partner=two, lam=0.5), ValueError,
+         "device"),
     ]
 
 

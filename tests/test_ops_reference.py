@@ -225,6 +225,21 @@ def test_mix_patchify_rejects(kwargs, err):
         ops.mix_patchify(torch.rand(2, 3, 4, 4), 2, **kwargs)
 
 
+def test_normalize_rows_matches_formula_and_rejects():
+    t = torch.randn(3, 5, 12, dtype=torch.float64) * 3 + 100  # a large common offset
+    mu = t.mean(-1, keepdim=True)
+    want = (t - mu) / torch.sqrt(((t - mu) ** 2).sum(-1, keepdim=True) / 11 + 1e-6)
+    got = normalize_rows(t)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(normalize_rows(t.float()), want.float(), rtol=1e-5, atol=1e-5)
+    assert normalize_rows(torch.randn(2, 0, 4)).shape == (2, 0, 4)
+    for bad, err in ((torch.randn(3, 1), ValueError), (torch.tensor(1.0), ValueError),
+                     (torch.ones(3, 4, dtype=torch.long), TypeError), ([1.0, 2.0], TypeError)):
+        with pytest.raises(err, match="t "):
+            normalize_rows(bad)
+
+
 def test_mix_patchify_rejects_indivisible_image():
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         ops.mix_patchify(torch.rand(2, 3, 6, 4), 4)

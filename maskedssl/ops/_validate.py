@@ -79,6 +79,8 @@ def index_checks_enabled(requested: bool | None = None) -> bool:
     masks) pass False, so a training step does not stall the GPU queue. Always skipped while
     ``torch.compile`` traces (a data-dependent check would break the graph).
     """
+    if requested is not None and requested not in (True, False):
+        raise TypeError(f"check_indices must be a bool or None, got {requested!r}")
     if torch.compiler.is_compiling():
         return False
     if requested is not None:
@@ -87,8 +89,9 @@ def index_checks_enabled(requested: bool | None = None) -> bool:
 
 
 def check_index_range(name: str, ids: torch.Tensor, high: int, requested: bool | None = None) -> None:
-    """Every entry of ``ids`` lies in [0, high): out-of-range indices never reach a kernel."""
-    if ids.numel() == 0 or not index_checks_enabled(requested):
+    """Every entry of ``ids`` lies in [0, high): out-of-range indices never reach a kernel. Meta tensors
+    hold no values to check."""
+    if ids.numel() == 0 or ids.device.type == "meta" or not index_checks_enabled(requested):
         return
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both bounds
     if lo < 0 or hi >= high:

@@ -11,15 +11,17 @@ No gradient flows through it.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ._backend import available_backends, cuda_extension_loaded, resolve_backend, warn_once
-from ._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_device, check_tensor,
-                        index_checks_enabled)
+from ._validate import (FLOAT_DTYPES, INDEX_DTYPES, REFERENCE_DTYPES, check_index_range, check_same_device,
+                        check_tensor, index_checks_enabled)
 from .patchify import grid_size, patchify
 
 AUTO_ORDER = ("cuda", "triton", "torch")
-IMAGE_DTYPES = (*FLOAT_DTYPES, torch.uint8)
+IMAGE_DTYPES = (*REFERENCE_DTYPES, torch.uint8)  # float64: torch backend only
 
 
 def cuda_takes(row: int, channels: int) -> bool:
@@ -30,11 +32,24 @@ def cuda_takes(row: int, channels: int) -> bool:
 
 
 def normalize_rows(t: torch.Tensor) -> torch.Tensor:
-    """MAE's norm_pix_loss target: (t - mean) / sqrt(var + 1e-6) per row, unbiased var, in float32."""
-    t = t.float()
-    mean = t.mean(dim=-1, keepdim=True)
-    var = t.var(dim=-1, keepdim=True)
-    return (t - mean) / (var + 1.0e-6) ** 0.5
+    """MAE's norm_pix_loss target: (t - mean) / sqrt(var + 1e-6) over the last dim, unbiased var, in
+    float32 (float64 stays float64). Rows need at least 2 values.
+
+    The row is shifted by its first value before the mean is taken: the same function, but a constant
+    row gives exactly 0 instead of its rounding error times 1 / sqrt(1e-6) (up to ~1e-4 on a flat
+    patch), and a near-constant row loses no digits to a large common offset. The kernels do the same.
+    """
+    check_tensor("t", t, dtypes=(*REFERENCE_DTYPES, torch.uint8))
+    if t.dim() == 0 or t.shape[-1] < 2:
+        raise ValueError(f"t must have rows of at least 2 values (unbiased variance), "
+                         f"got shape {tuple(t.shape)}")
+    t = t.double() if t.dtype == torch.float64 else t.float()
+    if t.numel() == 0:
+        return t.clone()
+    shifted = t - t[..., :1]
+    centered = shifted - shifted.mean(dim=-1, keepdim=True)
+    var = centered.square().sum(dim=-1, keepdim=True) / (t.shape[-1] - 1)
+    return centered / (var + 1.0e-6).sqrt()
 
 
 def _rows(x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
@@ -45,13 +60,15 @@ def _rows(x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
 
 def _mix_patchify_torch(imgs, patch_size, partner, lam, ids_keep, ids_masked, norm_pix, mean, std,
                         out_dtype):
-    x = imgs.float()
+    # float32 arithmetic, as the kernels; float64 throughout when imgs or the outputs are float64
+    compute = torch.float64 if torch.float64 in (imgs.dtype, out_dtype) else torch.float32
+    x = imgs.to(compute)
     if imgs.dtype == torch.uint8:
         x = x / 255.0
     if mean is not None:
-        x = (x - mean.float().view(1, -1, 1, 1)) / std.float().view(1, -1, 1, 1)
+        x = (x - mean.to(compute).view(1, -1, 1, 1)) / std.to(compute).view(1, -1, 1, 1)
     unmixed = [x] if partner is None else [x, x[partner.long()]]
-    mixed = x if partner is None else torch.lerp(unmixed[1], x, lam.float().view(-1, 1, 1, 1))
+    mixed = x if partner is None else torch.lerp(unmixed[1], x, lam.to(compute).view(-1, 1, 1, 1))
     inputs = _rows(patchify(mixed, patch_size), ids_keep).to(out_dtype)
     targets = []
     for img in unmixed:
@@ -98,13 +115,33 @@ if cuda_extension_loaded():
     torch.library.register_fake("maskedssl::mix_patchify_cuda")(_fake_outputs)
 
 
-def _check_rows(name, ids, b, length, check_indices):
+def _check_rows(name, ids, b):
     if ids is None:
         return
     check_tensor(name, ids, ndim=2, dtypes=INDEX_DTYPES, what="(B, rows)")
     if ids.shape[0] != b:
         raise ValueError(f"{name} must have shape ({b}, rows), got {tuple(ids.shape)}")
-    check_index_range(name, ids, length, check_indices)
+
+
+def _check_values(b, length, partner, lam, ids_keep, ids_masked, mean, std, check_indices):
+    """The checks that read values (one device->host sync each); ``check_indices`` decides, as for the
+    other ops."""
+    for name, ids, high in (("partner", partner, b), ("ids_keep", ids_keep, length),
+                            ("ids_masked", ids_masked, length)):
+        if ids is not None:
+            check_index_range(name, ids, high, check_indices)
+    if not index_checks_enabled(check_indices):
+        return
+    if lam is not None and lam.numel():
+        lo, hi = torch.stack(torch.aminmax(lam)).tolist()
+        if not (0.0 <= lo and hi <= 1.0):
+            raise ValueError(f"lam must hold weights in [0, 1], found {lo if not 0.0 <= lo else hi}")
+    if mean is not None:
+        ok = torch.stack([torch.isfinite(mean).all(), (torch.isfinite(std) & (std > 0)).all()]).tolist()
+        if not ok[0]:
+            raise ValueError(f"mean must be finite, got {mean.tolist()}")
+        if not ok[1]:
+            raise ValueError(f"std must be finite and positive, got {std.tolist()}")
 
 
 def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor | None = None,
@@ -115,56 +152,64 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
                  check_indices: bool | None = None):
     """Mix, patchify, select rows and build targets -> ``(inputs, targets)``.
 
-    imgs: (B, C, H, W) float32/bfloat16/float16/uint8, H and W divisible by ``patch_size``;
-    partner: (B,) int indices into the batch, with ``lam`` (float or (B,) tensor in [0, 1]) the weight of
-    ``imgs[b]``; ids_keep: (B, K) rows for ``inputs``; ids_masked: (B, M) rows for ``targets``;
-    mean/std: (C,) per-channel normalisation; out_dtype: defaults to imgs' dtype (float32 for uint8).
+    imgs: (B, C, H, W) float32/bfloat16/float16/uint8 (float64: torch backend), C >= 1, H and W divisible
+    by ``patch_size``; partner: (B,) int32/int64 indices into the batch, with ``lam`` (a float, a 0-d or
+    (B,) float tensor, in [0, 1]) the weight of ``imgs[b]``; ids_keep: (B, K) rows for ``inputs``;
+    ids_masked: (B, M) rows for ``targets`` (rows may repeat); mean/std: (C,) per-channel normalisation,
+    std > 0; norm_pix: bool; out_dtype: float32/bfloat16/float16/float64, defaults to imgs' dtype (float32
+    for uint8). Pixels are computed in float32, or float64 when imgs or out_dtype is float64.
     Returns ``inputs`` (B, K, p*p*C) and ``targets``, a tuple of one (B, M, p*p*C) tensor per unmixed
     image: ``(imgs,)``, or ``(imgs, imgs[partner])`` when mixing.
 
     Backends: ``torch`` (reference), ``triton`` (kernels/mix_patchify.py) and ``cuda``
     (csrc/mix_patchify.cu) each compute it in one pass over the pixels, reading only the patches the rows
-    need. The range checks of partner, lam and the row indices cost one device->host sync each
-    (``check_indices=False`` or ``MASKEDSSL_CHECK_INDICES=0`` skips them; ``torch.compile`` always does).
+    need. The value checks (partner, lam and row index ranges, finite mean and positive std) cost one
+    device->host sync each (``check_indices=False`` or ``MASKEDSSL_CHECK_INDICES=0`` skips them;
+    ``torch.compile`` always does).
     """
     check_tensor("imgs", imgs, ndim=4, dtypes=IMAGE_DTYPES, what="(B, C, H, W)")
     b, c, height, width = imgs.shape
+    if c == 0:
+        raise ValueError(f"imgs must have at least one channel, got shape {tuple(imgs.shape)}")
     h, w = grid_size(height, width, patch_size)
     length = h * w
+    if norm_pix not in (True, False):
+        raise TypeError(f"norm_pix must be a bool, got {norm_pix!r}")
     if norm_pix and patch_size * patch_size * c < 2:
         raise ValueError("norm_pix needs at least 2 values per patch (p*p*C >= 2)")
     if out_dtype is None:
         out_dtype = torch.float32 if imgs.dtype == torch.uint8 else imgs.dtype
-    if out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be one of float32, bfloat16, float16, got {out_dtype}")
+    if out_dtype not in REFERENCE_DTYPES:
+        raise TypeError(f"out_dtype must be one of float32, bfloat16, float16, float64, got {out_dtype}")
+    compute = torch.float64 if torch.float64 in (imgs.dtype, out_dtype) else torch.float32
     if (partner is None) != (lam is None):
         raise ValueError("partner and lam go together: pass both to mix, or neither")
     if partner is not None:
         check_tensor("partner", partner, shape=(b,), dtypes=INDEX_DTYPES)
-        check_index_range("partner", partner, b, check_indices)
-        if isinstance(lam, bool):
-            raise TypeError("lam must be a float or a (B,) tensor, got bool")
-        if isinstance(lam, (int, float)):
+        if isinstance(lam, bool) or (isinstance(lam, torch.Tensor) and lam.dtype == torch.bool):
+            raise TypeError("lam must be a float or a (B,) float tensor, got bool")
+        if isinstance(lam, numbers.Real):
             if not 0.0 <= lam <= 1.0:
                 raise ValueError(f"lam must be in [0, 1], got {lam}")
-            lam = torch.full((b,), float(lam), device=imgs.device)
-        check_tensor("lam", lam, shape=(b,), dtypes=FLOAT_DTYPES)
-        lam = lam.detach().float()
-        if lam.numel() and index_checks_enabled(check_indices):
-            lo, hi = torch.stack(torch.aminmax(lam)).tolist()
-            if not (0.0 <= lo and hi <= 1.0):
-                raise ValueError(f"lam must hold weights in [0, 1], found {lo if not 0.0 <= lo else hi}")
-    _check_rows("ids_keep", ids_keep, b, length, check_indices)
-    _check_rows("ids_masked", ids_masked, b, length, check_indices)
+            lam = torch.full((b,), float(lam), dtype=compute, device=imgs.device)
+        if isinstance(lam, torch.Tensor) and lam.dim() == 0:  # one weight for the whole batch
+            lam = lam.expand(b)
+        check_tensor("lam", lam, shape=(b,), dtypes=REFERENCE_DTYPES, what="(B,)")
+        lam = lam.detach().to(compute)
+    _check_rows("ids_keep", ids_keep, b)
+    _check_rows("ids_masked", ids_masked, b)
     if (mean is None) != (std is None):
         raise ValueError("mean and std go together: pass both, or neither")
     if mean is not None:
-        check_tensor("mean", mean, shape=(c,), dtypes=FLOAT_DTYPES)
-        check_tensor("std", std, shape=(c,), dtypes=FLOAT_DTYPES)
-        mean, std = mean.detach().float(), std.detach().float()
+        check_tensor("mean", mean, shape=(c,), dtypes=REFERENCE_DTYPES)
+        check_tensor("std", std, shape=(c,), dtypes=REFERENCE_DTYPES)
+        mean, std = mean.detach().to(compute), std.detach().to(compute)
+    # every device before any value is read: a value check on another device (or meta) would fail obscurely
     device = check_same_device(imgs=imgs, partner=partner, lam=lam, ids_keep=ids_keep, ids_masked=ids_masked,
                                mean=mean, std=std)
-    name = resolve_backend("mix_patchify", backend, device, AUTO_ORDER)
+    if device.type != "meta":
+        _check_values(b, length, partner, lam, ids_keep, ids_masked, mean, std, check_indices)
+    name = resolve_backend("mix_patchify", backend, device, AUTO_ORDER, dtype=compute)
     if name == "cuda" and not cuda_takes(patch_size * patch_size * c, c):
         name = "triton" if "triton" in available_backends(device) else "torch"
         warn_once(f"maskedssl.mix_patchify: patch rows of p*p*C = {patch_size * patch_size * c} values are "
