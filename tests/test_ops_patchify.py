@@ -62,10 +62,25 @@ def test_patchify_is_differentiable():
     (lambda: ops.unpatchify(torch.randn(1, 4, 48), 4, height=8), ValueError, "both height and width"),
     (lambda: ops.unpatchify(torch.randn(1, 4, 48), 4, height=8, width=12), ValueError, "gives 6 patches"),
     (lambda: ops.unpatchify(torch.randn(4, 48), 4), ValueError, "3-D"),
+    (lambda: ops.patchify(torch.randn(1, 0, 8, 8), 4), ValueError, "channel"),
+    (lambda: ops.unpatchify(torch.randn(1, 6, 16), 4, channels=3), ValueError, "channels=3"),
+    # negative or float sizes used to reach reshape (RuntimeError / a message about tuples of ints)
+    (lambda: ops.unpatchify(torch.randn(1, 6, 48), 4, height=-8, width=-12), ValueError, "height"),
+    (lambda: ops.unpatchify(torch.randn(1, 6, 48), 4, height=8.0, width=12.0), TypeError, "height"),
+    (lambda: ops.unpatchify(torch.randn(1, 4, 0), 4), ValueError, "p\\*p\\*C"),
 ])
 def test_patchify_rejects(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 4])
+def test_unpatchify_infers_channels(c):
+    # channels used to default to 3: a 1-channel round trip needed channels=1 spelled out
+    imgs = torch.randn(2, c, 8, 12)
+    assert torch.equal(ops.unpatchify(ops.patchify(imgs, 4), 4, 8, 12), imgs)
+    square = torch.randn(2, c, 8, 8)
+    assert torch.equal(ops.unpatchify(ops.patchify(square, 2), 2), square)
 
 
 # ----------------------------------------------------------------------------- embed_patches
@@ -120,6 +135,9 @@ def test_embed_patches_low_precision_and_no_bias():
     ((torch.randn(2, 5, 48).half(), torch.randn(8, 3, 4, 4)), TypeError, "proj_weight"),
     ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 4), torch.randn(8).half()), TypeError, "proj_bias"),
     ((torch.zeros(2, 5, 48, dtype=torch.uint8), torch.randn(8, 3, 4, 4)), TypeError, "inputs"),
+    # a meta weight used to give meta tokens, a meta bias a RuntimeError from F.linear
+    ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 4, device="meta")), ValueError, "device"),
+    ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 4), torch.randn(8, device="meta")), ValueError, "device"),
 ])
 def test_embed_patches_rejects(args, err, match):
     with pytest.raises(err, match=match):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +47,43 @@ def test_random_masking_generator_is_reproducible():
 def test_random_masking_rejects(args, err):
     with pytest.raises(err):
         ops.random_masking(*args)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(generator=5), TypeError, "generator"),  # used to raise AttributeError
+    (dict(device="bogus"), ValueError, "device"),  # used to raise RuntimeError from torch.rand
+    (dict(device="meta", generator=torch.Generator()), ValueError, "generator"),
+])
+def test_random_masking_rejects_device_and_generator(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        ops.random_masking(2, 10, 0.5, **kwargs)
+
+
+def test_random_masking_edges_and_numpy_ratio():
+    ids_keep, ids_restore, mask = ops.random_masking(2, 7, 0.0)  # K = L
+    assert ids_keep.shape == (2, 7) and mask.sum() == 0
+    ids_keep, _, mask = ops.random_masking(3, 196, 0.99)  # K = int(196 * 0.01) = 1
+    assert ids_keep.shape == (3, 1) and mask.sum() == 3 * 195
+    assert ops.random_masking(2, 16, np.float32(0.75))[0].shape == (2, 4)
+    with pytest.raises(ValueError, match="keeps no token"):  # K = 0
+        ops.random_masking(2, 196, 0.999)
+
+
+@pytest.mark.parametrize("length,ratio,want", [(196, 0.75, 49), (196, 0.0, 196), (196, 1.0, 0), (0, 0.5, 0),
+                                               (50, 0.9, 4), (16, np.float32(0.75), 4)])
+def test_num_kept_is_mae_len_keep(length, ratio, want):
+    assert ops.num_kept(length, ratio) == want == int(length * (1 - float(ratio)))
+
+
+@pytest.mark.parametrize("args,err,match", [
+    ((10, 1.5), ValueError, "mask_ratio"), ((10, -0.5), ValueError, "mask_ratio"),  # used to give -5, 15
+    ((10, float("nan")), ValueError, "mask_ratio"), ((10, "0.5"), TypeError, "mask_ratio"),
+    ((10, True), TypeError, "mask_ratio"), ((-10, 0.5), ValueError, "length"),
+    ((10.5, 0.5), TypeError, "length"),
+])
+def test_num_kept_rejects(args, err, match):
+    with pytest.raises(err, match=match):
+        ops.num_kept(*args)
 
 
 # ----------------------------------------------------------------------------- gather / scatter

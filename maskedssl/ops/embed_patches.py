@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validate import FLOAT_DTYPES, check_tensor
+from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
 
 DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradcheck
 
@@ -35,4 +35,5 @@ def embed_patches(inputs: torch.Tensor, proj_weight: torch.Tensor,
         raise TypeError(f"proj_weight dtype {proj_weight.dtype} must match inputs dtype {inputs.dtype}")
     if proj_bias is not None:
         check_tensor("proj_bias", proj_bias, shape=(d,), dtypes=(inputs.dtype,))
+    check_same_device(inputs=inputs, proj_weight=proj_weight, proj_bias=proj_bias)
     return F.linear(inputs, proj_weight.permute(0, 2, 3, 1).reshape(d, p * p * c), proj_bias)

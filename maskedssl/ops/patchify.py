@@ -7,6 +7,8 @@ neighbours, so they are not custom ops. The fused kernel that also mixes, normal
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._validate import check_positive_int, check_tensor
@@ -24,6 +26,8 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, h*w, p*p*C), rows in raster order, each row ordered (py, px, c)."""
     check_tensor("imgs", imgs, ndim=4, what="(B, C, H, W)")
     b, c, height, width = imgs.shape
+    if c == 0:
+        raise ValueError(f"imgs must have at least one channel, got shape {tuple(imgs.shape)}")
     h, w = grid_size(height, width, patch_size)
     p = patch_size
     x = imgs.reshape(b, c, h, p, w, p)
@@ -32,23 +36,32 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def unpatchify(x: torch.Tensor, patch_size: int, height: int | None = None, width: int | None = None,
-               channels: int = 3) -> torch.Tensor:
-    """(B, L, p*p*C) -> (B, C, H, W); a square image unless ``height``/``width`` say otherwise."""
+               channels: int | None = None) -> torch.Tensor:
+    """(B, L, p*p*C) -> (B, C, H, W); a square image unless ``height``/``width`` say otherwise. ``channels``
+    defaults to the rows' p*p*C / (p*p); when given, the rows must hold exactly p*p*channels values."""
     check_tensor("x", x, ndim=3, what="(B, L, p*p*C)")
     check_positive_int("patch_size", patch_size)
-    check_positive_int("channels", channels)
     b, length, row = x.shape
     p = patch_size
+    if channels is None:
+        if row == 0 or row % (p * p):
+            raise ValueError(f"x rows must have p*p*C entries, a positive multiple of "
+                             f"patch_size**2 = {p * p}, got {row}")
+        channels = row // (p * p)
+    check_positive_int("channels", channels)
     if row != p * p * channels:
-        raise ValueError(f"x rows must have p*p*C = {p * p * channels} entries, got {row}")
+        raise ValueError(f"x rows must have p*p*C = {p * p * channels} entries for patch_size={p}, "
+                         f"channels={channels}, got {row}")
     if height is None and width is None:
-        side = round(length ** 0.5)
+        side = math.isqrt(length)
         if side * side != length:
             raise ValueError(f"x has L={length} patches, not a square grid: pass height and width")
         h = w = side
     else:
         if height is None or width is None:
             raise ValueError("pass both height and width, or neither")
+        check_positive_int("height", height)
+        check_positive_int("width", width)
         h, w = grid_size(height, width, p, name="height/width")
         if h * w != length:
             raise ValueError(f"height x width = {height}x{width} gives {h * w} patches, x has {length}")

@@ -6,13 +6,29 @@ Kept as plain PyTorch (rand + two argsorts): it touches B*L integers, and stayin
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ._validate import check_positive_int
 
 
+def _check_mask_ratio(mask_ratio) -> float:
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
+        raise TypeError(f"mask_ratio must be a float, got {type(mask_ratio).__name__}")
+    return float(mask_ratio)
+
+
 def num_kept(length: int, mask_ratio: float) -> int:
-    """K = int(L * (1 - mask_ratio)), MAE's ``len_keep``."""
+    """K = int(L * (1 - mask_ratio)), MAE's ``len_keep`` (floating-point rounding included, as MAE: L = 10
+    at 0.9 keeps 0), for ``length`` >= 0 and ``mask_ratio`` in [0, 1]."""
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise TypeError(f"length must be an int, got {type(length).__name__}")
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    mask_ratio = _check_mask_ratio(mask_ratio)
+    if not 0.0 <= mask_ratio <= 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
     return int(length * (1 - mask_ratio))
 
 
@@ -22,21 +38,30 @@ def random_masking(batch: int, length: int, mask_ratio: float, device=None,
 
     Returns ``(ids_keep, ids_restore, mask)``: ``ids_keep`` (B, K) int64, the kept patch indices in
     shuffled order; ``ids_restore`` (B, L) int64, the inverse shuffle (``r < K`` means kept at slot r);
-    ``mask`` (B, L) float32, 1 = removed, 0 = kept, in original patch order.
+    ``mask`` (B, L) float32, 1 = removed, 0 = kept, in original patch order. ``mask_ratio`` in [0, 1) must
+    keep K = ``num_kept(length, mask_ratio)`` >= 1 token. With a ``generator`` the masks are reproducible;
+    they are drawn on its device unless ``device`` says otherwise (it must then be the same device).
     """
     check_positive_int("batch", batch)
     check_positive_int("length", length)
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
-        raise TypeError(f"mask_ratio must be a float, got {type(mask_ratio).__name__}")
+    mask_ratio = _check_mask_ratio(mask_ratio)
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     keep = num_kept(length, mask_ratio)
     if keep < 1:
         raise ValueError(f"mask_ratio={mask_ratio} keeps no token of length={length}")
-    if generator is not None and device is not None and generator.device != torch.device(device):
-        raise ValueError(f"generator is on {generator.device} but device is {device}")
-    if generator is not None and device is None:
-        device = generator.device
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must name a torch device, got {device!r}") from err
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if device is None:
+            device = generator.device
+        elif device.type != generator.device.type or device.index not in (None, generator.device.index):
+            raise ValueError(f"generator is on {generator.device} but device is {device}")
     noise = torch.rand(batch, length, device=device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
