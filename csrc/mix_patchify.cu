@@ -4,7 +4,8 @@
 // float32 (uint8 scaled by 1/255, then (x - mean[c]) / std[c] when given);
 //   inputs[b, k] = patch ids_keep[b, k] of lerp(imgs[partner[b]], imgs[b], lam[b])   (no mixing: imgs[b])
 //   target[b, m] = norm(patch ids_masked[b, m] of imgs[b]),  other[b, m] = the same of imgs[partner[b]]
-// with norm = MAE's norm_pix_loss ((t - mean) / sqrt(var + 1e-6), unbiased var, fp32) when norm_pix.
+// with norm = MAE's norm_pix_loss ((t - mean) / sqrt(var + 1e-6), unbiased var, fp32, taken on the row
+// shifted by its first value so that a flat patch gives exact zeros) when norm_pix.
 //
 // Layout: imgs (B, C, H, W), any strides; outputs (B, rows, R) contiguous with R = p*p*C ordered
 // (py, px, c). A group of G lanes (a power of two, up to the 256-thread block) owns one output row at a
@@ -116,12 +117,20 @@ struct Lane {
 };
 
 // MAE's norm_pix_loss target in place: (v - mean) / sqrt(var + 1e-6), unbiased var, over the whole row.
-__device__ __forceinline__ void normalize_row(float (&v)[kValues], int count, int row, int group, unsigned mask,
-                                              float* scratch) {
+// The row is first shifted by its first entry (held by lane 0 as v[0]), as the torch and Triton backends
+// do: a flat patch then gives exact zeros, not its rounding error times 1 / sqrt(1e-6). The shift reaches
+// the other lanes as a group sum of one nonzero term, which is exact.
+__device__ __forceinline__ void normalize_row(float (&v)[kValues], int count, int lane, int row, int group,
+                                              unsigned mask, float* scratch) {
+  const float first = group_sum(lane == 0 && count > 0 ? v[0] : 0.0f, group, mask, scratch);
   float sum = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kValues; ++i)
-    if (i < count) sum += v[i];
+  for (int i = 0; i < kValues; ++i) {
+    if (i < count) {
+      v[i] -= first;
+      sum += v[i];
+    }
+  }
   const float mean = group_sum(sum, group, mask, scratch) / row;
   float squares = 0.0f;
 #pragma unroll
@@ -198,11 +207,11 @@ __global__ void __launch_bounds__(kThreads) mix_patchify_kernel(const MixPatchif
     if (live) patch = p.ids_masked ? load_index(p.ids_masked, p.masked_i64, t) : t - sample * p.masked;
     const int64_t mate = live && p.partner ? load_index(p.partner, p.partner_i64, sample) : 0;
     me.read(p, sample, patch, normalize, n, x);
-    if (p.norm_pix) normalize_row(x, n, p.row, group, mask, scratch);
+    if (p.norm_pix) normalize_row(x, n, lane, p.row, group, mask, scratch);
     me.template write<out_t>(p.target, t, p.row, n, x);
     if (p.partner) {
       me.read(p, mate, patch, normalize, n, y);
-      if (p.norm_pix) normalize_row(y, n, p.row, group, mask, scratch);
+      if (p.norm_pix) normalize_row(y, n, lane, p.row, group, mask, scratch);
       me.template write<out_t>(p.other, t, p.row, n, y);
     }
   }
