@@ -418,6 +418,7 @@ __global__ void __launch_bounds__(kThreads) lanczos_kernel(const float* __restri
         q[v] = w[v] * inv_beta;
         if (j < kSteps && i < n) basis[static_cast<int64_t>(j) * n + i] = q[v];
       }
+      beta_prev = beta;
     }
     // Ritz vector: the basis combined with the tridiagonal's top eigenvector
 #pragma unroll
