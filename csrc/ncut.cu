@@ -27,6 +27,8 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 
@@ -438,6 +440,25 @@ __global__ void __launch_bounds__(kThreads) lanczos_kernel(const float* __restri
   }
 }
 
+// The most dynamic shared memory (A on chip) lanczos_kernel<true> can take on `device`: the opt-in limit
+// per block less the kernel's static arrays, as the runtime reports them. The function's limit is raised
+// to exactly that, once per device and never lowered, so concurrent calls cannot undo each other.
+int lanczos_dynamic_smem(int device) {
+  static std::atomic<int> budget[64];  // 0 until queried; a race only sets the same value twice
+  std::atomic<int>& slot = budget[device % 64];
+  int value = slot.load();
+  if (value == 0) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, lanczos_kernel<true>));
+    value = std::max(1, optin - static_cast<int>(attributes.sharedSizeBytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(lanczos_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, value));
+    slot.store(value);
+  }
+  return value;
+}
+
 template <typename T>
 void launch_affinity(const at::Tensor& feats, at::Tensor& a, at::Tensor& deg, std::optional<double> tau,
                      double eps, cudaStream_t stream) {
@@ -473,15 +494,9 @@ at::Tensor ncut_fiedler_cuda(const at::Tensor& feats, std::optional<double> tau,
     default: TORCH_CHECK(false, "ncut_fiedler_cuda: feats must be float32, float16 or bfloat16");
   }
 
-  int device = feats.get_device(), smem_optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  // static shared memory of lanczos_kernel: xs, red and four kSteps arrays
-  const int static_smem = static_cast<int>(sizeof(float) * (kMaxN + kWarps * kSteps + 4 * kSteps));
   const int64_t a_bytes = static_cast<int64_t>(sizeof(float)) * n * n;
   const unsigned int grid_s = static_cast<unsigned int>(bsz);
-  if (a_bytes + static_smem <= smem_optin) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(lanczos_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(a_bytes)));
+  if (a_bytes <= lanczos_dynamic_smem(feats.get_device())) {
     lanczos_kernel<true><<<grid_s, kThreads, a_bytes, stream>>>(a.data_ptr<float>(), deg.data_ptr<float>(),
                                                                  basis.data_ptr<float>(), out.data_ptr<float>(),
                                                                  static_cast<int>(n));
