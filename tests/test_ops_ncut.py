@@ -106,6 +106,31 @@ def test_degenerate_inputs(backend, tau):
         torch.testing.assert_close(first.fiedler.norm(dim=1), torch.ones(1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+def test_huge_features_give_the_cut_of_their_direction(backend):
+    # squared norms of these overflow fp32 (and float64 for 1e200): the op scales them down exactly first
+    base = planted(2, 12, 16, 0.3, 0.5, torch.float64)
+    for scale, dtype in ((1e20, torch.float32), (1e37, torch.float32), (1e200, torch.float64)):
+        big = ncut_bipartition((base * scale).to(dtype), backend=backend)
+        ref = ncut_bipartition(base.to(dtype), backend=backend)
+        assert torch.equal(big.foreground, ref.foreground)
+        torch.testing.assert_close(big.score, ref.score, atol=1e-5, rtol=0)
+        torch.testing.assert_close(big.fiedler, ref.fiedler, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+def test_tiny_eps_stays_finite(backend):
+    # eps underflows fp32 (and D^-1/2 ~ 1/sqrt(N eps) overflows it): zero rows must not give NaN
+    some_zero = planted(1, 8, 16, 0.3, 0.5)
+    some_zero[:, ::3] = 0
+    for feats in (torch.zeros(1, 6, 4), some_zero):
+        for eps in (1e-40, 1e-300):
+            out = ncut_bipartition(feats, eps=eps, backend=backend)
+            assert torch.isfinite(out.fiedler).all() and torch.isfinite(out.score).all()
+            torch.testing.assert_close(out.fiedler.norm(dim=1), torch.ones(1), atol=1e-5, rtol=0)
+            assert out.foreground.any()
+
+
 @pytest.mark.parametrize("backend", cpu_kernel_backends())
 def test_non_contiguous_cpu(backend):
     base = planted(2, 24, 40, 0.3, 0.5).transpose(1, 2).contiguous().transpose(1, 2)[:, :, :33]

@@ -13,6 +13,7 @@ mean normalised feature of the foreground.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,12 @@ from ._backend import cuda_extension_loaded, resolve_backend
 from ._validate import REFERENCE_DTYPES, check_tensor, index_checks_enabled
 
 AUTO_ORDER = ("cuda", "triton", "torch")
+# Features whose largest |entry| exceeds 2^PEAK_EXP are scaled by a power of two (exact, cosines unchanged)
+# to below it, so that squared norms stay finite in fp32 (D * 2^100 < 2^128 for any D < 2^28).
+PEAK_EXP = 50
+# The kernels take the affinity floor in fp32; a smaller eps would underflow (zero degrees, NaN). The
+# normalised graph only sees eps relative to the cosines, so any eps this small gives the same result.
+KERNEL_MIN_EPS = 1e-30
 
 
 class NCut(NamedTuple):
@@ -54,7 +61,9 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor) -> NCut:
     # a constant v leaves no side above the mean: then everything is foreground
     empty = ~foreground.any(dim=1, keepdim=True)
     foreground = foreground | empty
-    f = torch.nn.functional.normalize(feats.float(), dim=-1)
+    # float64 features are normalised before the cast, which could overflow
+    f = feats if feats.dtype == torch.float64 else feats.float()
+    f = torch.nn.functional.normalize(f, dim=-1).float()
     fg_mean = (f * foreground.unsqueeze(-1)).sum(1) / foreground.sum(1, keepdim=True)
     score = torch.einsum("bnd,bd->bn", f, torch.nn.functional.normalize(fg_mean, dim=-1))
     return NCut(fiedler, foreground, score)
@@ -66,11 +75,13 @@ def _ncut_torch(feats, tau, eps):
     m = d_isqrt.unsqueeze(-1) * a * d_isqrt.unsqueeze(-2)
     _, vecs = torch.linalg.eigh(m)
     v = vecs[..., -2] * d_isqrt  # eigh sorts ascending: -1 is the known top vector D^1/2 1
-    return finish_partition(feats, v)
+    # unit norm before finish_partition's fp32 cast: a tiny eps makes D^-1/2 too large for fp32
+    return finish_partition(feats, torch.nn.functional.normalize(v, dim=1))
 
 
 def _fiedler_kernel(feats, tau, eps, backend):
     """The generalized Fiedler vector (B, N) float32 from the ``triton`` or ``cuda`` kernels."""
+    eps = max(eps, KERNEL_MIN_EPS)
     if backend == "triton":
         from maskedssl.kernels.ncut import ncut_fiedler
 
@@ -99,19 +110,8 @@ if cuda_extension_loaded():
         return feats.new_empty(feats.shape[0], feats.shape[1], dtype=torch.float32)
 
 
-def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float = 1e-5, *,
-                     backend: str | None = None) -> NCut:
-    """Normalized-cut bi-partition of each sample's N patch features (B, N, D) -> ``NCut``.
-
-    feats: float32/bfloat16/float16 (float64 runs the torch backend), finite, N >= 2 (B = 0 gives empty
-    results); tau: TokenCut's binary-graph threshold in (-1, 1) or None for the clamped cosine graph;
-    eps > 0: the affinity floor. No gradient flows through the result. The finiteness check costs one
-    reduction and one device->host sync, like the ops' index checks (``MASKEDSSL_CHECK_INDICES=0`` skips it).
-    """
-    check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, D)")
-    b, n, d = feats.shape
-    if n < 2 or d < 1:
-        raise ValueError(f"feats must have N >= 2 patches and D >= 1, got {tuple(feats.shape)}")
+def check_graph_args(tau, eps) -> None:
+    """tau None or in (-1, 1), eps in (0, 1] (shared with ``InformedMasking``, which checks them early)."""
     if tau is not None:
         if isinstance(tau, bool) or not isinstance(tau, (int, float)):
             raise TypeError(f"tau must be a float or None, got {type(tau).__name__}")
@@ -121,12 +121,34 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"eps must be in (0, 1], got {eps}")
+
+
+def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float = 1e-5, *,
+                     backend: str | None = None) -> NCut:
+    """Normalized-cut bi-partition of each sample's N patch features (B, N, D) -> ``NCut``.
+
+    feats: float32/bfloat16/float16 (float64 runs the torch backend), finite, N >= 2 (B = 0 gives empty
+    results); tau: TokenCut's binary-graph threshold in (-1, 1) or None for the clamped cosine graph;
+    eps in (0, 1]: the affinity floor. No gradient flows through the result. The finiteness check costs one
+    reduction and one device->host sync, like the ops' index checks (``MASKEDSSL_CHECK_INDICES=0`` skips it);
+    the same reduction finds features larger than 2^50, which are scaled down by a power of two first
+    (without the check, such features overflow fp32 norms).
+    """
+    check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, D)")
+    b, n, d = feats.shape
+    if n < 2 or d < 1:
+        raise ValueError(f"feats must have N >= 2 patches and D >= 1, got {tuple(feats.shape)}")
+    check_graph_args(tau, eps)
     name = resolve_backend("ncut_bipartition", backend, feats.device, AUTO_ORDER, feats.dtype)
     if b == 0:
         empty = feats.new_empty(0, n, dtype=torch.float32)
         return NCut(empty, empty.bool(), empty.clone())
-    if index_checks_enabled() and not bool(torch.isfinite(feats).all()):
-        raise ValueError("feats must be finite: found NaN or inf")
+    if index_checks_enabled() and feats.device.type != "meta":
+        peak = float(feats.detach().abs().amax())  # NaN and inf propagate: one sync for both checks
+        if not math.isfinite(peak):
+            raise ValueError("feats must be finite: found NaN or inf")
+        if peak >= 2.0 ** PEAK_EXP:
+            feats = feats * 2.0 ** (PEAK_EXP - 1 - math.frexp(peak)[1])
     fiedler, foreground, score = torch.ops.maskedssl.ncut_bipartition(
         feats.detach(), None if tau is None else float(tau), float(eps), name)
     return NCut(fiedler, foreground, score)
