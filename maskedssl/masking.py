@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .ops import NCut, ncut_bipartition, num_kept
-from .ops._validate import check_positive_int, check_probability, check_tensor
+from .ops._validate import REFERENCE_DTYPES, check_positive_int, check_probability, check_tensor
+from .ops.ncut import check_graph_args
 
 
 class Masks(NamedTuple):
@@ -89,6 +90,7 @@ class InformedMasking(nn.Module):
         super().__init__()
         self.mask_ratio = check_probability("mask_ratio", mask_ratio, high_open=True)
         self.hint_ratio = check_probability("hint_ratio", hint_ratio)
+        check_graph_args(tau, eps)
         self.tau = tau
         self.eps = eps
         self.center_features = bool(center_features)
@@ -99,12 +101,14 @@ class InformedMasking(nn.Module):
 
     def forward(self, feats: torch.Tensor, generator: torch.Generator | None = None) -> InformedMask:
         """feats: (B, L, D) features of all L patches (no gradient is taken) -> ``InformedMask``."""
-        check_tensor("feats", feats, ndim=3, what="(B, L, D)")
+        check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, L, D)")
         b, length, _ = feats.shape
         keep = _kept(length, self.mask_ratio)
         num_masked = length - keep
         feats = feats.detach()
         if self.center_features:
+            # halved first (exact, cosines unchanged): |f/2 - mean/2| <= max |f|, so fp16 cannot overflow
+            feats = feats * 0.5
             feats = feats - feats.mean(dim=1, keepdim=True)
         ncut = ncut_bipartition(feats, self.tau, self.eps)
         rank = _ranks(torch.argsort(ncut.score, dim=1, descending=True))  # 0 = most object-like

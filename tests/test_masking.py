@@ -89,6 +89,25 @@ def test_informed_masking_validates():
         InformedMasking(hint_ratio=1.5)
     with pytest.raises(ValueError, match="feats"):
         InformedMasking()(torch.randn(64, 8))
+    # the graph arguments fail at construction, not at the first informed step
+    with pytest.raises(ValueError, match="tau"):
+        InformedMasking(tau=2.0)
+    with pytest.raises(TypeError, match="tau"):
+        InformedMasking(tau="0.2")
+    with pytest.raises(ValueError, match="eps"):
+        InformedMasking(eps=0.0)
+    with pytest.raises(TypeError, match="feats"):
+        InformedMasking()(torch.randint(0, 3, (2, 16, 4)))
+
+
+def test_centring_fp16_features_cannot_overflow():
+    # 60000 - (-60000) is inf in fp16: centring the raw features would turn finite input into inf
+    feats = torch.full((2, 8, 4), 6e4, dtype=torch.float16)
+    feats[:, 0] = -6e4
+    feats[:, 1, 0] = 0
+    informed = InformedMasking(mask_ratio=0.5, hint_ratio=0.0)(feats)
+    _check_masks(informed.masks, 8, 4)
+    assert torch.isfinite(informed.ncut.score).all()
 
 
 def test_centring_makes_masks_ignore_a_shared_feature_component(monkeypatch):
