@@ -36,6 +36,8 @@ def _ranks(order: torch.Tensor) -> torch.Tensor:
 def masks_from_scores(scores: torch.Tensor, num_keep: int) -> Masks:
     """Keep the ``num_keep`` lowest-scoring patches of each row, mask the rest -> ``Masks``."""
     check_tensor("scores", scores, ndim=2, what="(B, L)")
+    if scores.is_complex():
+        raise TypeError(f"scores must be real to be sorted, got {scores.dtype}")
     check_positive_int("num_keep", num_keep)
     if num_keep > scores.shape[1]:
         raise ValueError(f"num_keep={num_keep} exceeds the L={scores.shape[1]} patches of scores")

@@ -43,6 +43,8 @@ def test_masks_from_scores_keeps_the_lowest():
         masks_from_scores(scores, 5)
     with pytest.raises(ValueError, match="scores"):
         masks_from_scores(scores[0], 2)
+    with pytest.raises(TypeError, match="scores"):
+        masks_from_scores(scores.to(torch.complex64), 2)
     with pytest.raises(ValueError, match="mask_ratio"):
         random_masks(2, 4, 1.0)
 
