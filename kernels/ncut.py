@@ -16,7 +16,8 @@ eigenpair of the tridiagonal T is found -- eigenvalue by Sturm-count multisectio
 eigenvector by 3 steps of inverse iteration on the positive definite sigma I - T (LDL^T, no pivoting
 needed) -- and the solve stops once the residual |M y - theta y| = beta_k |z_k| <= TOL = 1e-6. Lanczos
 converges like a Chebyshev filter on [lambda_min, lambda_3] without needing those bounds. The start vector
-is fixed ((-1)^i (1 + frac(0.618 i))), so results are deterministic; its alternating sign keeps it off
+is fixed ((-1)^i (1 + h(i)), h the lowbias32 hash scaled to [0, 1)), so results are deterministic; its
+alternating sign keeps it off
 u1 (all positive), so even N = 2 and fully degenerate graphs (identical or zero features: M = u1 u1^T)
 give a valid vector (the start vector, deflated) instead of a division by zero.
 
@@ -114,6 +115,18 @@ def _affinity_kernel(f_ptr, a_ptr, deg_ptr, N, D, s_b, s_n, s_d, tau, eps,
 
 
 @triton.jit
+def _hash01(i):
+    """A fixed pseudo-random value in [0, 1) per index (the lowbias32 integer hash)."""
+    h = i.to(tl.uint32)
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x846CA68B
+    h = h ^ (h >> 16)
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
 def _dot(x, y):
     return tl.sum(x * y, axis=0)
 
@@ -199,9 +212,10 @@ def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, N, D, s_b, s_n, s
         deg = tl.load(deg_ptr + offs, mask=ok, other=0.0)
     u1 = tl.sqrt(deg)
     u1 = u1 / tl.sqrt(_dot(u1, u1))
-    # fixed start vector: alternating signs keep it off u1, whose entries are all positive
-    golden = offs.to(tl.float32) * 0.6180339887
-    x = tl.where(offs % 2 == 0, 1.0, -1.0) * (1.0 + golden - tl.floor(golden))
+    # fixed start vector: alternating signs keep it off u1, whose entries are all positive; magnitudes
+    # from an integer hash (not a low-discrepancy sequence, whose sums over index blocks nearly cancel:
+    # orthogonal to the Fiedler vector of two equal halves, so Lanczos stopped in the wrong eigenspace)
+    x = tl.where(offs % 2 == 0, 1.0, -1.0) * (1.0 + _hash01(offs))
     x = tl.where(ok, x, 0.0)
     rows_c = tl.arange(0, Q_CHUNK)
     z = tl.zeros((STEPS,), dtype=tl.float32)

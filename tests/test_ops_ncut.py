@@ -107,6 +107,21 @@ def test_degenerate_inputs(backend, tau):
 
 
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+def test_two_equal_halves_of_identical_rows(backend):
+    # a rank-2 graph: Lanczos sees the Fiedler vector only through the start vector, which once was
+    # orthogonal to it for equal contiguous halves (N = 48, 64, 100) and returned a null-space vector
+    for n in (48, 64):
+        pair = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(n))
+        halves = torch.cat([pair[:, :1].expand(-1, n // 2, -1), pair[:, 1:].expand(-1, n // 2, -1)], dim=1)
+        opposite = torch.cat([torch.ones(1, n // 2, 4), -torch.ones(1, n // 2, 4)], dim=1)
+        for feats in (halves, opposite):
+            fiedler, foreground, _ = check_against_reference(feats, None, backend)[0]
+            assert torch.equal(foreground[:, : n // 2].all(1) | foreground[:, n // 2:].all(1),
+                               torch.ones(feats.shape[0], dtype=torch.bool))
+            assert (foreground.sum(1) == n // 2).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
 def test_huge_features_give_the_cut_of_their_direction(backend):
     # squared norms of these overflow fp32 (and float64 for 1e200): the op scales them down exactly first
     base = planted(2, 12, 16, 0.3, 0.5, torch.float64)
