@@ -97,6 +97,16 @@ def _round_to(val, dtype: tl.constexpr):
 
 
 @triton.jit
+def _to_fp32(val):
+    """dtype -> fp32, exactly. bf16 is widened with integer ops (its bits are fp32's top half): the Triton
+    interpreter's own bf16 -> fp32 cast loses subnormals, a GPU widens exactly either way."""
+    if val.dtype == tl.bfloat16:
+        return (val.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return val.to(tl.float32)
+
+
+@triton.jit
 def _gather_rows_kernel(src_ptr, ids_ptr, fill_ptr, pos_ptr, out_ptr,
                         rows_out, rows_src, D,
                         src_stride_b, src_stride_r, ids_stride_b, ids_stride_r, pos_stride,
@@ -125,7 +135,7 @@ def _gather_rows_kernel(src_ptr, ids_ptr, fill_ptr, pos_ptr, out_ptr,
     if HAS_POS:
         pos_rows = r if POS_AT_INDEX else i
         p = tl.load(pos_ptr + pos_rows[:, None] * pos_stride + cols[None, :], mask=tile_ok)
-        val = _round_to(val.to(tl.float32) + p.to(tl.float32), out_ptr.dtype.element_ty)
+        val = _round_to(_to_fp32(val) + _to_fp32(p), out_ptr.dtype.element_ty)
     tl.store(out_ptr + (flat * D)[:, None] + cols[None, :], val, mask=tile_ok)
 
 
@@ -235,7 +245,7 @@ def _segment_sum_kernel(grad_ptr, perm_ptr, starts_ptr, out_ptr, pos_part_ptr,
             n = tl.load(perm_ptr + b * N + start + j, mask=take, other=0).to(tl.int64)
             g = tl.load(grad_ptr + ((b * N + n) * D)[:, None] + cols[None, :],
                         mask=take[:, None] & col_ok[None, :], other=0.0)
-            acc += g.to(tl.float32)
+            acc += _to_fp32(g)
         out_rows = (b * M + m) * D
         tl.store(out_ptr + out_rows[:, None] + cols[None, :], _round_to(acc, out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
@@ -273,8 +283,8 @@ def _masked_sum_kernel(grad_ptr, ids_ptr, mask_part_ptr, pos_part_ptr,
         r = tl.load(ids_ptr + b * ids_stride_b + l * ids_stride_l, mask=row_ok, other=0)
         masked = row_ok & (r >= K)
         read = row_ok if HAS_POS else masked
-        g = tl.load(grad_ptr + ((b * L + l) * D)[:, None] + cols[None, :],
-                    mask=read[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        g = _to_fp32(tl.load(grad_ptr + ((b * L + l) * D)[:, None] + cols[None, :],
+                             mask=read[:, None] & col_ok[None, :], other=0.0))
         mask_acc += tl.where(masked[:, None], g, 0.0)
         if HAS_POS:
             pos_acc += g

@@ -193,6 +193,23 @@ def test_deterministic_mode_is_bitwise_reproducible(backend, device):
             assert torch.equal(got, first)
 
 
+@pytest.mark.parametrize("backend,device", KERNEL_TARGETS)
+def test_forward_bit_identical_on_bf16_subnormals(backend, device):
+    """x + pos where either is a bf16 subnormal (or the smallest normal): the Triton interpreter's own bf16
+    -> fp32 cast dropped subnormals, so the kernels widen bf16 with integer ops."""
+    _require(backend, device)
+    tiny = torch.finfo(torch.bfloat16).tiny
+    values = torch.tensor([tiny, tiny / 4, -tiny / 8, tiny / 128, 0.0, -0.0, 1.0], dtype=torch.bfloat16)
+    n = len(values)
+    x = values.repeat_interleave(n).view(1, n * n, 1).expand(2, -1, 3).contiguous().to(device)
+    pos = values.repeat(n).view(n * n, 1).expand(-1, 3).contiguous().to(device)
+    ids = torch.arange(n * n, device=device).flip(0).expand(2, -1)
+    got, want = _both(backend, ops.gather_tokens, x, ids, pos)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    got, want = _both(backend, ops.scatter_tokens, x[:, :n], ids, x[0, 1], pos)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_headline_shape_on_gpu(backend):
