@@ -210,6 +210,43 @@ def test_forward_bit_identical_on_bf16_subnormals(backend, device):
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
+@pytest.mark.parametrize("backend,device", [("torch", "cpu"), *KERNEL_TARGETS])
+def test_double_backward(backend, device):
+    """The gradient of each op's gradient (gradient penalties, gradgradcheck): the backward ops are linear
+    in the incoming gradient and differentiate through the other direction's forward op."""
+    _require(backend, device)
+    b, length, k, d = 2, 7, 4, 5
+    ids_keep = _ids_keep(b, length, k, device, repeats=True)
+    ids_restore = _ids_restore(b, length, device, permutation=False)
+    if backend == "torch":  # float64: the reference, checked numerically
+        x = torch.randn(b, length, d, dtype=torch.float64, device=device, requires_grad=True)
+        pos = torch.randn(length, d, dtype=torch.float64, device=device, requires_grad=True)
+        x_vis = torch.randn(b, k, d, dtype=torch.float64, device=device, requires_grad=True)
+        token = torch.randn(d, dtype=torch.float64, device=device, requires_grad=True)
+        assert torch.autograd.gradgradcheck(lambda a, p: ops.gather_tokens(a, ids_keep, p), (x, pos))
+        assert torch.autograd.gradgradcheck(lambda a, t, p: ops.scatter_tokens(a, ids_restore, t, p),
+                                            (x_vis, token, pos))
+        return
+
+    def penalty_grads(op, inputs, grad_out, backend):
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        grad_out = grad_out.detach().requires_grad_()
+        out = op(*inputs, backend=backend)
+        grads = torch.autograd.grad(out, inputs, grad_out, create_graph=True)
+        penalty = sum((g * torch.linspace(-1, 1, g.numel(), device=device).view_as(g)).sum() for g in grads)
+        return torch.autograd.grad(penalty, grad_out)
+
+    x = torch.randn(b, length, d, device=device)
+    pos = torch.randn(length, d, device=device)
+    gather = lambda a, p, backend: ops.gather_tokens(a, ids_keep, p, backend=backend)  # noqa: E731
+    got, want = _both(backend, penalty_grads, gather, (x, pos), torch.randn(b, k, d, device=device))
+    torch.testing.assert_close(got, want)
+    scatter = lambda a, t, p, backend: ops.scatter_tokens(a, ids_restore, t, p, backend=backend)  # noqa: E731
+    inputs = (torch.randn(b, k, d, device=device), torch.randn(d, device=device), pos)
+    got, want = _both(backend, penalty_grads, scatter, inputs, torch.randn(b, length, d, device=device))
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_headline_shape_on_gpu(backend):

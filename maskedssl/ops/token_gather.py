@@ -4,7 +4,8 @@
 Each is one ``torch.library.custom_op`` taking the resolved backend as a string (``torch``: the reference
 below; ``triton``: ``maskedssl.kernels.token_gather``; ``cuda``: ``torch.ops.maskedssl.<op>_cuda`` from
 ``csrc/token_gather.cu``), with a fake implementation for tracing and autograd registered outside the
-kernels; each backward is a custom op too, so ``torch.compile(fullgraph=True)`` traces through both.
+kernels; each backward is a custom op too, so ``torch.compile(fullgraph=True)`` traces through both, and
+is itself differentiable (double backward) through the other direction's forward op.
 
 Every backend computes the forward bit-identically (x + pos in fp32, rounded once, as torch does). The
 backward accepts any valid index: repeated entries in ``ids_keep`` and an ``ids_restore`` that is not a
@@ -116,6 +117,31 @@ def _gather_tokens_backward_fake(grad, ids_keep, length, need_pos, deterministic
 _gather_tokens_backward_op.register_fake(_gather_tokens_backward_fake)
 
 
+# The backward ops are linear in grad, and each one's adjoint is the other direction's forward op: the
+# gradient of (grad_x, grad_pos) = gather_backward(grad) is gather(gg_x, ids) + gg_pos[ids], and likewise
+# for scatter. Registering that makes double backward (gradgradcheck, gradient penalties) work.
+def _gather_backward_setup_context(ctx, inputs, output):
+    grad, ids_keep, length, need_pos, _, backend = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.shape = (grad.shape[0], length, grad.shape[2])
+    ctx.dtype = grad.dtype
+    ctx.need_pos = need_pos
+    ctx.backend = backend
+
+
+def _gather_double_backward(ctx, grad_grad_x, grad_grad_pos):
+    (ids_keep,) = ctx.saved_tensors
+    if grad_grad_x is None:
+        grad_grad_x = ids_keep.new_zeros(ctx.shape, dtype=ctx.dtype)
+    pos = grad_grad_pos if ctx.need_pos and grad_grad_pos is not None else None
+    grad_grad = torch.ops.maskedssl.gather_tokens(grad_grad_x, ids_keep, pos, ctx.backend)
+    return grad_grad, None, None, None, None, None
+
+
+_gather_tokens_backward_op.register_autograd(_gather_double_backward,
+                                             setup_context=_gather_backward_setup_context)
+
+
 def _gather_setup_context(ctx, inputs, output):
     x, ids_keep, pos, backend = inputs
     ctx.save_for_backward(ids_keep)
@@ -171,6 +197,31 @@ def _scatter_tokens_backward_fake(grad, ids_restore, num_visible, need_pos, dete
 
 
 _scatter_tokens_backward_op.register_fake(_scatter_tokens_backward_fake)
+
+
+def _scatter_backward_setup_context(ctx, inputs, output):
+    grad, ids_restore, num_visible, need_pos, _, backend = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.shape = (grad.shape[0], num_visible, grad.shape[2])
+    ctx.dtype = grad.dtype
+    ctx.need_pos = need_pos
+    ctx.backend = backend
+
+
+def _scatter_double_backward(ctx, grad_grad_x_vis, grad_grad_mask, grad_grad_pos):
+    (ids_restore,) = ctx.saved_tensors
+    if grad_grad_x_vis is None:
+        grad_grad_x_vis = ids_restore.new_zeros(ctx.shape, dtype=ctx.dtype)
+    if grad_grad_mask is None:
+        grad_grad_mask = ids_restore.new_zeros(ctx.shape[2], dtype=ctx.dtype)
+    pos = grad_grad_pos if ctx.need_pos and grad_grad_pos is not None else None
+    grad_grad = torch.ops.maskedssl.scatter_tokens(grad_grad_x_vis, ids_restore, grad_grad_mask, pos,
+                                                   ctx.backend)
+    return grad_grad, None, None, None, None, None
+
+
+_scatter_tokens_backward_op.register_autograd(_scatter_double_backward,
+                                              setup_context=_scatter_backward_setup_context)
 
 
 def _scatter_setup_context(ctx, inputs, output):
