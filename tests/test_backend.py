@@ -29,7 +29,7 @@ def test_environment_variable_selects(monkeypatch):
 def test_bad_backend_argument():
     with pytest.raises(ValueError, match="backend must be one of"):
         _backend.requested_backend("numpy")
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="backend must be a string"):
         _backend.requested_backend(3)
 
 
