@@ -127,6 +127,14 @@ def _mix_patchify_kernel(imgs, partner, lam, ids_keep, ids_masked, mean, std, in
             tl.store(other + out, y.to(other.dtype.element_ty), mask=valid)
 
 
+def launch_config(patch_size: int, channels: int) -> dict:
+    """Block shape and warps the launcher uses for patch rows of p*p*C values (also read by the sm_90
+    resource test)."""
+    block_r = triton.next_power_of_2(patch_size * patch_size * channels)
+    rows = max(1, BLOCK_ELEMENTS // block_r)
+    return {"block_r": block_r, "rows": rows, "num_warps": max(1, min(16, rows * block_r // 256))}
+
+
 def mix_patchify(imgs: torch.Tensor, patch_size: int, partner: torch.Tensor | None, lam: torch.Tensor | None,
                  ids_keep: torch.Tensor | None, ids_masked: torch.Tensor | None, norm_pix: bool,
                  mean: torch.Tensor | None, std: torch.Tensor | None, out_dtype: torch.dtype):
@@ -144,8 +152,8 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, partner: torch.Tensor | No
     inputs = empty_output((b, kept, row), out_dtype, device)
     target = empty_output((b, masked, row), out_dtype, device)
     other = empty_output((b, masked, row) if mix else (0,), out_dtype, device)
-    block_r = triton.next_power_of_2(row)
-    rows = max(1, BLOCK_ELEMENTS // block_r)
+    cfg = launch_config(p, c)
+    rows = cfg["rows"]
     programs = triton.cdiv(b * kept, rows) + triton.cdiv(b * masked, rows)
     if programs == 0:
         return inputs, target, other
@@ -154,6 +162,6 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, partner: torch.Tensor | No
         imgs, contiguous(partner), contiguous(lam), contiguous(ids_keep), contiguous(ids_masked),
         contiguous(mean), contiguous(std), inputs, target, other,
         b * kept, b * masked, kept, masked, grid_w, *imgs.stride(),
-        P=p, C=c, BLOCK_R=block_r, ROWS=rows, MIX=mix, NORM_PIX=bool(norm_pix), NORMALIZE=mean is not None,
-        num_warps=max(1, min(16, rows * block_r // 256)))
+        P=p, C=c, BLOCK_R=cfg["block_r"], ROWS=rows, MIX=mix, NORM_PIX=bool(norm_pix),
+        NORMALIZE=mean is not None, num_warps=cfg["num_warps"])
     return inputs, target, other

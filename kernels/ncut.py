@@ -288,12 +288,25 @@ def _block_k(d: int) -> int:
     return max(16, min(64, triton.next_power_of_2(d)))
 
 
+def launch_config(n: int, d: int) -> dict:
+    """Block sizes and warps the launcher picks for N patches of D features (also read by the sm_90
+    resource test)."""
+    n_pad = max(16, triton.next_power_of_2(n))
+    on_chip = n_pad <= ON_CHIP_MAX
+    return {
+        "n_pad": n_pad, "on_chip": on_chip,
+        "block_k": _block_k(d) if on_chip and n_pad <= 64 else min(32, _block_k(d)),
+        "block_r": max(1, 4096 // n_pad), "q_chunk": min(STEPS, max(1, 4096 // n_pad)),
+        "num_warps": 4 if n_pad <= 32 else 8,
+    }
+
+
 def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float) -> torch.Tensor:
     """(B, N) float32 generalized Fiedler vector D^-1/2 u of each sample's affinity graph (any sign/scale)."""
     bsz, n, d = feats.shape
     dev = feats.device
-    n_pad = max(16, triton.next_power_of_2(n))
-    on_chip = n_pad <= ON_CHIP_MAX
+    cfg = launch_config(n, d)
+    n_pad, on_chip = cfg["n_pad"], cfg["on_chip"]
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         precision = "ieee"
     else:  # fp32 operands: 3xTF32 keeps fp32 accuracy; 16-bit operands are exact on tensor cores anyway
@@ -303,7 +316,6 @@ def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float) -> torch.Te
     q = torch.empty(bsz, STEPS, n_pad, device=dev, dtype=torch.float32)
     t = torch.empty(bsz, 5 * STEPS, device=dev, dtype=torch.float32)
     v = empty_output((bsz, n), torch.float32, dev)
-    block_k = _block_k(d) if on_chip and n_pad <= 64 else min(32, _block_k(d))
     s_b, s_n, s_d = feats.stride()
     if on_chip:
         a = deg = v  # unused on this path
@@ -315,8 +327,7 @@ def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float) -> torch.Te
             BLOCK_I=ROW_BLOCK, BLOCK_J=64, BLOCK_K=32, num_warps=4)
     _solver_kernel[(bsz,)](
         feats, a, deg, q, t, v, n, d, s_b, s_n, s_d, tau, eps, USE_TAU=use_tau, PRECISION=precision,
-        ON_CHIP=on_chip, N_PAD=n_pad, BLOCK_K=block_k, BLOCK_R=max(1, 4096 // n_pad),
-        Q_CHUNK=min(STEPS, max(1, 4096 // n_pad)), STEPS=STEPS, CHECK=CHECK, MAX_CYCLES=MAX_CYCLES, TOL=TOL,
-        SHIFTS=SHIFTS, ROUNDS=ROUNDS, DELTA=DELTA, INV_ITERS=INV_ITERS, PIVMIN=PIVMIN,
-        num_warps=4 if n_pad <= 32 else 8)
+        ON_CHIP=on_chip, N_PAD=n_pad, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"],
+        STEPS=STEPS, CHECK=CHECK, MAX_CYCLES=MAX_CYCLES, TOL=TOL, SHIFTS=SHIFTS, ROUNDS=ROUNDS, DELTA=DELTA,
+        INV_ITERS=INV_ITERS, PIVMIN=PIVMIN, num_warps=cfg["num_warps"])
     return v
