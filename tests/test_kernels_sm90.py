@@ -1,0 +1,87 @@
+"""The Triton kernels as a GPU would compile them, checked without a GPU: each compiles for sm_90 (Hopper)
+at the configurations the launchers pick, fits the 227 KB of shared memory an H100 block may use, and
+keeps its registers (no spills to local memory, which would turn these bandwidth-bound kernels into
+latency-bound ones). The CPU interpreter used by the other tests never compiles anything."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from maskedssl.kernels import mix_patchify as mp, ncut
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def usage(kernel, pointers, constexprs, num_warps):
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in pointers
+             and pointers[n].startswith("*")}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(item.split(":") for item in text[text.index("REG:"):].split()[:4])
+    return {"shared": compiled.metadata.shared, "regs": int(fields["REG"]), "stack": int(fields["STACK"]),
+            "local": int(fields["LOCAL"])}
+
+
+rows = {}
+solver_consts = dict(STEPS=ncut.STEPS, CHECK=ncut.CHECK, MAX_CYCLES=ncut.MAX_CYCLES, TOL=ncut.TOL,
+                     SHIFTS=ncut.SHIFTS, ROUNDS=ncut.ROUNDS, DELTA=ncut.DELTA, INV_ITERS=ncut.INV_ITERS,
+                     PIVMIN=ncut.PIVMIN)
+for n in (49, 128, 196):
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32x3")):
+        cfg = ncut.launch_config(n, 768, fp32=dtype == "fp32")
+        pointers = dict(f_ptr="*" + dtype, a_ptr="*fp32", deg_ptr="*fp32", q_ptr="*fp32", t_ptr="*fp32",
+                        v_ptr="*fp32", tau="fp32", eps="fp32")
+        rows[f"ncut solver N={n} {dtype}"] = usage(
+            ncut._solver_kernel, pointers,
+            dict(USE_TAU=False, PRECISION=precision, ON_CHIP=cfg["on_chip"], N_PAD=cfg["n_pad"],
+                 BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"], **solver_consts),
+            cfg["num_warps"])
+for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32x3")):
+    block_k = ncut.launch_config(196, 768, fp32=dtype == "fp32")["affinity_block_k"]
+    rows[f"ncut affinity {dtype}"] = usage(
+        ncut._affinity_kernel, dict(f_ptr="*" + dtype, a_ptr="*fp32", deg_ptr="*fp32", tau="fp32", eps="fp32"),
+        dict(USE_TAU=True, PRECISION=precision, BLOCK_I=ncut.ROW_BLOCK, BLOCK_J=64, BLOCK_K=block_k), 4)
+for p, c, src in ((16, 3, "*u8"), (16, 3, "*fp32"), (4, 3, "*bf16"), (14, 1, "*fp16")):
+    cfg = mp.launch_config(p, c)
+    pointers = dict(imgs=src, partner="*i64", lam="*fp32", ids_keep="*i64", ids_masked="*i64", mean="*fp32",
+                    std="*fp32", inputs="*bf16", target="*bf16", other="*bf16")
+    rows[f"mix_patchify p={p} C={c} {src[1:]}"] = usage(
+        mp._mix_patchify_kernel, pointers,
+        dict(P=p, C=c, BLOCK_R=cfg["block_r"], ROWS=cfg["rows"], MIX=True, NORM_PIX=True, NORMALIZE=True),
+        cfg["num_warps"])
+print(json.dumps(rows))
+"""
+
+HOPPER_SHARED_LIMIT = 227 * 1024
+
+
+def test_triton_kernels_compile_for_hopper_within_resources():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=900,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 12
+    for name, use in rows.items():
+        assert use["shared"] <= HOPPER_SHARED_LIMIT, (name, use)
+        assert use["stack"] == 0 and use["local"] == 0, f"{name} spills registers: {use}"
+        assert use["regs"] <= 255, (name, use)
