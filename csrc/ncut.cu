@@ -288,6 +288,16 @@ __device__ void top_ritz(const float* alpha, const float* beta, float* z, int k,
   for (int i = 0; i < kSteps; ++i) z[i] = i < k ? rhs[i] : 0.f;
 }
 
+// A fixed pseudo-random value in [0, 1) per index: the lowbias32 integer hash (kernels/ncut.py _hash01).
+__device__ __forceinline__ float hash01(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7FEB352Du;
+  h ^= h >> 15;
+  h *= 0x846CA68Bu;
+  h ^= h >> 16;
+  return static_cast<float>(h >> 8) * (1.f / 16777216.f);
+}
+
 template <bool kOnChip>
 __global__ void __launch_bounds__(kThreads) lanczos_kernel(const float* __restrict__ a_all,
                                                            const float* __restrict__ deg_all,
@@ -318,9 +328,9 @@ __global__ void __launch_bounds__(kThreads) lanczos_kernel(const float* __restri
     s[v] = i < n ? rsqrtf(dg) : 0.f;
     u1[v] = sqrtf(dg);
     part += dg;
-    // fixed start vector: alternating signs keep it off u1, whose entries are all positive
-    const float golden = static_cast<float>(i) * 0.6180339887f;
-    x[v] = i < n ? (i % 2 == 0 ? 1.f : -1.f) * (1.f + golden - floorf(golden)) : 0.f;
+    // fixed start vector: alternating signs keep it off u1, whose entries are all positive; hashed
+    // magnitudes keep it off structured Fiedler vectors (two equal halves), as in kernels/ncut.py
+    x[v] = i < n ? (i % 2 == 0 ? 1.f : -1.f) * (1.f + hash01(static_cast<uint32_t>(i))) : 0.f;
   }
   const float u1_norm = sqrtf(block_sum(part, red));
 #pragma unroll

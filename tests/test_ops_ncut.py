@@ -266,3 +266,22 @@ def test_backends_agree_gpu():
     cos = (outs[0].fiedler * outs[1].fiedler).sum(1).abs()
     assert (cos >= 0.999).all()
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_kernel_backends() or ["triton", "cuda"])
+def test_two_equal_halves_gpu(backend):
+    # the start vector of both kernels must not be orthogonal to the Fiedler vector of equal halves
+    for n in (48, 64, 196):
+        opposite = torch.cat([torch.ones(2, n // 2, 4), -torch.ones(2, n // 2, 4)], dim=1).cuda()
+        foreground = ncut_bipartition(opposite, backend=backend).foreground
+        assert (foreground[:, : n // 2].all(1) | foreground[:, n // 2:].all(1)).all()
+        assert (foreground.sum(1) == n // 2).all()
+
+
+@pytest.mark.gpu
+def test_cuda_backend_hands_large_n_to_the_next_backend():
+    if "cuda" not in gpu_kernel_backends():
+        pytest.skip("needs the CUDA extension")
+    feats = planted(2, 1100, 64, 0.3, 0.5, device="cuda")
+    check_against_reference(feats, None, "cuda")

@@ -18,10 +18,12 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import cuda_extension_loaded, resolve_backend
+from ._backend import available_backends, cuda_extension_loaded, resolve_backend, warn_once
 from ._validate import REFERENCE_DTYPES, check_tensor, index_checks_enabled
 
 AUTO_ORDER = ("cuda", "triton", "torch")
+# csrc/ncut.cu holds a vector in one 256-thread block, 4 entries per thread; larger N runs on the next backend
+CUDA_MAX_N = 1024
 # Features whose largest |entry| exceeds 2^PEAK_EXP are scaled by a power of two (exact, cosines unchanged)
 # to below it, so that squared norms stay finite in fp32 (D * 2^100 < 2^128 for any D < 2^28).
 PEAK_EXP = 50
@@ -140,6 +142,10 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
         raise ValueError(f"feats must have N >= 2 patches and D >= 1, got {tuple(feats.shape)}")
     check_graph_args(tau, eps)
     name = resolve_backend("ncut_bipartition", backend, feats.device, AUTO_ORDER, feats.dtype)
+    if name == "cuda" and n > CUDA_MAX_N:
+        name = "triton" if "triton" in available_backends(feats.device) else "torch"
+        warn_once(f"maskedssl.ncut_bipartition: N = {n} patches exceed the CUDA kernel's {CUDA_MAX_N}; "
+                  f"using {name!r}")
     if b == 0:
         empty = feats.new_empty(0, n, dtype=torch.float32)
         return NCut(empty, empty.bool(), empty.clone())
