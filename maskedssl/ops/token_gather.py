@@ -120,10 +120,12 @@ _gather_tokens_backward_op.register_fake(_gather_tokens_backward_fake)
 # The backward ops are linear in grad, and each one's adjoint is the other direction's forward op: the
 # gradient of (grad_x, grad_pos) = gather_backward(grad) is gather(gg_x, ids) + gg_pos[ids], and likewise
 # for scatter. Registering that makes double backward (gradgradcheck, gradient penalties) work.
-def _gather_backward_setup_context(ctx, inputs, output):
-    grad, ids_keep, length, need_pos, _, backend = inputs
-    ctx.save_for_backward(ids_keep)
-    ctx.shape = (grad.shape[0], length, grad.shape[2])
+def _backward_setup_context(ctx, inputs, output):
+    """Shared by both backward ops: (grad, ids, rows, need_pos, deterministic, backend), where rows is the
+    length L (gather) or the visible count K (scatter) of the tensor the forward op took."""
+    grad, ids, rows, need_pos, _, backend = inputs
+    ctx.save_for_backward(ids)
+    ctx.shape = (grad.shape[0], rows, grad.shape[2])
     ctx.dtype = grad.dtype
     ctx.need_pos = need_pos
     ctx.backend = backend
@@ -139,7 +141,7 @@ def _gather_double_backward(ctx, grad_grad_x, grad_grad_pos):
 
 
 _gather_tokens_backward_op.register_autograd(_gather_double_backward,
-                                             setup_context=_gather_backward_setup_context)
+                                             setup_context=_backward_setup_context)
 
 
 def _gather_setup_context(ctx, inputs, output):
@@ -199,15 +201,6 @@ def _scatter_tokens_backward_fake(grad, ids_restore, num_visible, need_pos, dete
 _scatter_tokens_backward_op.register_fake(_scatter_tokens_backward_fake)
 
 
-def _scatter_backward_setup_context(ctx, inputs, output):
-    grad, ids_restore, num_visible, need_pos, _, backend = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.shape = (grad.shape[0], num_visible, grad.shape[2])
-    ctx.dtype = grad.dtype
-    ctx.need_pos = need_pos
-    ctx.backend = backend
-
-
 def _scatter_double_backward(ctx, grad_grad_x_vis, grad_grad_mask, grad_grad_pos):
     (ids_restore,) = ctx.saved_tensors
     if grad_grad_x_vis is None:
@@ -221,7 +214,7 @@ def _scatter_double_backward(ctx, grad_grad_x_vis, grad_grad_mask, grad_grad_pos
 
 
 _scatter_tokens_backward_op.register_autograd(_scatter_double_backward,
-                                              setup_context=_scatter_backward_setup_context)
+                                              setup_context=_backward_setup_context)
 
 
 def _scatter_setup_context(ctx, inputs, output):
