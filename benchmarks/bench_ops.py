@@ -38,21 +38,25 @@ def main(argv: list[str] | None = None) -> None:
     require_cuda("benchmarks.bench_ops")
     peaks = measure_peaks()
     print(f"copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s")
-    rows, timings, failed = [], {}, {}
-    for op in args.only or available:
-        start = time.perf_counter()
-        try:  # one broken benchmark should not cost the others' numbers in a long GPU session
-            rows += importlib.import_module(f"benchmarks.bench_{op}").run(peaks, quick=args.quick)
-        except Exception:  # noqa: BLE001
-            failed[op] = traceback.format_exc(limit=3)
-            print(f"bench_{op} FAILED:\n{failed[op]}")
-            continue
-        timings[op] = round(time.perf_counter() - start, 1)
-        print(f"bench_{op}: done in {timings[op]} s")
+    rows, timings, failed, interrupted = [], {}, {}, False
+    try:
+        for op in args.only or available:
+            start = time.perf_counter()
+            try:  # one broken benchmark should not cost the others' numbers in a long GPU session
+                rows += importlib.import_module(f"benchmarks.bench_{op}").run(peaks, quick=args.quick)
+            except Exception:  # noqa: BLE001
+                failed[op] = traceback.format_exc(limit=3)
+                print(f"bench_{op} FAILED:\n{failed[op]}")
+                continue
+            timings[op] = round(time.perf_counter() - start, 1)
+            print(f"bench_{op}: done in {timings[op]} s")
+    except KeyboardInterrupt:  # a time limit (SIGINT): keep the ops that finished
+        interrupted = True
+        print(f"interrupted; writing the {len(timings)} op benchmarks that finished")
     add_speedups(rows)
     print(format_table(rows, peaks))
     path = write_results("ops", rows, peaks, extra={"quick": args.quick, "module_seconds": timings,
-                                                     "failed": failed})
+                                                     "failed": failed, "interrupted": interrupted})
     print(f"wrote {path} and {path.with_suffix('.png')}")
     if failed:
         sys.exit(f"benchmarks that failed: {', '.join(failed)}")

@@ -311,3 +311,31 @@ def test_reference_mae_loss_survives_accelerate():
     maskedssl.accelerate(model)
     torch.manual_seed(1)
     torch.testing.assert_close(model(imgs, 0.75)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_train_benchmark_keeps_what_it_measured_when_time_runs_out(tmp_path, monkeypatch):
+    """gpu_session.sh stops a phase with SIGINT at its time limit: the eager runs come first and the
+    rows measured before the interrupt are still written."""
+    import json
+
+    from benchmarks import bench_train, common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench_train, "require_cuda", lambda name: None)
+    monkeypatch.setattr(bench_train, "measure_peaks", lambda: PEAKS)
+    monkeypatch.setattr(bench_train, "release", lambda: None)
+    order = []
+
+    def measure(method, preset, impl, batch, peaks, warmup, iters):
+        order.append(impl)
+        if len(order) == 4:
+            raise KeyboardInterrupt
+        row = common.make_row("train_step", {"preset": preset, "method": method}, impl, 2.0, 0, 10**12, peaks)
+        row["extra"] = {"images_per_s": batch / 2e-3}
+        return row
+
+    monkeypatch.setattr(bench_train, "measure", measure)
+    bench_train.main(["--quick", "--impl", "ours-compile", "--impl", "ours"])
+    assert order == ["ours", "ours", "ours", "ours-compile"]  # every method's eager run before any compile
+    data = json.loads(next(tmp_path.glob("train-*.json")).read_text())
+    assert len(data["rows"]) == 3 and data["extra"]["interrupted"] is True
