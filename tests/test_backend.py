@@ -54,3 +54,13 @@ def test_ops_run_with_environment_backend(monkeypatch):
     x = torch.randn(2, 4, 3)
     ids = torch.tensor([[0, 3], [1, 2]])
     assert ops.gather_tokens(x, ids).shape == (2, 2, 3)
+
+
+def test_refuse_cuda_hands_inputs_the_kernel_cannot_take_to_the_next_backend(caplog):
+    cpu = torch.device("cpu")
+    assert _backend.refuse_cuda("op", "cuda", cpu, None) == "cuda"  # no reason: keep it
+    assert _backend.refuse_cuda("op", "triton", cpu, "too big") == "triton"  # only cuda is refused
+    expected = "triton" if "triton" in _backend.available_backends(cpu) else "torch"
+    with caplog.at_level("WARNING"):
+        assert _backend.refuse_cuda("op", "cuda", cpu, "rows too long for the test") == expected
+    assert f"maskedssl.op: rows too long for the test; using {expected!r}" in caplog.text

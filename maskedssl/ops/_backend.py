@@ -116,6 +116,17 @@ def resolve_backend(op: str, backend: str | None, device: torch.device,
     return fallback
 
 
+def refuse_cuda(op: str, name: str, device: torch.device, reason: str | None,
+                auto_order: tuple[str, ...] = ("cuda", "triton", "torch")) -> str:
+    """``name``, unless it is ``cuda`` and the CUDA kernel cannot take these inputs (``reason`` says why):
+    then the next backend of ``auto_order`` that runs on ``device``, with one log line."""
+    if name != "cuda" or reason is None:
+        return name
+    fallback = next(b for b in (*auto_order, "torch") if b != "cuda" and _runs_here(b, device) is None)
+    warn_once(f"maskedssl.{op}: {reason}; using {fallback!r}")
+    return fallback
+
+
 def available_backends(device: torch.device | str = "cuda") -> list[str]:
     """Backends that can run on ``device`` in this process."""
     device = torch.device(device)

@@ -15,7 +15,7 @@ import numbers
 
 import torch
 
-from ._backend import available_backends, cuda_extension_loaded, resolve_backend, warn_once
+from ._backend import cuda_extension_loaded, refuse_cuda, resolve_backend
 from ._validate import (FLOAT_DTYPES, INDEX_DTYPES, REFERENCE_DTYPES, check_index_range, check_same_device,
                         check_tensor, index_checks_enabled)
 from .patchify import grid_size, patchify
@@ -210,10 +210,10 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
     if device.type != "meta":
         _check_values(b, length, partner, lam, ids_keep, ids_masked, mean, std, check_indices)
     name = resolve_backend("mix_patchify", backend, device, AUTO_ORDER, dtype=compute)
-    if name == "cuda" and not cuda_takes(patch_size * patch_size * c, c):
-        name = "triton" if "triton" in available_backends(device) else "torch"
-        warn_once(f"maskedssl.mix_patchify: patch rows of p*p*C = {patch_size * patch_size * c} values are "
-                  f"too long for the CUDA kernel; using {name!r}")
+    row = patch_size * patch_size * c
+    name = refuse_cuda("mix_patchify", name, device,
+                       None if cuda_takes(row, c) else
+                       f"patch rows of p*p*C = {row} values are too long for the CUDA kernel", AUTO_ORDER)
     inputs, target, other = torch.ops.maskedssl.mix_patchify(
         imgs.detach(), patch_size, partner, lam, ids_keep, ids_masked, bool(norm_pix), mean, std, out_dtype,
         name)

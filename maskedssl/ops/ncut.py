@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import available_backends, cuda_extension_loaded, resolve_backend, warn_once
+from ._backend import cuda_extension_loaded, refuse_cuda, resolve_backend
 from ._validate import REFERENCE_DTYPES, check_tensor, index_checks_enabled
 
 AUTO_ORDER = ("cuda", "triton", "torch")
@@ -142,10 +142,9 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
         raise ValueError(f"feats must have N >= 2 patches and D >= 1, got {tuple(feats.shape)}")
     check_graph_args(tau, eps)
     name = resolve_backend("ncut_bipartition", backend, feats.device, AUTO_ORDER, feats.dtype)
-    if name == "cuda" and n > CUDA_MAX_N:
-        name = "triton" if "triton" in available_backends(feats.device) else "torch"
-        warn_once(f"maskedssl.ncut_bipartition: N = {n} patches exceed the CUDA kernel's {CUDA_MAX_N}; "
-                  f"using {name!r}")
+    name = refuse_cuda("ncut_bipartition", name, feats.device,
+                       f"N = {n} patches exceed the CUDA kernel's {CUDA_MAX_N}" if n > CUDA_MAX_N else None,
+                       AUTO_ORDER)
     if b == 0:
         empty = feats.new_empty(0, n, dtype=torch.float32)
         return NCut(empty, empty.bool(), empty.clone())
