@@ -16,6 +16,7 @@ from torch import nn
 from .ops import NCut, ncut_bipartition, num_kept
 from .ops._validate import REFERENCE_DTYPES, check_positive_int, check_probability, check_tensor
 from .ops.ncut import check_graph_args
+from .ops.random_masking import uniform_noise
 
 
 class Masks(NamedTuple):
@@ -61,7 +62,7 @@ def random_masks(batch: int, length: int, mask_ratio: float, device=None,
     check_positive_int("batch", batch)
     check_positive_int("length", length)
     keep = _kept(length, mask_ratio)
-    noise = torch.rand(batch, length, device=device, generator=generator)
+    noise = uniform_noise(batch, length, device, generator)
     return masks_from_scores(noise, keep)
 
 
@@ -118,7 +119,7 @@ class InformedMasking(nn.Module):
         candidates = would_mask & ncut.foreground
         num_hints = (candidates.sum(dim=1, keepdim=True) * self.hint_ratio).floor().long().clamp(max=keep)
         # a random pick among the candidates: random keys, everything else sorted behind them
-        keys = torch.rand(b, length, device=feats.device, generator=generator).masked_fill(~candidates, 2.0)
+        keys = uniform_noise(b, length, feats.device, generator).masked_fill(~candidates, 2.0)
         hints = _ranks(torch.argsort(keys, dim=1)) < num_hints
         replacements = (rank >= num_masked) & (rank < num_masked + num_hints)
         masked = (would_mask & ~hints) | replacements

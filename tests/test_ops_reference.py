@@ -41,6 +41,32 @@ def test_random_masking_generator_is_reproducible():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu", 0), None])
+def test_random_masking_generator_on_any_name_of_its_device(device):
+    """A CPU generator has no device index: "cpu:0" names its device too (was a ValueError)."""
+    a = ops.random_masking(2, 10, 0.5, device=device, generator=torch.Generator().manual_seed(1))
+    b = ops.random_masking(2, 10, 0.5, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_random_masks_trace_with_a_symbolic_batch():
+    """torch.rand's generator overload needs concrete sizes: passing generator=None failed to trace once
+    torch.compile made the batch symbolic (dynamic=True, or the second batch size a compiled MAE saw)."""
+    from maskedssl.masking import random_masks
+
+    def draw(x):
+        ids_keep, ids_restore, mask = ops.random_masking(x.shape[0], x.shape[1], 0.5, device=x.device)
+        return ids_keep, ids_restore, mask, random_masks(x.shape[0], x.shape[1], 0.5, device=x.device).mask
+
+    for dynamic in (True, None):
+        compiled = torch.compile(draw, fullgraph=True, dynamic=dynamic, backend="eager")
+        for batch in (2, 3, 5):
+            ids_keep, ids_restore, mask, other_mask = compiled(torch.empty(batch, 8))
+            assert ids_keep.shape == (batch, 4) and other_mask.shape == (batch, 8)
+            assert torch.equal(torch.gather(ids_restore, 1, ids_keep), torch.arange(4).expand(batch, 4))
+            assert torch.equal(mask, (ids_restore >= 4).float())
+
+
 @pytest.mark.parametrize("args,err", [((0, 4, 0.5), ValueError), ((2, 4, 1.0), ValueError), ((2, 4, -0.1), ValueError),
                                       ((2, 3, 0.9), ValueError), ((2.0, 4, 0.5), TypeError),
                                       ((2, 4, "0.5"), TypeError)])

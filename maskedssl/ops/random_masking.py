@@ -32,6 +32,16 @@ def num_kept(length: int, mask_ratio: float) -> int:
     return int(length * (1 - mask_ratio))
 
 
+def uniform_noise(batch: int, length: int, device=None, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """``torch.rand(batch, length)``, MAE's masking noise. Without a generator the argument is left out:
+    torch.rand's generator overload takes concrete sizes only, so ``generator=None`` would not trace once
+    ``torch.compile`` makes the batch size symbolic (``dynamic=True``, or the second batch size it sees)."""
+    if generator is None:
+        return torch.rand(batch, length, device=device)
+    return torch.rand(batch, length, device=device, generator=generator)
+
+
 def random_masking(batch: int, length: int, mask_ratio: float, device=None,
                    generator: torch.Generator | None = None):
     """Random per-sample masks with MAE semantics.
@@ -58,11 +68,14 @@ def random_masking(batch: int, length: int, mask_ratio: float, device=None,
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if device is None:
-            device = generator.device
-        elif device.type != generator.device.type or device.index not in (None, generator.device.index):
-            raise ValueError(f"generator is on {generator.device} but device is {device}")
-    noise = torch.rand(batch, length, device=device, generator=generator)
+        drawn_on = generator.device
+        # "cuda" without an index names the generator's GPU; a CPU generator has no index, so "cpu:0"
+        # (the only CPU) is its device too
+        if device is not None and (device.type != drawn_on.type or (
+                None not in (device.index, drawn_on.index) and device.index != drawn_on.index)):
+            raise ValueError(f"generator is on {drawn_on} but device is {device}")
+        device = drawn_on
+    noise = uniform_noise(batch, length, device, generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
