@@ -83,6 +83,15 @@ def test_unpatchify_infers_channels(c):
     assert torch.equal(ops.unpatchify(ops.patchify(square, 2), 2), square)
 
 
+def test_unpatchify_square_compiles_with_dynamic_shapes():
+    # the square side came from math.isqrt, which dynamo cannot trace on a symbolic L: a graph break
+    # (an error under fullgraph) as soon as the token count was dynamic
+    compiled = torch.compile(lambda x: ops.unpatchify(x, 2), fullgraph=True, dynamic=True, backend="aot_eager")
+    for b, c, side in ((2, 3, 4), (3, 1, 6), (1, 3, 14)):
+        imgs = torch.randn(b, c, side, side)
+        assert torch.equal(compiled(ops.patchify(imgs, 2)), imgs)
+
+
 # ----------------------------------------------------------------------------- embed_patches
 @pytest.mark.parametrize("p,c,height,width", [(2, 3, 8, 8), (4, 1, 12, 20), (8, 3, 16, 24), (14, 3, 28, 28),
                                               (16, 1, 32, 16), (16, 3, 32, 32)])
@@ -122,6 +131,23 @@ def test_embed_patches_low_precision_and_no_bias():
     assert out.shape == (2, 5, 8) and out.dtype == torch.bfloat16
     want = rows.float() @ weight.float().permute(0, 2, 3, 1).reshape(8, 48).T
     torch.testing.assert_close(out.float(), want, atol=0.1, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_embed_patches_under_autocast_takes_fp32_weights(dtype):
+    # mixed precision: rows in the autocast dtype (mix_patchify's out_dtype, as the README writes it) meet
+    # the fp32 master weights; timm's PatchEmbed takes such images, embed_patches raised a TypeError
+    embed = PatchEmbed(img_size=(8, 12), patch_size=4, in_chans=3, embed_dim=16)
+    imgs = torch.randn(2, 3, 8, 12).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        want = embed(imgs)
+        got = ops.embed_patches(ops.patchify(imgs, 4), embed.proj.weight, embed.proj.bias)
+        with pytest.raises(TypeError, match="proj_weight"):  # autocast never casts float64
+            ops.embed_patches(ops.patchify(imgs.double(), 4), embed.proj.weight)
+    assert got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="proj_weight"):  # outside autocast the dtypes must still agree
+        ops.embed_patches(ops.patchify(imgs, 4), embed.proj.weight)
 
 
 @pytest.mark.parametrize("args,err,match", [

@@ -53,7 +53,9 @@ def unpatchify(x: torch.Tensor, patch_size: int, height: int | None = None, widt
         raise ValueError(f"x rows must have p*p*C = {p * p * channels} entries for patch_size={p}, "
                          f"channels={channels}, got {row}")
     if height is None and width is None:
-        side = math.isqrt(length)
+        # not math.isqrt: torch.compile cannot trace it on a symbolic L (dynamic shapes); a float square
+        # root is exact on perfect squares far beyond any token count, and the check below catches the rest
+        side = round(math.sqrt(length))
         if side * side != length:
             raise ValueError(f"x has L={length} patches, not a square grid: pass height and width")
         h = w = side
