@@ -22,7 +22,7 @@ DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradcheck
 def embed_patches(inputs: torch.Tensor, proj_weight: torch.Tensor,
                   proj_bias: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K, p*p*C) patch rows -> (B, K, D) tokens, with ``proj_weight`` the (D, C, p, p) Conv2d weight
-    and ``proj_bias`` its (D,) bias."""
+    and ``proj_bias`` its (D,) bias, all of one dtype (under autocast, any of float32/bfloat16/float16)."""
     check_tensor("inputs", inputs, ndim=3, dtypes=DTYPES, what="(B, K, p*p*C)")
     check_tensor("proj_weight", proj_weight, ndim=4, dtypes=DTYPES, what="(D, C, p, p)")
     d, c, p, q = proj_weight.shape
@@ -31,9 +31,14 @@ def embed_patches(inputs: torch.Tensor, proj_weight: torch.Tensor,
     if inputs.shape[-1] != p * p * c:
         raise ValueError(f"inputs rows must have p*p*C = {p * p * c} entries for proj_weight "
                          f"{tuple(proj_weight.shape)}, got {inputs.shape[-1]}")
-    if proj_weight.dtype != inputs.dtype:
+    # Under autocast F.linear casts all three to the autocast dtype (as Conv2d does in timm's PatchEmbed),
+    # so bf16 rows meet the fp32 weights of mixed-precision training; float64 is never cast.
+    autocast = (torch.amp.is_autocast_available(inputs.device.type)
+                and torch.is_autocast_enabled(inputs.device.type)
+                and inputs.dtype in FLOAT_DTYPES and proj_weight.dtype in FLOAT_DTYPES)
+    if proj_weight.dtype != inputs.dtype and not autocast:
         raise TypeError(f"proj_weight dtype {proj_weight.dtype} must match inputs dtype {inputs.dtype}")
     if proj_bias is not None:
-        check_tensor("proj_bias", proj_bias, shape=(d,), dtypes=(inputs.dtype,))
+        check_tensor("proj_bias", proj_bias, shape=(d,), dtypes=FLOAT_DTYPES if autocast else (inputs.dtype,))
     check_same_device(inputs=inputs, proj_weight=proj_weight, proj_bias=proj_bias)
     return F.linear(inputs, proj_weight.permute(0, 2, 3, 1).reshape(d, p * p * c), proj_bias)
