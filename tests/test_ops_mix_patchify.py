@@ -283,6 +283,26 @@ def test_compiles_with_embed_patches(backend):
     assert weight.grad is not None and bias.grad is not None
 
 
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+def test_compiled_float_lam_does_not_recompile_per_value(backend):
+    # i-MAE draws a new float lam every step; the op filled it into a tensor with torch.full, which made
+    # dynamo specialise on its value: a recompile per step, and fullgraph failed at the recompile limit
+    torch._dynamo.reset()
+    imgs, kwargs = make_case("uint8", b=2, mix=False)
+    partner = torch.tensor([1, 0])
+
+    def step(imgs, lam):
+        return ops.mix_patchify(imgs, 4, partner=partner, lam=lam, backend=backend, **kwargs)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for lam in (0.0, 1.0, *torch.rand(10).tolist()):  # more values than dynamo's recompile limit (8)
+        got_inputs, got_targets = compiled(imgs, lam)
+        want_inputs, want_targets = step(imgs, lam)
+        assert torch.equal(got_inputs, want_inputs)
+        for got, want in zip(got_targets, want_targets):
+            assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------- GPU
 GPU_BACKENDS = gpu_kernel_backends()
 

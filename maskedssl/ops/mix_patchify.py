@@ -191,7 +191,9 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
         if isinstance(lam, numbers.Real):
             if not 0.0 <= lam <= 1.0:
                 raise ValueError(f"lam must be in [0, 1], got {lam}")
-            lam = torch.full((b,), float(lam), dtype=compute, device=imgs.device)
+            # zeros + lam rather than torch.full(..., float(lam)): torch.compile keeps a Python float in
+            # arithmetic symbolic, but specialises it as a fill value (a recompile for every new lam)
+            lam = torch.zeros(b, dtype=compute, device=imgs.device) + float(lam)
         if isinstance(lam, torch.Tensor) and lam.dim() == 0:  # one weight for the whole batch
             lam = lam.expand(b)
         check_tensor("lam", lam, shape=(b,), dtypes=REFERENCE_DTYPES, what="(B,)")
