@@ -6,7 +6,8 @@ For each sample b of ``feats`` (B, N, D) (any strides; fp32, bf16 or fp16):
 Sign, split, seed rule and scores are applied afterwards by ``maskedssl.ops.ncut.finish_partition``.
 
 Affinity: cosines from tensor-core dot products (``tl.dot``; bf16/fp16 operands are exact in the fp32
-accumulator, fp32 operands use 3xTF32 so they keep fp32 accuracy), scaled by the row norms.
+accumulator, fp32 operands use 3xTF32 so they keep fp32 accuracy), scaled by the row norms. (The CUDA
+backend, csrc/ncut.cu, takes the Gram matrix from cuBLAS instead and applies the affinity inside its solver.)
 
 Eigensolver (identical in csrc/ncut.cu): Lanczos on M with the known top eigenvector u1 = D^1/2 1 / |.|
 projected out of every vector, full reorthogonalisation (two block Gram-Schmidt passes against the basis
@@ -157,34 +158,38 @@ def _top_ritz(t_ptr, k, STEPS: tl.constexpr, SHIFTS: tl.constexpr, ROUNDS: tl.co
             below += (piv < 0).to(tl.int32)
         lo = tl.max(tl.where(below < k, shift, lo), axis=0)
         hi = tl.min(tl.where(below == k, shift, hi), axis=0)
-    # inverse iteration with sigma just above the top eigenvalue: sigma I - T is positive definite
+    # inverse iteration with sigma just above the top eigenvalue: sigma I - T is positive definite,
+    # factored once as L D L^T without pivoting (l_i = beta_{i-1} / d_{i-1}); then every iteration is two
+    # sweeps of multiply-adds over rhs (forward in place, then backward)
     sigma = hi + DELTA
     rhs_ptr = t_ptr + 2 * STEPS
-    piv_ptr = t_ptr + 3 * STEPS
-    fwd_ptr = t_ptr + 4 * STEPS
+    d_inv_ptr = t_ptr + 3 * STEPS
+    l_ptr = t_ptr + 4 * STEPS
+    piv = tl.maximum(sigma - tl.load(t_ptr), PIVMIN)
+    tl.store(d_inv_ptr, 1.0 / piv)
+    for i in range(1, k):
+        b = tl.load(t_ptr + STEPS + i - 1)
+        l_i = b / piv
+        piv = tl.maximum((sigma - tl.load(t_ptr + i)) - l_i * b, PIVMIN)
+        tl.store(l_ptr + i, l_i)
+        tl.store(d_inv_ptr + i, 1.0 / piv)
     z = tl.where(live, 1.0, 0.0)
     for _ in tl.static_range(INV_ITERS):
-        tl.store(rhs_ptr + idx, z)
+        tl.store(rhs_ptr + idx, z)  # also the factorization's stores are fenced by this barrier
         tl.debug_barrier()
-        piv = tl.maximum(sigma - tl.load(t_ptr), PIVMIN)
         u = tl.load(rhs_ptr)
-        tl.store(piv_ptr, piv)
-        tl.store(fwd_ptr, u)
-        for i in range(1, k):
-            b = tl.load(t_ptr + STEPS + i - 1)
-            u = tl.load(rhs_ptr + i) + (b / piv) * u
-            piv = tl.maximum((sigma - tl.load(t_ptr + i)) - b * b / piv, PIVMIN)
-            tl.store(piv_ptr + i, piv)
-            tl.store(fwd_ptr + i, u)
+        for i in range(1, k):  # L y = z, in place: entry i is read before it is overwritten
+            u = tl.load(rhs_ptr + i) + tl.load(l_ptr + i) * u
+            tl.store(rhs_ptr + i, u)
         tl.debug_barrier()
-        zi = tl.load(fwd_ptr + k - 1) / tl.load(piv_ptr + k - 1)
+        zi = u * tl.load(d_inv_ptr + k - 1)  # D L^T z = y
         z = tl.where(idx == k - 1, zi, 0.0)
         for t in range(0, k - 1):
             i = k - 2 - t
-            p = tl.load(piv_ptr + i)
-            zi = tl.load(fwd_ptr + i) / p + (tl.load(t_ptr + STEPS + i) / p) * zi
+            zi = (tl.load(rhs_ptr + i) + tl.load(t_ptr + STEPS + i) * zi) * tl.load(d_inv_ptr + i)
             z = tl.where(idx == i, zi, z)
         z = z / tl.sqrt(_dot(z, z))
+        tl.debug_barrier()  # the next iteration overwrites rhs, read above
     return z
 
 
