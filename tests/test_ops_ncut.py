@@ -122,15 +122,23 @@ def test_two_equal_halves_of_identical_rows(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
-def test_huge_features_give_the_cut_of_their_direction(backend):
-    # squared norms of these overflow fp32 (and float64 for 1e200): the op scales them down exactly first
+def test_huge_and_tiny_features_give_the_cut_of_their_direction(backend):
+    # squared norms of these overflow or underflow fp32 (float64 for 1e200 / 1e-200): the op scales each
+    # such row by a power of two first
     base = planted(2, 12, 16, 0.3, 0.5, torch.float64)
-    for scale, dtype in ((1e20, torch.float32), (1e37, torch.float32), (1e200, torch.float64)):
+    for scale, dtype in ((1e20, torch.float32), (1e37, torch.float32), (1e200, torch.float64),
+                         (1e-25, torch.float32), (2.0 ** -100, torch.bfloat16), (1e-200, torch.float64)):
         big = ncut_bipartition((base * scale).to(dtype), backend=backend)
         ref = ncut_bipartition(base.to(dtype), backend=backend)
         assert torch.equal(big.foreground, ref.foreground)
         torch.testing.assert_close(big.score, ref.score, atol=1e-5, rtol=0)
         torch.testing.assert_close(big.fiedler, ref.fiedler, atol=1e-5, rtol=0)
+    # rows of very different magnitudes in one sample: each is scaled on its own
+    mixed = base.float()
+    mixed[0, :5] *= 1e-30
+    out = ncut_bipartition(mixed, backend=backend)
+    ref = ncut_bipartition(mixed.double(), backend="torch")
+    assert ((out.fiedler * ref.fiedler).sum(1).abs() >= 0.999).all()
 
 
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])

@@ -24,8 +24,9 @@ from ._validate import REFERENCE_DTYPES, check_tensor, index_checks_enabled
 AUTO_ORDER = ("cuda", "triton", "torch")
 # csrc/ncut.cu holds a vector in one 256-thread block, 4 entries per thread; larger N runs on the next backend
 CUDA_MAX_N = 1024
-# Features whose largest |entry| exceeds 2^PEAK_EXP are scaled by a power of two (exact, cosines unchanged)
-# to below it, so that squared norms stay finite in fp32 (D * 2^100 < 2^128 for any D < 2^28).
+# Rows of features whose largest |entry| is at or above 2^PEAK_EXP, or below 2^-PEAK_EXP, are scaled by a
+# power of two (exact, cosines unchanged) so that the kernels' fp32 squared norms neither overflow
+# (D * 2^100 < 2^128 for any D < 2^28) nor underflow (a row of entries below ~1e-19 would read as zero).
 PEAK_EXP = 50
 # The kernels take the affinity floor in fp32; a smaller eps would underflow (zero degrees, NaN). The
 # normalised graph only sees eps relative to the cosines, so any eps this small gives the same result.
@@ -112,6 +113,14 @@ if cuda_extension_loaded():
         return feats.new_empty(feats.shape[0], feats.shape[1], dtype=torch.float32)
 
 
+def _scale_rows(feats: torch.Tensor, row_peak: torch.Tensor) -> torch.Tensor:
+    """Each nonzero row times the power of two that brings its largest |entry| into [0.5, 1) (exact).
+    The factor is applied in float64 as two halves, so that even float64 subnormals stay in range."""
+    shift = -torch.frexp(row_peak.double()).exponent.unsqueeze(-1).double()  # zero rows: 0
+    half = torch.trunc(shift / 2)
+    return (feats.double() * torch.exp2(half) * torch.exp2(shift - half)).to(feats.dtype)
+
+
 def check_graph_args(tau, eps) -> None:
     """tau None or in (-1, 1), eps in (0, 1] (shared with ``InformedMasking``, which checks them early)."""
     if tau is not None:
@@ -133,8 +142,8 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
     results); tau: TokenCut's binary-graph threshold in (-1, 1) or None for the clamped cosine graph;
     eps in (0, 1]: the affinity floor. No gradient flows through the result. The finiteness check costs one
     reduction and one device->host sync, like the ops' index checks (``MASKEDSSL_CHECK_INDICES=0`` skips it);
-    the same reduction finds features larger than 2^50, which are scaled down by a power of two first
-    (without the check, such features overflow fp32 norms).
+    the same reduction finds rows whose entries are all below 2^-50 or any above 2^50; each such row is
+    scaled by a power of two first (without the check, their fp32 norms underflow or overflow).
     """
     check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, D)")
     b, n, d = feats.shape
@@ -149,11 +158,12 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
         empty = feats.new_empty(0, n, dtype=torch.float32)
         return NCut(empty, empty.bool(), empty.clone())
     if index_checks_enabled() and feats.device.type != "meta":
-        peak = float(feats.detach().abs().amax())  # NaN and inf propagate: one sync for both checks
-        if not math.isfinite(peak):
+        row_peak = feats.detach().abs().amax(dim=-1)  # NaN and inf propagate: one sync for all checks
+        high, low = torch.stack([row_peak.max(), row_peak.masked_fill(row_peak == 0, 1.0).min()]).tolist()
+        if not math.isfinite(high):
             raise ValueError("feats must be finite: found NaN or inf")
-        if peak >= 2.0 ** PEAK_EXP:
-            feats = feats * 2.0 ** (PEAK_EXP - 1 - math.frexp(peak)[1])
+        if high >= 2.0 ** PEAK_EXP or low < 2.0 ** -PEAK_EXP:
+            feats = _scale_rows(feats, row_peak)
     fiedler, foreground, score = torch.ops.maskedssl.ncut_bipartition(
         feats.detach(), None if tau is None else float(tau), float(eps), name)
     return NCut(fiedler, foreground, score)
