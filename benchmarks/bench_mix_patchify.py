@@ -19,11 +19,9 @@ second fetch hits L2.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from benchmarks.common import bench_main, make_row, time_ms
+from benchmarks.common import bench_main, index_checks, make_row, time_ms
 from maskedssl import ops
 
 MEAN = (0.485, 0.456, 0.406)
@@ -88,15 +86,8 @@ def byte_counts(case: dict, t: dict) -> tuple[int, int]:
 
 
 def run(peaks: dict, quick: bool = False) -> list[dict]:
-    previous = os.environ.get("MASKEDSSL_CHECK_INDICES")
-    os.environ["MASKEDSSL_CHECK_INDICES"] = "0"
-    try:
+    with index_checks(False):
         return _run(peaks, quick)
-    finally:
-        if previous is None:
-            del os.environ["MASKEDSSL_CHECK_INDICES"]
-        else:
-            os.environ["MASKEDSSL_CHECK_INDICES"] = previous
 
 
 def _run(peaks: dict, quick: bool) -> list[dict]:

@@ -25,13 +25,11 @@ forward + backward rows count both. Headline (B = 256, encoder D = 768, decoder 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 
 import torch
 
-from benchmarks.common import bench_main, make_row, time_ms
+from benchmarks.common import bench_main, index_checks, make_row, time_ms
 from maskedssl.ops import available_backends, gather_tokens, random_masking, scatter_tokens
 
 LENGTH = 196
@@ -100,19 +98,6 @@ def impls(op: str) -> dict:
         if backend in available_backends(DEVICE):
             found[backend] = lambda *args, _b=backend: public(*args, backend=_b)
     return found
-
-
-@contextlib.contextmanager
-def index_checks(enabled: bool):
-    before = os.environ.get("MASKEDSSL_CHECK_INDICES")
-    os.environ["MASKEDSSL_CHECK_INDICES"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("MASKEDSSL_CHECK_INDICES")
-        else:
-            os.environ["MASKEDSSL_CHECK_INDICES"] = before
 
 
 def host_us(fn, calls: int = 200) -> float:

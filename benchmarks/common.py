@@ -11,8 +11,10 @@ Both ceilings are measured in the same run as the op, never taken from a data sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -105,6 +107,21 @@ def require_cuda(what: str) -> None:
     if not torch.cuda.is_available():
         sys.exit(f"{what} needs a CUDA GPU to measure on; none is visible here "
                  f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}).")
+
+
+@contextlib.contextmanager
+def index_checks(enabled: bool):
+    """``MASKEDSSL_CHECK_INDICES`` set for the block: the ops' eager input checks (one device->host sync
+    each) on or off. Kernel rows are timed without them, as a training loop building its own indices runs."""
+    before = os.environ.get("MASKEDSSL_CHECK_INDICES")
+    os.environ["MASKEDSSL_CHECK_INDICES"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MASKEDSSL_CHECK_INDICES")
+        else:
+            os.environ["MASKEDSSL_CHECK_INDICES"] = before
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
