@@ -24,6 +24,8 @@ def test_environment_variable_selects(monkeypatch):
     with pytest.raises(ValueError, match="MASKEDSSL_BACKEND must be one of"):
         _backend.requested_backend(None)
     assert _backend.requested_backend("cuda") == "cuda"  # the argument wins over the environment
+    monkeypatch.setenv(_backend.ENV_VAR, "")  # set but empty, as `MASKEDSSL_BACKEND= cmd` leaves it: unset
+    assert _backend.requested_backend(None) == "auto"
 
 
 def test_bad_backend_argument():

@@ -427,3 +427,16 @@ def test_check_indices_argument_skips_only_the_range_check(monkeypatch):
     with pytest.raises(ValueError, match="ids_keep"):
         ops.gather_tokens(x, bad)
     assert len(calls) == 1
+
+
+def test_sparse_inputs_and_non_bool_check_flags_are_refused_by_name():
+    x = torch.randn(2, 4, 3)
+    ids = torch.tensor([[0, 2], [1, 3]])
+    with pytest.raises(TypeError, match="x must be a dense"):
+        ops.gather_tokens(x.to_sparse(), ids)
+    with pytest.raises(TypeError, match="ids_keep must be a dense"):
+        ops.gather_tokens(x, ids.to_sparse())
+    for flag in (1, 0, "no"):  # also when the index is empty and there is nothing to check
+        for index in (ids, ids[:, :0]):
+            with pytest.raises(TypeError, match="check_indices"):
+                ops.gather_tokens(x, index, check_indices=flag)

@@ -80,7 +80,7 @@ def _runs_here(backend: str, device: torch.device) -> str | None:
 
 def requested_backend(backend: str | None) -> str:
     """The backend asked for: the argument, else the environment variable, else ``auto``."""
-    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    name = backend if backend is not None else os.environ.get(ENV_VAR) or "auto"  # empty = unset
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string (one of {BACKENDS}) or None, got {type(name).__name__}")
     if name.lower() not in BACKENDS:

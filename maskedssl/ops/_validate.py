@@ -26,6 +26,8 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Sequence[torc
     """``t`` is a tensor with ``ndim`` dims, one of ``dtypes``, and ``shape`` (None = any size)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {t.dtype}")
     if shape is not None:
@@ -79,7 +81,7 @@ def index_checks_enabled(requested: bool | None = None) -> bool:
     masks) pass False, so a training step does not stall the GPU queue. Always skipped while
     ``torch.compile`` traces (a data-dependent check would break the graph).
     """
-    if requested is not None and requested not in (True, False):
+    if requested is not None and not isinstance(requested, bool):
         raise TypeError(f"check_indices must be a bool or None, got {requested!r}")
     if torch.compiler.is_compiling():
         return False
@@ -91,7 +93,7 @@ def index_checks_enabled(requested: bool | None = None) -> bool:
 def check_index_range(name: str, ids: torch.Tensor, high: int, requested: bool | None = None) -> None:
     """Every entry of ``ids`` lies in [0, high): out-of-range indices never reach a kernel. Meta tensors
     hold no values to check."""
-    if ids.numel() == 0 or ids.device.type == "meta" or not index_checks_enabled(requested):
+    if not index_checks_enabled(requested) or ids.numel() == 0 or ids.device.type == "meta":
         return
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both bounds
     if lo < 0 or hi >= high:
