@@ -66,3 +66,15 @@ def test_refuse_cuda_hands_inputs_the_kernel_cannot_take_to_the_next_backend(cap
     with caplog.at_level("WARNING"):
         assert _backend.refuse_cuda("op", "cuda", cpu, "rows too long for the test") == expected
     assert f"maskedssl.op: rows too long for the test; using {expected!r}" in caplog.text
+
+
+def test_fallback_first_met_inside_a_compiled_region_traces_and_logs_later(monkeypatch, caplog):
+    monkeypatch.setattr(_backend, "_warned", set())  # as in a fresh process: nothing logged yet
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    ids = torch.tensor([[0, 2], [1, 3]])
+    compiled = torch.compile(lambda t: ops.gather_tokens(t, ids, backend="triton", check_indices=False),
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x), ops.gather_tokens(x, ids, backend="torch"))
+    with caplog.at_level("WARNING", logger=_backend.log.name):
+        ops.gather_tokens(x, ids, backend="triton")  # the eager call still says it once
+    assert "float64" in caplog.text

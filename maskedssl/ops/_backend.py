@@ -22,6 +22,10 @@ _warned: set[str] = set()
 
 
 def warn_once(message: str) -> None:
+    # dynamo cannot trace a logger call (fullgraph=True would fail): while tracing say nothing and leave
+    # the message unmarked, so the next eager call still logs it
+    if torch.compiler.is_compiling():
+        return
     if message not in _warned:
         _warned.add(message)
         log.warning(message)
