@@ -77,6 +77,51 @@ def test_build_model_options_and_errors():
         build_model("mae")(torch.randn(2, 3, 32, 32), partner=torch.tensor([1, 0]), lam=0.5)
 
 
+
+@pytest.mark.parametrize("method", ["mae", "imae", "sgmae"])
+def test_images_of_another_size_or_channel_count_are_a_value_error(method):
+    """A 48 px image patchifies to 144 rows, which the 64-patch masks index in range: it used to train
+    silently on the wrong patches (forward_features and reconstruct failed deep inside instead)."""
+    model = build_model(method, "micro")
+    for shape in [(2, 3, 48, 48), (2, 3, 32, 48), (2, 1, 32, 32), (3, 32, 32)]:
+        imgs = torch.randn(shape)
+        for call in (lambda: model(imgs, progress=1.0), lambda: model.forward_features(imgs),
+                     lambda: model.reconstruct(imgs, progress=1.0)):
+            with pytest.raises(ValueError, match=r"imgs must be \(B, 3, 32, 32\)"):
+                call()
+
+
+@pytest.mark.parametrize("method", ["mae", "imae", "sgmae"])
+def test_mask_ratio_must_mask_and_keep_a_patch(method):
+    """mask_ratio 0 masks nothing: the loss, a mean over the masked patches, was NaN at the first step."""
+    for ratio in (0.0, 1.0, 63.5 / 64, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="mask_ratio"):
+            build_model(method, "micro", mask_ratio=ratio)
+    with pytest.raises(TypeError, match="mask_ratio"):
+        build_model(method, "micro", mask_ratio="0.5")
+    for ratio in (1 / 64, 63 / 64):  # M = 1 and K = 1
+        model = build_model(method, "micro", mask_ratio=ratio)
+        out = model(torch.randn(3, 3, 32, 32), progress=1.0)
+        assert torch.isfinite(out.loss)
+        assert out.mask.sum(1).tolist() == [64 - int(64 * (1 - ratio))] * 3
+
+
+def test_architecture_values_are_checked_by_name():
+    for field, value in [("patch_size", 0), ("img_size", 0), ("embed_dim", -4), ("depth", -1),
+                         ("mlp_ratio", -1.0), ("mlp_ratio", float("nan"))]:
+        with pytest.raises(ValueError, match=field):
+            build_model("mae", "micro", **{field: value})
+    with pytest.raises(TypeError, match="patch_size"):
+        build_model("mae", "micro", patch_size=4.0)
+    # the models skip mix_patchify's value checks, so a zero std gave NaN losses
+    with pytest.raises(ValueError, match="std"):
+        build_model("mae", "micro", std=(0.0, 0.2, 0.2))
+    with pytest.raises(ValueError, match="mean"):
+        build_model("mae", "micro", mean=(float("nan"), 0.5, 0.5))
+    with pytest.raises(TypeError, match="norm_pix_loss"):
+        build_model("mae", "micro", norm_pix_loss="no")
+
+
 def test_uint8_images_are_normalised_with_the_model_statistics():
     model = build_model("mae", "micro", norm_pix_loss=False)
     u8 = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
@@ -236,6 +281,43 @@ def test_imae_lam_sampling_modes_and_no_teacher():
     with pytest.raises(ValueError, match="decoder_embed_dim"):
         build_model("imae", "micro", teacher=build_model("mae", "micro", decoder_embed_dim=128))
     assert isinstance(batch, IMAE) and isinstance(batch.config, IMAEConfig)
+
+
+
+def test_imae_caller_lam_and_partner_errors_name_the_argument():
+    model = build_model("imae", "micro")
+    imgs, partner = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 0])
+    # a float, a 0-d tensor, a (1,) or a (B,) tensor of any float dtype: the same weights
+    for lam in (0.3, torch.tensor(0.3), torch.tensor([0.3]), torch.full((3,), 0.3, dtype=torch.float64)):
+        out = model(imgs, partner=partner, lam=lam)
+        torch.testing.assert_close(out.extras["lam"], torch.full((3,), 0.3))
+    # a wrong length or rank was a RuntimeError from expand; bools, strings and integer tensors were
+    # silently turned into weights
+    for lam in (torch.tensor([0.1, 0.2]), torch.tensor([[0.1, 0.2, 0.3]])):
+        for call in (model, model.reconstruct):
+            with pytest.raises(ValueError, match="lam"):
+                call(imgs, partner=partner, lam=lam)
+    for lam in (True, "0.3", torch.tensor([0, 1, 1])):
+        with pytest.raises(TypeError, match="lam"):
+            model(imgs, partner=partner, lam=lam)
+    for lam in (1.5, -0.1, float("nan"), torch.tensor([0.1, 1.5, 0.3])):
+        with pytest.raises(ValueError, match="lam"):
+            model(imgs, partner=partner, lam=lam)
+    for bad in (torch.tensor([1, 0]), torch.tensor([1, 2, 3]), torch.tensor([1, 2, -1])):
+        with pytest.raises(ValueError, match="partner"):
+            model(imgs, partner=bad, lam=0.3)
+    with pytest.raises(TypeError, match="partner"):
+        model(imgs, partner=torch.tensor([1.0, 2.0, 0.0]), lam=0.3)
+
+
+def test_imae_config_and_teacher_are_checked():
+    for option in ("lam_alpha", "rec_sub_weight", "distill_dom_weight"):
+        with pytest.raises(ValueError, match=option):  # NaN passed `<= 0` checks; Beta(nan) failed later
+            build_model("imae", "micro", **{option: float("nan")})
+    with pytest.raises(ValueError, match="rec_dom_weight"):
+        build_model("imae", "micro", rec_dom_weight=-1.0)
+    with pytest.raises(TypeError, match="teacher"):
+        build_model("imae", "micro", teacher="runs/mae/checkpoint.pt")
 
 
 # ----------------------------------------------------------------------------- Self-guided MAE

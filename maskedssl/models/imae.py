@@ -17,6 +17,8 @@ Loss = w_rs * rec_sub + w_rd * rec_dom + w_ds * distill_sub + w_dd * distill_dom
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +44,17 @@ class IMAEConfig(MAEConfig):
         super().__post_init__()
         if self.lam_mode not in ("batch", "sample"):
             raise ValueError(f"lam_mode must be 'batch' or 'sample', got {self.lam_mode!r}")
-        if self.lam_alpha <= 0:
-            raise ValueError(f"lam_alpha must be positive, got {self.lam_alpha}")
+        weights = ("rec_sub_weight", "rec_dom_weight", "distill_sub_weight", "distill_dom_weight")
+        for name in ("lam_alpha", *weights):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        # written so that NaN fails too (Beta(nan, nan) would raise only at the first step's draw)
+        if not 0 < self.lam_alpha < math.inf:
+            raise ValueError(f"lam_alpha must be positive and finite, got {self.lam_alpha}")
+        for name in weights:
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
 
 
 def subordinate_first(partner_is_sub: torch.Tensor, own: torch.Tensor, partner: torch.Tensor
@@ -65,6 +76,8 @@ class IMAE(MaskedViT):
         d, dd = config.arch.embed_dim, config.arch.decoder_embed_dim
         self.sub_head = nn.Linear(d, dd)
         self.dom_head = nn.Linear(d, dd)
+        if teacher is not None and not isinstance(teacher, MaskedViT):
+            raise TypeError(f"teacher must be an MAE model (a MaskedViT) or None, got {type(teacher).__name__}")
         self.teacher = teacher
         if teacher is None:
             self.sub_head.apply(init_weights)
@@ -102,21 +115,31 @@ class IMAE(MaskedViT):
         return partner, draws.expand(batch).contiguous()
 
     def _mixing(self, imgs, partner, lam):
+        """(partner, lam (B,) float32): the caller's, else drawn. ``mix_patchify`` range-checks a caller's
+        partner and lam values; lam's type and shape are checked here, before ``lam >= 0.5`` reads it."""
         b = imgs.shape[0]
         if partner is None and lam is None:
             return self.sample_mixing(b, imgs.device)
         if partner is None:
             partner = torch.randperm(b, device=imgs.device)
         if lam is None:
-            lam = self.sample_mixing(b, imgs.device)[1]
-        if not isinstance(lam, torch.Tensor):
-            lam = torch.tensor(float(lam), device=imgs.device)
+            return partner, self.sample_mixing(b, imgs.device)[1]
+        if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
+            # zeros + lam, not torch.full: torch.compile keeps a Python float symbolic in arithmetic
+            return partner, torch.zeros(b, device=imgs.device) + float(lam)
+        if not isinstance(lam, torch.Tensor) or not lam.is_floating_point():
+            what = lam.dtype if isinstance(lam, torch.Tensor) else type(lam).__name__
+            raise TypeError(f"lam must be a float or a floating-point tensor, got {what}")
+        if lam.dim() > 1 or (lam.dim() == 1 and lam.shape[0] not in (1, b)):
+            raise ValueError(f"lam must be a float, 0-d, or of shape (1,) or (B,) = ({b},), "
+                             f"got shape {tuple(lam.shape)}")
         return partner, lam.float().expand(b).contiguous()
 
     def forward(self, imgs: torch.Tensor, *, partner: torch.Tensor | None = None,
                 lam: torch.Tensor | float | None = None, progress: float = 0.0) -> ModelOutput:
         """imgs: (B, C, H, W) float (normalised) or uint8; partner: (B,) indices into the batch; lam: the
         weight of ``imgs[b]`` in its mixture, a float or (B,) in [0, 1]. ``progress`` is unused."""
+        self.check_images(imgs)
         # a caller's partner/lam are range-checked once, in the first op; the masks are ours
         check = None if partner is not None or lam is not None else False
         partner, lam = self._mixing(imgs, partner, lam)
@@ -162,6 +185,7 @@ class IMAE(MaskedViT):
                     ) -> dict[str, torch.Tensor]:
         """Pictures (B, C, H, W) in [0, 1]: "mixture", "masked", "sub", "dom" (the unmixed images) and
         "recon_sub", "recon_dom" (each branch's prediction at every patch)."""
+        self.check_images(imgs)
         check = None if partner is not None or lam is not None else False
         partner, lam = self._mixing(imgs, partner, lam)
         masks = random_masks(imgs.shape[0], self.num_patches, self.config.mask_ratio, device=imgs.device)

@@ -12,6 +12,7 @@ Data path of one training step (each arrow one call):
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,19 @@ class ModelConfig:
     std: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "num_heads", "decoder_embed_dim",
+                     "decoder_num_heads", "depth", "decoder_depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            # depth 0 is a valid (if useless) trunk: the tokens go straight to the final norm
+            if value < (0 if name.endswith("depth") else 1):
+                raise ValueError(f"{name} must be {'>= 0' if name.endswith('depth') else 'positive'}, "
+                                 f"got {value}")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)):
+            raise TypeError(f"mlp_ratio must be a float, got {type(self.mlp_ratio).__name__}")
+        if not 0 < self.mlp_ratio < math.inf:
+            raise ValueError(f"mlp_ratio must be positive and finite, got {self.mlp_ratio}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
         for name in ("embed_dim", "decoder_embed_dim"):
@@ -62,8 +76,18 @@ class ModelConfig:
                                  f"{heads}={getattr(self, heads)}")
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if value is not None and len(value) != self.in_chans:
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise TypeError(f"{name} must be a sequence of floats, got {value!r}")
+            if len(value) != self.in_chans:
                 raise ValueError(f"{name} must have in_chans={self.in_chans} entries, got {value}")
+            # the models skip mix_patchify's value checks (one sync per step), so they are made here once:
+            # a zero std divides by zero and a non-finite statistic turns every loss into NaN
+            if not all(math.isfinite(v) and (name == "mean" or v > 0) for v in value):
+                raise ValueError(f"{name} must hold finite values{', all positive' if name == 'std' else ''}, "
+                                 f"got {value}")
 
     @property
     def num_patches(self) -> int:
@@ -125,8 +149,16 @@ class MAEConfig:
     norm_pix_loss: bool = True
 
     def __post_init__(self):
-        if not 0.0 <= self.mask_ratio < 1.0 or ops.num_kept(self.arch.num_patches, self.mask_ratio) < 1:
-            raise ValueError(f"mask_ratio={self.mask_ratio} must be in [0, 1) and keep at least one patch")
+        if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)):
+            raise TypeError(f"mask_ratio must be a float, got {type(self.mask_ratio).__name__}")
+        if not isinstance(self.norm_pix_loss, bool):
+            raise TypeError(f"norm_pix_loss must be a bool, got {type(self.norm_pix_loss).__name__}")
+        # the encoder needs a visible patch, and the loss is a mean over the masked ones: with none masked
+        # it is 0/0, a NaN at the first step
+        length = self.arch.num_patches
+        if not 0.0 < self.mask_ratio < 1.0 or not 1 <= ops.num_kept(length, self.mask_ratio) < length:
+            raise ValueError(f"mask_ratio={self.mask_ratio} must be in (0, 1), keep at least one of the "
+                             f"L={length} patches and mask at least one")
 
 
 def make_config(config_class: type, preset: str | ModelConfig, **options):
@@ -244,6 +276,16 @@ class MaskedViT(nn.Module):
                 child.apply(init_weights)
 
     # ---------------------------------------------------------------- pixels
+    def check_images(self, imgs: torch.Tensor) -> None:
+        """``imgs`` must be (B, in_chans, img_size, img_size). Another size would patchify to another grid
+        whose rows the masks still index in range: the step would run on the wrong patches, silently."""
+        if not isinstance(imgs, torch.Tensor):
+            raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
+        expected = (self.in_chans, self.img_size, self.img_size)
+        if imgs.dim() != 4 or tuple(imgs.shape[1:]) != expected:
+            raise ValueError(f"imgs must be (B, {', '.join(map(str, expected))}) for this model, "
+                             f"got shape {tuple(imgs.shape)}")
+
     def pixel_options(self, imgs: torch.Tensor) -> dict:
         """``mix_patchify``'s options for this model: rows in the patch projection's dtype; mean/std for
         uint8 images (float ones are already normalised)."""
@@ -254,6 +296,7 @@ class MaskedViT(nn.Module):
 
     def patch_rows(self, imgs: torch.Tensor) -> torch.Tensor:
         """All L normalised patch rows (B, L, p*p*C), the encoder's input without masking."""
+        self.check_images(imgs)
         # mix_patchify also returns a copy of the rows as targets; unused here (eval / no-grad paths)
         rows, _ = mix_patchify(imgs, self.patch_size, norm_pix=False, **self.pixel_options(imgs))
         return rows
