@@ -12,6 +12,7 @@ versions that compute the same values through ``maskedssl.ops``:
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -27,6 +28,21 @@ REQUIRED = ("patchify", "random_masking", "forward_encoder", "forward_decoder", 
 def _patch_size(model) -> int:
     size = model.patch_embed.patch_size
     return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+def _check_images(model, imgs: torch.Tensor) -> None:
+    """The official forward asserts the input size in ``patch_embed``, which the fused path skips: another
+    size would patchify to another grid whose rows the masks still index in range, silently."""
+    if not isinstance(imgs, torch.Tensor):
+        raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
+    size = getattr(model.patch_embed, "img_size", None)
+    if size is None:  # a dynamic-size PatchEmbed: the square grid of the position embedding
+        size = math.isqrt(model.pos_embed.shape[1] - 1) * _patch_size(model)
+    height, width = size if isinstance(size, (tuple, list)) else (size, size)
+    expected = (model.patch_embed.proj.weight.shape[1], height, width)
+    if imgs.dim() != 4 or tuple(imgs.shape[1:]) != expected:
+        raise ValueError(f"imgs must be (B, {', '.join(map(str, expected))}) for this model, "
+                         f"got shape {tuple(imgs.shape)}")
 
 
 def _masks(model, imgs: torch.Tensor, mask_ratio: float) -> Masks:
@@ -61,6 +77,7 @@ def _forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
     # imported here: models/ pulls in timm, which `import maskedssl.ops` should not pay for
     from .models.vit import mse
 
+    _check_images(self, imgs)
     masks = _masks(self, imgs, mask_ratio)
     rows, (target,) = mix_patchify(imgs, _patch_size(self), ids_keep=masks.ids_keep,
                                    ids_masked=masks.ids_masked, norm_pix=bool(self.norm_pix_loss),
@@ -71,6 +88,7 @@ def _forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
 
 
 def _forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
+    _check_images(self, imgs)
     masks = _masks(self, imgs, mask_ratio)
     rows = gather_tokens(patchify(imgs, _patch_size(self)), masks.ids_keep)
     rows = rows.to(self.patch_embed.proj.weight.dtype)

@@ -150,6 +150,16 @@ def test_accelerate_returns_the_same_object_and_rejects_other_models():
         maskedssl.accelerate(nn.Linear(2, 2))
 
 
+def test_accelerated_model_refuses_images_of_another_size():
+    """The official patch_embed asserts the size; the fused path skipped it and trained on a 48 px image's
+    144-patch grid through the 64-patch masks, silently."""
+    fast = maskedssl.accelerate(PlainMAE())
+    for shape in [(2, 3, 48, 48), (2, 3, 32, 48), (2, 1, 32, 32)]:
+        for call in (fast.forward, fast.forward_encoder):
+            with pytest.raises(ValueError, match=r"imgs must be \(B, 3, 32, 32\)"):
+                call(torch.randn(shape), 0.75)
+
+
 def test_accelerated_forward_compiles_without_graph_breaks():
     fast = maskedssl.accelerate(PlainMAE(depth=1, decoder_depth=1))  # small graph: fast to compile
     imgs = torch.randn(2, 3, 32, 32)

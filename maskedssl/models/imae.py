@@ -77,7 +77,8 @@ class IMAE(MaskedViT):
         self.sub_head = nn.Linear(d, dd)
         self.dom_head = nn.Linear(d, dd)
         if teacher is not None and not isinstance(teacher, MaskedViT):
-            raise TypeError(f"teacher must be an MAE model (a MaskedViT) or None, got {type(teacher).__name__}")
+            raise TypeError(f"teacher must be an MAE model (a MaskedViT) or None, "
+                            f"got {type(teacher).__name__}")
         self.teacher = teacher
         if teacher is None:
             self.sub_head.apply(init_weights)

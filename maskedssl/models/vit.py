@@ -86,8 +86,8 @@ class ModelConfig:
             # the models skip mix_patchify's value checks (one sync per step), so they are made here once:
             # a zero std divides by zero and a non-finite statistic turns every loss into NaN
             if not all(math.isfinite(v) and (name == "mean" or v > 0) for v in value):
-                raise ValueError(f"{name} must hold finite values{', all positive' if name == 'std' else ''}, "
-                                 f"got {value}")
+                rule = "finite, positive values" if name == "std" else "finite values"
+                raise ValueError(f"{name} must hold {rule}, got {value}")
 
     @property
     def num_patches(self) -> int:
