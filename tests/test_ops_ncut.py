@@ -288,6 +288,26 @@ def test_two_equal_halves_gpu(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_kernel_backends() or ["triton", "cuda"])
+def test_fp32_features_keep_their_accuracy_under_tf32_gpu(backend, monkeypatch):
+    # a training script's TF32 setting must not reach the kernels' affinity (cuBLAS would keep ~1e-3)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    for n in (49, 196, 576):
+        check_against_reference(planted(8, n, 384, 0.3, 0.5, device="cuda"), None, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_kernel_backends() or ["triton", "cuda"])
+def test_huge_and_tiny_features_gpu(backend):
+    base = planted(4, 196, 64, 0.3, 0.5, device="cuda")
+    ref = ncut_bipartition(base, backend=backend)
+    for scale in (2.0 ** 60, 2.0 ** -70):
+        out = ncut_bipartition(base * scale, backend=backend)
+        assert torch.equal(out.foreground, ref.foreground)
+        torch.testing.assert_close(out.fiedler, ref.fiedler, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
 def test_cuda_backend_hands_large_n_to_the_next_backend():
     if "cuda" not in gpu_kernel_backends():
         pytest.skip("needs the CUDA extension")
