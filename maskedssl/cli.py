@@ -137,11 +137,12 @@ def read_config_file(path: str) -> dict:
     if toml and tomllib is None:
         raise ConfigError(f"config file {p}: TOML needs Python 3.11 or later; use JSON")
     try:
-        if toml:
-            return tomllib.loads(p.read_text())
-        return json.loads(p.read_text())
+        tree = tomllib.loads(p.read_text()) if toml else json.loads(p.read_text())
     except (ValueError, UnicodeDecodeError) as err:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise ConfigError(f"config file {p} cannot be parsed: {err}") from None
+    if not isinstance(tree, dict):  # JSON may hold a list or a number at the top
+        raise ConfigError(f"config file {p} must hold a table of keys, got a {type(tree).__name__}")
+    return tree
 
 
 def _assign(tree: dict, dest: str, value) -> None:

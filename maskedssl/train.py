@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -273,7 +274,26 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated file, not a torch file, unsafe pickle
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+        # the CLI prints one line; torch.load's unpickling message is a paragraph of advice
+        if isinstance(err, pickle.UnpicklingError):
+            reason = "not a PyTorch file of tensors and plain containers"
+        else:
+            reason = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {reason})") from None
+
+
+def load_state(model: torch.nn.Module, state: dict, what: str) -> None:
+    """``model.load_state_dict(state)`` (strict), or a one-line ConfigError saying which keys do not fit."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    problems = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                   ("keys of another shape", reshaped)) if keys]
+    if problems:
+        raise ConfigError(f"{what}: " + "; ".join(problems))
+    model.load_state_dict(state)
 
 
 def load_model(path: str | Path, preset: str | None = None, method: str | None = None,
@@ -291,10 +311,7 @@ def load_model(path: str | Path, preset: str | None = None, method: str | None =
         model = build_model(MethodConfig(saved["method"], saved["model"], saved["options"]))
         # an i-MAE teacher is frozen and loaded from its own file: not part of the model
         state = {k: v for k, v in ckpt["model"].items() if not k.startswith("teacher.")}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ConfigError(f"{path} does not fit {saved['method']}/{saved['model']}: {err}") from None
+        load_state(model, state, f"{path} does not fit {saved['method']}/{saved['model']}")
     else:
         if method not in (None, "mae"):
             raise ConfigError(f"{path} is not a maskedssl checkpoint; only an MAE can load it")
@@ -329,22 +346,69 @@ def partners_for(cfg: DataConfig, raw_model, imgs: torch.Tensor, labels: torch.T
     return data_lib.sample_partners(labels, cfg.same_prob, gen)
 
 
+def _type_mismatch(value, hint) -> str | None:
+    """What ``value`` should be for the type hint ``hint`` (int, float, str, bool, dict, tuples and their
+    Optionals), or None when it is one. Config files can hold anything; flags are parsed already."""
+    import typing
+
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    if origin in (tuple, list):
+        if isinstance(value, (tuple, list)) and all(_type_mismatch(v, float) is None for v in value):
+            return None
+        return "a list of numbers"
+    if origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif origin is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, origin)
+    return None if ok else {float: "a number", int: "an integer", str: "a string", bool: "true or false",
+                            dict: "a table of keys"}.get(origin, origin.__name__)
+
+
 def validate(cfg: TrainConfig) -> None:
-    o, d, m = cfg.optim, cfg.data, cfg.method
+    import typing
+
+    o, d, m, r = cfg.optim, cfg.data, cfg.method, cfg.run
+    for section in (d, m, o, r):
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            wanted = _type_mismatch(getattr(section, f.name), hints[f.name])
+            if wanted:
+                raise ConfigError(f"{f.name} must be {wanted}, got {getattr(section, f.name)!r}")
     if m.method not in ("mae", "imae", "sgmae"):
         raise ConfigError(f"method must be mae, imae or sgmae, got {m.method!r}")
-    for name in ("epochs", "batch_size", "accum_iter"):
-        if getattr(o, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(o, name)}")
+    # `not value >= low` rather than `value < low`, so that NaN fails too
+    for section, name, low in ((o, "epochs", 1), (o, "batch_size", 1), (o, "accum_iter", 1), (o, "blr", 0),
+                               (o, "lr", 0), (o, "min_lr", 0), (o, "weight_decay", 0), (o, "warmup_epochs", 0),
+                               (r, "log_every", 1), (r, "save_every_steps", 0), (r, "viz_every", 0),
+                               (r, "max_steps", 1), (d, "num_workers", -1), (d, "kmeans_k", 1)):
+        value = getattr(section, name)
+        if value is not None and not (low <= value < math.inf):
+            raise ConfigError(f"{name} must be >= {low}{' and finite' if value == math.inf else ''}, "
+                              f"got {value}")
+    if o.clip_grad is not None and not 0 < o.clip_grad < math.inf:
+        # a negative max norm makes clip_grad_norm_ scale every gradient by a negative factor
+        raise ConfigError(f"clip_grad must be positive and finite (or None), got {o.clip_grad}")
     from . import models
 
     if m.model not in models.PRESETS:
         raise ConfigError(f"unknown model preset {m.model!r}; choose one of {sorted(models.PRESETS)}")
     own = models.METHODS[m.method].config_class
-    allowed = {f.name for cls in (own, models.ModelConfig) for f in dataclasses.fields(cls)}
-    bad = sorted(set(m.options) - (allowed - {"arch"}))
+    hints = {**typing.get_type_hints(models.ModelConfig), **typing.get_type_hints(own)}
+    hints.pop("arch")
+    bad = sorted(set(m.options) - set(hints))
     if bad:
         raise ConfigError(f"option(s) {', '.join(bad)} do not apply to method {m.method} ({own.__name__})")
+    for name, value in m.options.items():
+        wanted = _type_mismatch(value, hints[name])
+        if wanted:
+            raise ConfigError(f"option {name} must be {wanted}, got {value!r}")
     if m.teacher is not None and m.method != "imae":
         raise ConfigError("a teacher applies to method imae only")
     if d.pairing not in ("labels", "kmeans"):
@@ -353,6 +417,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"same_prob must be in [0, 1], got {d.same_prob}")
     if not 0 < d.crop_scale_min <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
+    try:
+        torch.device(r.device if r.device != "auto" else "cpu")
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {r.device!r}") from None
 
 
 def train(cfg: TrainConfig, model: torch.nn.Module | None = None) -> dict:
@@ -393,6 +461,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
         train_set = data_lib.build_dataset(cfg.data.data, train=True, img_size=img_size, seed=r.seed)
     except data_lib.DatasetError as err:
         raise ConfigError(str(err)) from None
+    # torchvision's ImageFolder loader converts every image to RGB
+    channels = train_set.images.shape[1] if hasattr(train_set, "images") else 3
+    if channels != getattr(model, "in_chans", channels):
+        raise ConfigError(f"{cfg.data.data} has {channels}-channel images but the model takes "
+                          f"in_chans={model.in_chans}")
     sampler = data_lib.EpochSampler(len(train_set), o.batch_size, d.rank, d.world_size, seed=r.seed)
     workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else data_lib.default_workers(d.world_size)
     loader = data_lib.make_loader(train_set, sampler, workers, device, seed=seed)
@@ -416,10 +489,23 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
         resume = str(ckpt_path) if ckpt_path.is_file() else None
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        model.load_state_dict(ckpt["model"])
+        if "model" not in ckpt or "optimizer" not in ckpt:
+            raise ConfigError(f"{resume} is not a maskedssl training checkpoint (no model/optimizer state)")
+        saved = ckpt.get("config", {}).get("method", {})
+        load_state(model, ckpt["model"], f"{resume} holds a {saved.get('method')}/{saved.get('model')} model "
+                   f"that does not fit {cfg.method.method}/{cfg.method.model}")
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        # load_state_dict restores the saved hyperparameters; lr is set every step, weight decay here,
+        # so a resumed run uses this config's
+        for group, fresh in zip(optimizer.param_groups, param_groups(model, o.weight_decay)):
+            group["weight_decay"] = fresh["weight_decay"]
+        if ckpt["scaler"]:  # empty when saved without fp16: a fresh scale then
+            scaler.load_state_dict(ckpt["scaler"])
         epoch, step, step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
+        if step_in_epoch >= steps_per_epoch:
+            # the saved epoch was longer (more images, smaller batches): here it is over. Left as it was,
+            # no step would run and the epoch would never end (a hang)
+            epoch, step_in_epoch = epoch + 1, 0
         rngs = ckpt["rng"]
         if len(rngs) == d.world_size:
             set_rng_state(rngs[d.rank], aug_gen)
@@ -439,7 +525,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
     # ---- logging (rank 0)
     writer, metrics_file = None, None
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create the output folder {out}: {err.strerror}") from None
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         metrics_file = open(out / "metrics.jsonl", "a" if resume is not None else "w")
         if r.tensorboard:

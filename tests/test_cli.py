@@ -72,9 +72,12 @@ def test_config_file_then_flags(tmp_path, fmt):
 def test_config_file_errors(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("epochs = = 3")
     (tmp_path / "unknown.json").write_text('{"optim": {"epoch": 3}}')
+    (tmp_path / "list.json").write_text('[1, 2]')  # was an AttributeError traceback
+    (tmp_path / "typed.json").write_text('{"optim": {"epochs": "two"}}')  # was a TypeError traceback
     toml_error = "cannot be parsed" if cli.tomllib is not None else "needs Python 3.11"
     cases = ((tmp_path / "bad.toml", toml_error), (tmp_path / "unknown.json", "unknown key"),
-             (tmp_path / "missing.json", "does not exist"))
+             (tmp_path / "missing.json", "does not exist"), (tmp_path / "list.json", "table of keys"),
+             (tmp_path / "typed.json", "epochs must be an integer"))
     for path, message in cases:
         assert cli.main(["pretrain", "--config", str(path)]) == 2
         err = capsys.readouterr().err
@@ -103,12 +106,36 @@ def test_bad_dataset_path_is_one_line_from_python_m(tmp_path, capsys, monkeypatc
     (["--resume", "{tmp}/nothing.pt"], "nothing.pt does not exist"),
     (["--mask-ratio", "1.5"], "mask_ratio"),
     (["--epochs", "0"], "epochs must be >= 1"),
+    (["--mask-ratio", "0"], "mask_ratio"),  # a NaN loss at step 0 (exit 1) before
+    (["--lr", "-1"], "lr must be >= 0"),
+    (["--log-every", "0"], "log_every must be >= 1"),
+    (["--device", "tpu"], "device must be"),
+    (["--patch-size", "0"], "patch_size must be positive"),  # ZeroDivisionError
+    (["--in-chans", "1"], "in_chans=1"),
+    (["--lam-alpha", "nan", "--method", "imae"], "lam_alpha"),
+    (["--out", "/proc/no/such/folder"], "cannot create the output folder"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main(["pretrain", "--out", str(tmp_path / "o"), *QUIET, *TINY_FLAGS, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("maskedssl: error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "--device must be"),  # RuntimeError traceback from torch.device
+    (["--max-train", "0"], "--max-train must be >= 1"),  # torch.cat of no features
+    (["--ckpt", "{tmp}/config.json"], "cannot be read"),  # torch.load's paragraph-long message
+    (["--out", "/proc/no/such/results.json"], "cannot write"),
+])
+def test_evaluate_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    assert cli.main(["pretrain", "--out", str(tmp_path), *QUIET, *TINY_FLAGS, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code = cli.main(["evaluate", "--ckpt", str(tmp_path / T.CHECKPOINT_NAME), "--data", "synthetic:20",
+                     "--metrics", "knn", "--pool", "mean", "--k", "3", "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("maskedssl: error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_diverging_run_exits_1_with_the_checkpoint_named(tmp_path, capsys):

@@ -93,6 +93,11 @@ def test_checkpoint_load_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(T.ConfigError, match="cannot be read"):
         T.load_checkpoint(tmp_path / "bad.pt")
+    # torch.load's weights-only refusal is a paragraph; the CLI prints one line
+    (tmp_path / "text.pt").write_text('{"kind": "train"}\n')
+    with pytest.raises(T.ConfigError, match="cannot be read") as err:
+        T.load_checkpoint(tmp_path / "text.pt")
+    assert "\n" not in str(err.value)
 
 
 def test_config_validation():
@@ -103,6 +108,57 @@ def test_config_validation():
     with pytest.raises(T.ConfigError, match="unknown key"):
         T.TrainConfig.from_dict({"optim": {"epoch": 3}})
     assert T.TrainConfig.from_dict(tiny_config("x").to_dict()) == tiny_config("x")
+
+
+@pytest.mark.parametrize("section, name, value, message", [
+    ("optim", "lr", -1.0, "lr must be >= 0"),  # AdamW raised a bare ValueError with a traceback
+    ("optim", "blr", math.nan, "blr must be >= 0"),
+    ("optim", "weight_decay", -0.1, "weight_decay"),
+    ("optim", "warmup_epochs", -1.0, "warmup_epochs"),
+    ("optim", "clip_grad", -1.0, "clip_grad"),  # a negative max norm flipped every gradient's sign
+    ("run", "log_every", 0, "log_every"),  # ZeroDivisionError in the loop
+    ("run", "save_every_steps", -1, "save_every_steps"),  # saved at every step
+    ("run", "viz_every", -1, "viz_every"),  # drew pictures at every epoch
+    ("run", "max_steps", 0, "max_steps"),  # ran one step anyway
+    ("run", "device", "tpu", "device must be"),  # RuntimeError from torch.device
+    ("data", "num_workers", -5, "num_workers"),
+    ("data", "kmeans_k", 0, "kmeans_k"),
+    # config files can hold any JSON value: each was a TypeError traceback or was taken as truthy
+    ("optim", "epochs", "two", "epochs must be an integer"),
+    ("optim", "batch_size", 8.5, "batch_size must be an integer"),
+    ("optim", "batch_size", True, "batch_size must be an integer"),
+    ("run", "compile", "yes", "compile must be true or false"),
+    ("data", "same_prob", "x", "same_prob must be a number"),
+    ("method", "options", 5, "options must be a table"),
+])
+def test_config_values_are_checked_before_the_run(section, name, value, message):
+    cfg = tiny_config("x")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(T.ConfigError, match=message):
+        T.validate(cfg)
+
+
+def test_model_option_types_are_checked():
+    cfg = tiny_config("x")
+    cfg.method.options["mask_ratio"] = "0.5"
+    with pytest.raises(T.ConfigError, match="option mask_ratio must be a number"):
+        T.validate(cfg)
+    cfg.method.options["mask_ratio"] = 0.5
+    cfg.method.options["mean"] = [0.5, 0.5, 0.5]  # a tuple field given as a JSON list is fine
+    T.validate(cfg)
+
+
+def test_data_channels_must_match_the_model(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.method.options["in_chans"] = 1
+    with pytest.raises(T.ConfigError, match="3-channel images but the model takes in_chans=1"):
+        T.train(cfg)
+
+
+def test_unwritable_output_folder_is_a_config_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(T.ConfigError, match="cannot create the output folder"):
+        T.train(tiny_config(tmp_path / "file" / "run", max_steps=1))
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -128,6 +184,38 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, method):
     # the metrics file continues instead of restarting
     records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_into_shorter_epochs_finishes_instead_of_hanging(tmp_path):
+    """Stopped 2 steps into a 3-step epoch, resumed on data with 1-step epochs: step_in_epoch 2 >= 1 ran
+    no step and never closed the epoch (an endless loop). The saved epoch now counts as over."""
+    T.train(tiny_config(tmp_path, max_steps=2))
+    cfg = tiny_config(tmp_path, resume="auto")
+    cfg.data.data = "synthetic:32"
+    summary = T.train(cfg)
+    assert summary["status"] == "done" and summary["epoch"] == 2 and summary["step"] == 3
+
+
+def test_resume_with_another_model_is_one_config_error(tmp_path):
+    T.train(tiny_config(tmp_path, max_steps=1))
+    for method, options in (("imae", dict(TINY)), ("mae", {**TINY, "depth": 2})):
+        cfg = tiny_config(tmp_path, method, resume="auto")
+        cfg.method.options = options
+        with pytest.raises(T.ConfigError, match="does not fit") as err:
+            T.train(cfg)
+        assert "\n" not in str(err.value)
+    with pytest.raises(T.ConfigError, match="does not fit"):
+        T.load_state(models.build_model("mae", "micro"), models.build_model("imae", "micro").state_dict(),
+                     "does not fit")
+
+
+def test_resume_takes_this_configs_weight_decay(tmp_path):
+    T.train(tiny_config(tmp_path, max_steps=1))
+    cfg = tiny_config(tmp_path, resume="auto", max_steps=2)
+    cfg.optim.weight_decay = 0.3
+    T.train(cfg)
+    groups = load_state(tmp_path / T.CHECKPOINT_NAME)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.3]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
