@@ -43,9 +43,13 @@ def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -
 def _check_features(name: str, feats: torch.Tensor, labels: torch.Tensor | None = None) -> None:
     if not isinstance(feats, torch.Tensor) or feats.ndim != 2 or not feats.is_floating_point():
         raise ValueError(f"{name}_feats must be a float (N, D) tensor")
+    if feats.shape[0] == 0:
+        raise ValueError(f"{name}_feats holds no samples (N = 0)")
     if labels is not None and (labels.ndim != 1 or labels.shape[0] != feats.shape[0]
                                or labels.is_floating_point()):
         raise ValueError(f"{name}_labels must be an integer (N,) tensor matching {name}_feats")
+    if labels is not None and int(labels.min()) < 0:  # class ids index the logits / vote columns
+        raise ValueError(f"{name}_labels must be class ids >= 0, found {int(labels.min())}")
 
 
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
@@ -96,8 +100,12 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     """
     _check_features("train", train_feats, train_labels)
     _check_features("test", test_feats, test_labels)
+    if train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError("train_feats and test_feats must have the same width D")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if not 0 < temperature < math.inf:  # exp(cos / 0) is inf for every neighbour: the votes tie
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
     train_labels = train_labels.long().to(train.device)
@@ -107,7 +115,9 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     for start in range(0, test.shape[0], chunk):
         sims, idx = (test[start:start + chunk] @ train.T).topk(k, dim=1)
         votes = torch.zeros(sims.shape[0], num_classes, device=train.device)
-        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+        # relative to each row's nearest (topk sorts): the same vote ratios, without exp overflowing to
+        # inf (and every vote tying) once 1 / temperature passes ~88
+        votes.scatter_add_(1, train_labels[idx], ((sims - sims[:, :1]) / temperature).exp())
         pred = votes.argmax(1).cpu()
         correct += int((pred == test_labels[start:start + chunk].long().cpu()).sum())
     return correct / test.shape[0]
@@ -132,10 +142,17 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[to
 
 def r2_score(y: torch.Tensor, pred: torch.Tensor) -> float:
     """Pooled coefficient of determination 1 - sum (y - pred)^2 / sum (y - mean_y)^2 over every entry,
-    with each column's own mean as the baseline."""
+    with each column's own mean as the baseline.
+
+    Targets without variance (one sample, constant columns) leave the ratio undefined; as scikit-learn's
+    ``r2_score`` does then, the score is 1 for an exact prediction and 0 otherwise (dividing by a
+    clamped zero gave values like -1e13)."""
     y, pred = y.double(), pred.double()
     ss_res = (y - pred).square().sum()
-    ss_tot = (y - y.mean(0, keepdim=True)).square().sum().clamp_min(1e-12)
+    ss_tot = (y - y.mean(0, keepdim=True)).square().sum()
+    # relative to the targets' size: the mean of equal values can differ from them by a rounding error
+    if ss_tot <= 1e-24 * y.square().sum():
+        return 1.0 if ss_res <= 1e-24 * y.square().sum() else 0.0
     return float(1.0 - ss_res / ss_tot)
 
 
@@ -773,10 +790,17 @@ def main(args: argparse.Namespace) -> int:
                           f"got {args.mix_weights!r}") from None
     if not all(0.0 < w <= 0.5 for w in weights):
         raise ConfigError(f"--mix-weights must lie in (0, 0.5], got {weights}")
-    for name in ("k", "probe_epochs", "finetune_epochs", "sep_images", "cluster_images", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("k", "probe_epochs", "finetune_epochs", "sep_images", "cluster_images", "batch_size",
+                 "max_train", "max_test"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available here")
     torch.manual_seed(args.seed)
     model = load_model(args.ckpt, map_location=device)
     train_set = build_dataset(args.data, train=True, img_size=model.img_size, seed=args.seed)
@@ -794,8 +818,11 @@ def main(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        except OSError as err:
+            raise ConfigError(f"cannot write {out}: {err.strerror}") from None
         if "separability" in results:
             plot_separability({results["method"]: results["separability"]}, out.with_suffix(".png"))
         print(f"wrote {out}", file=sys.stderr)

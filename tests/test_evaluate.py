@@ -70,6 +70,37 @@ def test_probe_bad_inputs():
     with pytest.raises(ValueError, match="k must"):
         ev.knn_accuracy(torch.randn(4, 2), torch.zeros(4, dtype=torch.long), torch.randn(2, 2),
                         torch.zeros(2, dtype=torch.long), k=0)
+    feats, labels = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    for metric in (ev.linear_probe, ev.knn_accuracy):  # each was a RuntimeError or IndexError inside
+        with pytest.raises(ValueError, match="test_feats holds no samples"):
+            metric(feats, labels, feats[:0], labels[:0])
+        with pytest.raises(ValueError, match="train_labels must be class ids >= 0"):
+            metric(feats, labels - 1, feats, labels)
+        with pytest.raises(ValueError, match="same width"):
+            metric(feats, labels, torch.randn(4, 3), labels)
+    with pytest.raises(ValueError, match="temperature"):
+        ev.knn_accuracy(feats, labels, feats, labels, temperature=0.0)
+
+
+def test_knn_small_temperature_does_not_overflow():
+    """exp(cos / 1e-3) overflowed to inf for every neighbour: the votes tied and argmax took class 0."""
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[0.05, 1.0]])
+    assert ev.knn_accuracy(train, labels, test, torch.tensor([1]), k=3, temperature=1e-3) == 1.0
+
+
+def test_degenerate_inputs_give_defined_metrics():
+    # one class, constant features: the probe and k-NN can only be right
+    const, one_class = torch.zeros(6, 4), torch.zeros(6, dtype=torch.long)
+    assert ev.linear_probe(const, one_class, const, one_class, epochs=2)["acc"] == 1.0
+    assert ev.knn_accuracy(const, one_class, const, one_class) == 1.0
+    # targets without variance: R^2 is undefined; 1 for an exact fit, 0 otherwise (was -1e13)
+    assert ev.r2_score(torch.ones(5, 2), torch.ones(5, 2)) == 1.0
+    assert ev.r2_score(torch.ones(5, 2), torch.zeros(5, 2)) == 0.0
+    assert ev.r2_score(torch.ones(1, 3), torch.randn(1, 3)) == 0.0
+    result = ev.separability_r2(*(torch.randn(1, 4) for _ in range(6)))
+    assert all(math.isfinite(result[k]) for k in ("r2", "r2_sub", "r2_dom"))
 
 
 # ---------------------------------------------------------------- separability
