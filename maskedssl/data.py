@@ -465,6 +465,11 @@ def sample_partners(labels: torch.Tensor, same_prob: float, generator: torch.Gen
     other sample. Random draws on ``generator``'s device (CPU by default); result on ``labels``' device."""
     if not 0.0 <= same_prob <= 1.0:
         raise ValueError(f"same_prob must be in [0, 1], got {same_prob}")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor of class ids, got "
+                        f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.dim() != 1 or labels.numel() == 0:
+        raise ValueError(f"labels must be a non-empty (B,) tensor, got shape {tuple(labels.shape)}")
     device = labels.device
     gen_device = generator.device if generator is not None else torch.device("cpu")
     labels = labels.to(gen_device)
@@ -485,9 +490,13 @@ def kmeans(feats: torch.Tensor, k: int, iters: int = 10, generator: torch.Genera
            ) -> torch.Tensor:
     """Cluster ids (N,) of the rows of ``feats`` (N, D) under cosine k-means (k-means++ seeding): the
     stand-in labels for semantic pairing on unlabelled data."""
+    if feats.dim() != 2 or feats.shape[0] == 0:
+        raise ValueError(f"feats must be a non-empty (N, D) tensor, got shape {tuple(feats.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
     x = F.normalize(feats.float(), dim=1)
     n = x.shape[0]
-    k = max(1, min(k, n))
+    k = min(k, n)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     first = torch.randint(n, (1,), generator=generator, device=gen_device).to(x.device)
     centers = x[first]

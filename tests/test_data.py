@@ -240,6 +240,27 @@ def test_sample_partners_same_and_other_class():
         data.sample_partners(labels, 1.5)
 
 
+def test_sample_partners_and_kmeans_argument_errors():
+    """Empty labels were an IndexError from argmax, float or 2-D labels were paired silently (2-D gave a
+    2-D partner tensor); kmeans on no rows was a RuntimeError and k = 0 was taken as 1."""
+    with pytest.raises(ValueError, match="labels"):
+        data.sample_partners(torch.zeros(0, dtype=torch.long), 1.0)
+    with pytest.raises(ValueError, match="labels"):
+        data.sample_partners(torch.zeros(2, 2, dtype=torch.long), 1.0)
+    with pytest.raises(TypeError, match="labels"):
+        data.sample_partners(torch.tensor([0.0, 1.0, 0.0]), 1.0)
+    with pytest.raises(ValueError, match="feats"):
+        data.kmeans(torch.randn(0, 4), 2)
+    with pytest.raises(ValueError, match="k must"):
+        data.kmeans(torch.randn(5, 4), 0)
+    # one class for all, or classes of one member each: no self-pairs, whatever same_prob asks
+    for labels in (torch.zeros(5, dtype=torch.long), torch.arange(5)):
+        for same_prob in (0.0, 1.0):
+            partner = data.sample_partners(labels, same_prob, torch.Generator().manual_seed(0))
+            assert (partner != torch.arange(5)).all()
+    assert data.kmeans(torch.ones(6, 4), 3, generator=torch.Generator().manual_seed(0)).shape == (6,)
+
+
 def test_sample_partners_statistics():
     labels = torch.arange(64) % 4
     gen = torch.Generator().manual_seed(0)
