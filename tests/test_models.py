@@ -321,6 +321,23 @@ def test_imae_config_and_teacher_are_checked():
 
 
 # ----------------------------------------------------------------------------- Self-guided MAE
+def test_sgmae_option_types_are_checked():
+    """A string warmup_frac failed on a bare '<=' TypeError; "no" for center_features was taken as True."""
+    for option, value in (("warmup_frac", "0.1"), ("sg_layer", 1.0), ("center_features", "no")):
+        with pytest.raises(TypeError, match=option):
+            build_model("sgmae", "micro", **{option: value})
+
+
+@pytest.mark.parametrize("warmup_frac, informed_from", [(0.0, 0.0), (0.25, 0.25), (1.0, 1.0)])
+def test_sgmae_switches_to_informed_masks_exactly_at_warmup_frac(warmup_frac, informed_from):
+    model = build_model("sgmae", "micro", warmup_frac=warmup_frac, depth=1, decoder_depth=1)
+    imgs = torch.randn(1, 3, 32, 32)
+    for progress in (0.0, 0.2499, 0.25, 0.5, 0.9999, 1.0):
+        out = model(imgs, progress=progress)
+        assert out.extras["informed"] is (progress >= informed_from), progress
+        assert torch.isfinite(out.loss) and out.mask.sum().item() == 48
+
+
 def test_sgmae_random_during_warmup_then_informed():
     model = build_model("sgmae", "micro", warmup_frac=0.25, hint_ratio=0.0, sg_layer=0)
     mae = build_model("mae", "micro")

@@ -40,6 +40,11 @@ class SGMAEConfig(MAEConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        for name, types, what in (("warmup_frac", (int, float), "a float"), ("sg_layer", int, "an int"),
+                                  ("center_features", bool, "a bool")):
+            value = getattr(self, name)
+            if (isinstance(value, bool) and name != "center_features") or not isinstance(value, types):
+                raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
         if not 0.0 <= self.warmup_frac <= 1.0:
             raise ValueError(f"warmup_frac must be in [0, 1], got {self.warmup_frac}")
         depth = self.arch.depth
