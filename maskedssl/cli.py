@@ -247,8 +247,21 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     out = Path(args.out)
+    for name in ("epochs", "max_epochs", "train_size", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 < args.budget < math.inf:
+        raise ConfigError(f"--budget must be a positive number of seconds, got {args.budget}")
+    if args.train_size < args.batch_size:  # the epoch count below divides by the steps per epoch
+        raise ConfigError(f"--train-size {args.train_size} holds no batch of --batch-size {args.batch_size}")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
+    try:
+        device = torch.device(auto if args.device == "auto" else args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available here")
     if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
         # On an oversubscribed CPU, OpenMP workers that spin-wait for each other make every op several
         # times slower (measured: 5-13 s instead of 0.8 s per step on a busy 2-core machine); one thread

@@ -160,6 +160,19 @@ def test_pretrain_then_evaluate(tmp_path, capsys):
     assert 0 <= results["knn_mean"] <= 1
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be >= 1"),  # ran one epoch
+    (["--max-epochs", "0"], "--max-epochs must be >= 1"),  # ZeroDivisionError
+    (["--budget", "-5"], "--budget must be a positive"),  # ran anyway
+    (["--train-size", "32", "--batch-size", "64"], "holds no batch"),  # ZeroDivisionError
+    (["--device", "tpu"], "--device must be"),  # RuntimeError traceback
+])
+def test_demo_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    assert cli.main(["demo", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maskedssl: error: ") and message in err and err.count("\n") == 1, err
+
+
 def test_demo_writes_report_with_numbers_and_pictures(tmp_path):
     out = tmp_path / "demo"
     cli.main(["demo", "--out", str(out), "--epochs", "1", "--train-size", "64", "--batch-size", "32"])
