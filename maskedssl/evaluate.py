@@ -205,11 +205,15 @@ def sample_other_class_partners(labels: torch.Tensor, generator: torch.Generator
     class is present), so that subordinate and dominant labels differ and their probes mean something."""
     n = labels.shape[0]
     partners = torch.empty(n, dtype=torch.long)
+    if labels.unique().numel() == 1:
+        if n == 1:
+            return torch.zeros(1, dtype=torch.long)
+        # a draw from the n - 1 others: skip over the row itself (a self-pair mixes an image with itself)
+        draw = torch.randint(n - 1, (n,), generator=generator)
+        return draw + (draw >= torch.arange(n)).long()
     for c in labels.unique():
         rows = (labels == c).nonzero().squeeze(1)
         pool = (labels != c).nonzero().squeeze(1)
-        if pool.numel() == 0:
-            pool = torch.arange(n)
         partners[rows] = pool[torch.randint(pool.numel(), (rows.numel(),), generator=generator)]
     return partners
 

@@ -168,6 +168,13 @@ def test_other_class_partners():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
     partners = ev.sample_other_class_partners(labels, torch.Generator().manual_seed(0))
     assert (labels[partners] != labels).all()
+    # one class: any other sample, never the sample itself (it could draw itself from the whole batch)
+    for seed in range(20):
+        one_class = ev.sample_other_class_partners(torch.zeros(4, dtype=torch.long),
+                                                   torch.Generator().manual_seed(seed))
+        assert (one_class != torch.arange(4)).all() and ((one_class >= 0) & (one_class < 4)).all()
+    assert ev.sample_other_class_partners(torch.zeros(1, dtype=torch.long),
+                                          torch.Generator().manual_seed(0)).tolist() == [0]
 
 
 # ---------------------------------------------------------------- patch clustering
