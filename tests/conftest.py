@@ -22,9 +22,30 @@ HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _emulate_cuda() -> bool:
+    """Without a GPU, run the kernels of csrc/ on CPU tensors under tests/cuda_emu (built once, cached by
+    ninja under build/cuda_emu; about a minute the first time). Needs maskedssl._C for the op schemas, as
+    `make build` and CI build it. MASKEDSSL_CUDA_EMULATION=0 turns it off. A build error fails the run."""
+    if HAS_CUDA or os.environ.get("MASKEDSSL_CUDA_EMULATION", "1") == "0":
+        return False
+    from maskedssl.ops import _backend
+
+    if not _backend.cuda_extension_loaded():
+        return False
+    from cuda_emu.build import build_and_load
+
+    build_and_load()
+    _backend.cuda_emulated_on_cpu = True
+    return True
+
+
+CUDA_EMULATED = _emulate_cuda()
+
+
 def cpu_kernel_backends() -> list[str]:
-    """Kernel backends that can run on CPU tensors in this process (Triton only through its interpreter)."""
-    return ["triton"] if INTERPRET else []
+    """Kernel backends that can run on CPU tensors in this process: Triton through its interpreter, the
+    CUDA kernels under the emulator."""
+    return (["triton"] if INTERPRET else []) + (["cuda"] if CUDA_EMULATED else [])
 
 
 def gpu_kernel_backends() -> list[str]:

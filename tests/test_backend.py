@@ -37,11 +37,22 @@ def test_bad_backend_argument():
 
 def test_unavailable_backend_falls_back_once(caplog, monkeypatch):
     monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "cuda_emulated_on_cpu", False)  # the CUDA kernels must be out of reach
     with caplog.at_level(logging.WARNING, logger="maskedssl"):
         for _ in range(3):
             assert _backend.resolve_backend("some_op", "cuda", torch.device("cpu")) == "torch"
     lines = [r for r in caplog.records if "some_op" in r.getMessage()]
     assert len(lines) == 1 and "unavailable" in lines[0].getMessage()
+
+
+def test_cuda_on_cpu_only_under_the_emulator(monkeypatch):
+    monkeypatch.setattr(_backend, "cuda_emulated_on_cpu", False)
+    assert "cuda" not in _backend.available_backends("cpu")
+    monkeypatch.setattr(_backend, "cuda_emulated_on_cpu", True)
+    assert ("cuda" in _backend.available_backends("cpu")) == _backend.cuda_extension_loaded()
+    assert "cuda" not in _backend.available_backends("meta")
+    # auto never picks an emulator: CPU tensors run the torch backend
+    assert _backend.resolve_backend("some_op", "auto", torch.device("cpu")) == "torch"
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

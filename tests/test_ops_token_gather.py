@@ -16,15 +16,17 @@ import sys
 
 import pytest
 import torch
-from conftest import DTYPES, INTERPRET, assert_close
+from conftest import CUDA_EMULATED, DTYPES, INTERPRET, assert_close
 
 from maskedssl import ops
 from maskedssl.ops import available_backends, cuda_extension_loaded
 
-# (backend, device): the CPU row exists only under the Triton interpreter.
+# (backend, device): the CPU rows run Triton's interpreter and the CUDA emulator (tests/cuda_emu).
 KERNEL_TARGETS = [
     pytest.param("triton", "cpu", id="triton-cpu",
                  marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", "cpu", id="cuda-emulated",
+                 marks=pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA emulator is off (no maskedssl._C)")),
     pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
     pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
 ]

@@ -35,6 +35,11 @@ def warn_once(message: str) -> None:
 _extension: list[bool] = []
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
+# Set by the test suite once it has loaded tests/cuda_emu: the kernels of csrc/ compiled for the CPU under an
+# emulator and registered for CPU tensors. The cuda backend then runs (slowly) on CPU tensors too, which is
+# how the tests execute the CUDA kernels on machines without a GPU, as TRITON_INTERPRET=1 does for kernels/.
+cuda_emulated_on_cpu = False
+
 
 def cuda_extension_loaded() -> bool:
     """Load ``maskedssl._C`` (the CUDA kernels) into ``torch.ops.maskedssl`` once, if it was built."""
@@ -74,7 +79,7 @@ def _runs_here(backend: str, device: torch.device) -> str | None:
             return None
         return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
     if backend == "cuda":
-        if device.type != "cuda":
+        if device.type != "cuda" and not (device.type == "cpu" and cuda_emulated_on_cpu):
             return f"CUDA kernels need CUDA tensors, got {device.type}"
         if not cuda_extension_loaded():
             return "the CUDA extension maskedssl._C was not built"

@@ -1,0 +1,114 @@
+// Kernels that check the emulator itself (tests/test_cuda_emulator.py): each is plain CUDA, built by
+// build.py with the kernels of csrc/, and either computes something the test compares with torch or breaks a
+// CUDA rule that the emulator must report.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+namespace {
+
+// Sums of every `width` consecutive values by xor shuffles, one warp-segment per group.
+__global__ void segment_sums_kernel(const float* x, float* out, int n, int width) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  float v = i < n ? x[i] : 0.f;
+  for (int o = width / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o, width);
+  if (i < n) out[i] = v;
+}
+
+// Every thread reads its neighbour's shared value after the barrier: right only if the barrier orders them.
+__global__ void rotate_kernel(const float* x, float* out, int n) {
+  __shared__ float values[1024];
+  const int t = threadIdx.x;
+  values[t] = x[blockIdx.x * blockDim.x + t];
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + t] = values[(t + 1) % blockDim.x];
+}
+
+// Dynamic shared memory is per block: each block sums its own slice through it.
+__global__ void block_sums_kernel(const float* x, float* out) {
+  extern __shared__ float scratch[];
+  scratch[threadIdx.x] = x[blockIdx.x * blockDim.x + threadIdx.x];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (unsigned int t = 0; t < blockDim.x; ++t) total += scratch[t];
+    out[blockIdx.x] = total;
+  }
+}
+
+// Reads shared memory nobody wrote: the emulator fills it with NaN.
+__global__ void unwritten_shared_kernel(float* out) {
+  __shared__ float never_written[32];
+  out[threadIdx.x] = never_written[threadIdx.x];
+}
+
+// Lanes 0-15 wait at __syncthreads, lanes 16-31 at a shuffle: hangs on a GPU.
+__global__ void deadlock_kernel(float* out) {
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+  }
+}
+
+// A mask that leaves out lanes 16-31, which call the shuffle.
+__global__ void bad_mask_kernel(float* out) { out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.f, 1); }
+
+__global__ void store_kernel(float* out) { out[0] = 1.f; }
+// The same, for the launch that raises its shared-memory limit first (limits are per kernel).
+__global__ void store_raised_kernel(float* out) { out[0] = 1.f; }
+
+at::Tensor segment_sums(const at::Tensor& x, int64_t width) {
+  at::Tensor out = at::empty_like(x);
+  const int n = static_cast<int>(x.numel());
+  segment_sums_kernel<<<(n + 63) / 64, 64, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      x.data_ptr<float>(), out.data_ptr<float>(), n, static_cast<int>(width));
+  return out;
+}
+
+at::Tensor rotate(const at::Tensor& x, int64_t block) {
+  at::Tensor out = at::empty_like(x);
+  rotate_kernel<<<static_cast<unsigned int>(x.numel() / block), static_cast<unsigned int>(block)>>>(
+      x.data_ptr<float>(), out.data_ptr<float>(), static_cast<int>(x.numel()));
+  return out;
+}
+
+at::Tensor block_sums(const at::Tensor& x, int64_t block) {
+  at::Tensor out = at::empty({x.numel() / block}, x.options());
+  block_sums_kernel<<<static_cast<unsigned int>(x.numel() / block), static_cast<unsigned int>(block),
+                      block * sizeof(float)>>>(x.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+// kind: "unwritten_shared", "deadlock", "bad_mask", "big_shared", "raised_shared", "big_grid", "big_block"
+void misbehave(const at::Tensor& out, const std::string& kind) {
+  float* p = out.data_ptr<float>();
+  if (kind == "unwritten_shared") unwritten_shared_kernel<<<1, 32>>>(p);
+  else if (kind == "deadlock") deadlock_kernel<<<1, 32>>>(p);
+  else if (kind == "bad_mask") bad_mask_kernel<<<1, 32>>>(p);
+  else if (kind == "big_shared") store_kernel<<<1, 1, 64 * 1024>>>(p);
+  else if (kind == "raised_shared") {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(store_raised_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
+    store_raised_kernel<<<1, 1, 64 * 1024>>>(p);
+  } else if (kind == "big_grid") store_kernel<<<dim3(1, 70000), 1>>>(p);
+  else if (kind == "big_block") store_kernel<<<1, 2048>>>(p);
+  else TORCH_CHECK(false, "unknown kind ", kind);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cuda_emu_selftest, m) {
+  m.def("segment_sums(Tensor x, int width) -> Tensor");
+  m.def("rotate(Tensor x, int block) -> Tensor");
+  m.def("block_sums(Tensor x, int block) -> Tensor");
+  m.def("misbehave(Tensor(a!) out, str kind) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(cuda_emu_selftest, CUDA, m) {
+  m.impl("segment_sums", &segment_sums);
+  m.impl("rotate", &rotate);
+  m.impl("block_sums", &block_sums);
+  m.impl("misbehave", &misbehave);
+}
