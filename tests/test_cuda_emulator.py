@@ -10,6 +10,7 @@ from conftest import CUDA_EMULATED
 from cuda_emu.build import rewrite_launches, rewrite_source
 
 needs_emulator = pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA emulator is off (no maskedssl._C)")
+ORDERS = ["forward", "reverse", "shuffle"]
 
 
 def test_launches_become_calls_with_the_kernel_and_its_arguments():
@@ -46,11 +47,75 @@ def test_shuffles_sum_each_segment(width):
 
 
 @needs_emulator
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("block", [32, 96, 1024])
-def test_syncthreads_orders_the_block(block):
+def test_syncthreads_orders_the_block(block, order, monkeypatch):
+    monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", order)
     x = torch.randn(3 * block)
-    got = torch.ops.cuda_emu_selftest.rotate(x, block)
+    got = torch.ops.cuda_emu_selftest.rotate(x, block, True)
     torch.testing.assert_close(got, x.view(3, block).roll(-1, dims=1).reshape(-1))
+
+
+@needs_emulator
+def test_a_race_changes_with_the_thread_order(monkeypatch):
+    x = torch.randn(64)
+    want = x.roll(-1)
+    monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", "forward")  # thread t reads t + 1's slot before it is written
+    forward = torch.ops.cuda_emu_selftest.rotate(x, 64, False)
+    assert forward[:-1].isnan().all() and forward[-1] == want[-1]
+    monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", "reverse")  # thread t + 1 has run first, but 63 reads 0 too early
+    reverse = torch.ops.cuda_emu_selftest.rotate(x, 64, False)
+    assert reverse[:-1].equal(want[:-1]) and reverse[-1].isnan()
+
+
+def _kernel_runs(case: str) -> list[torch.Tensor]:
+    """One call of a csrc/ kernel entry point on fixed inputs (deterministic modes only: float atomics add in
+    whatever order the threads come)."""
+    g = torch.Generator().manual_seed(0)
+    cuda_ops = torch.ops.maskedssl
+    if case.startswith("tokens"):
+        dtype = torch.bfloat16 if case.endswith("bf16") else torch.float32
+        x = torch.randn(3, 50, 40, generator=g).to(dtype)
+        pos = torch.randn(50, 40, generator=g).to(dtype)
+        ids_keep = torch.rand(3, 50, generator=g).argsort(1)[:, :12]
+        ids_restore = torch.rand(3, 50, generator=g).argsort(1).int()
+        grad_full = torch.randn(3, 50, 40, generator=g).to(dtype)
+        return [cuda_ops.gather_tokens_cuda(x, ids_keep, pos),
+                *cuda_ops.gather_tokens_backward_cuda(x[:, :12].contiguous(), ids_keep, 50, True, True),
+                cuda_ops.scatter_tokens_cuda(x[:, :12], ids_restore, pos[0], pos),
+                *cuda_ops.scatter_tokens_backward_cuda(grad_full, ids_restore, 12, True, True)]
+    if case.startswith("ncut"):
+        n = int(case[4:])
+        feats = torch.randn(2, n, 24, generator=g)
+        feats[:, : n // 3] += 1.0
+        return [cuda_ops.ncut_fiedler_cuda(feats, None, 1e-5), cuda_ops.ncut_fiedler_cuda(feats, 0.2, 1e-5)]
+    patch, channels = {"mix_p4": (4, 3), "mix_p16": (16, 3), "mix_p2c1": (2, 1)}[case]
+    imgs = torch.randn(3, channels, 8 * patch, 4 * patch, generator=g)
+    length = 32
+    order = torch.rand(3, length, generator=g).argsort(1)
+    partner = torch.tensor([2, 0, 1])
+    lam = torch.tensor([0.3, 0.5, 1.0])
+    mean, std = torch.rand(channels, generator=g), torch.rand(channels, generator=g) + 0.5
+    return list(cuda_ops.mix_patchify_cuda(imgs, patch, partner, lam, order[:, :8], order[:, 8:], True, mean, std,
+                                           torch.float32))
+
+
+@needs_emulator
+@pytest.mark.parametrize("case", ["tokens_fp32", "tokens_bf16", "ncut64", "ncut300", "mix_p4", "mix_p16",
+                                  "mix_p2c1"])
+def test_csrc_kernels_do_not_depend_on_the_thread_order(case, monkeypatch):
+    # A race (a shared-memory or global read not separated from another thread's write by a barrier) gives
+    # results that change with the order threads run in; every order is one a GPU may take.
+    results = {}
+    for order, seed in [("forward", 0), ("reverse", 0), ("shuffle", 1), ("shuffle", 2)]:
+        monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", order)
+        monkeypatch.setenv("MASKEDSSL_EMU_SEED", str(seed))
+        results[order, seed] = _kernel_runs(case)
+    first = results["forward", 0]
+    assert all(not t.is_floating_point() or not t.isnan().any() for t in first)
+    for key, outputs in results.items():
+        for got, want in zip(outputs, first, strict=True):
+            assert torch.equal(got, want), f"{case}: outputs under the {key} order differ from the forward order"
 
 
 @needs_emulator

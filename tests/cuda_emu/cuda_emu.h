@@ -16,7 +16,9 @@
 //     shared memory than 48 KB without cudaFuncSetAttribute raising the kernel's limit (and never more
 //     than the device's opt-in maximum).
 // Shared memory (static and dynamic) starts every block filled with 0xFF bytes (NaN floats, -1 integers), so
-// a read of an element no thread wrote shows in the results. Global memory is not bounds-checked.
+// a read of an element no thread wrote shows in the results. Races (a read and another thread's write with
+// no barrier between them) show as results that change with MASKEDSSL_EMU_SCHEDULE, the order in which
+// threads run between barriers. Global memory is not bounds-checked.
 //
 // The emulated device: 227 KB opt-in shared memory per block and 2048 threads per SM as an H100/H200, but
 // MASKEDSSL_EMU_SMS streaming multiprocessors (default 2), so that grid-stride loops sized to "every block
@@ -85,6 +87,26 @@ constexpr int kSharedOptin = 227 * 1024;
 constexpr int kThreadsPerSm = 2048;
 constexpr size_t kStackBytes = 256 * 1024;
 
+// The order in which a block's runnable threads run between barriers: "forward" (thread 0 first, the default),
+// "reverse", or "shuffle" (a fresh random order every time, from MASKEDSSL_EMU_SEED). On a GPU any order is
+// possible, so a kernel whose results change with it has a race: a read not separated from another
+// thread's write by a barrier. The tests run every kernel under several orders and compare.
+enum class Schedule { kForward, kReverse, kShuffle };
+
+inline Schedule schedule() {
+  const char* v = std::getenv("MASKEDSSL_EMU_SCHEDULE");
+  const std::string name = v != nullptr ? v : "forward";
+  if (name == "forward" || name.empty()) return Schedule::kForward;
+  if (name == "reverse") return Schedule::kReverse;
+  if (name == "shuffle") return Schedule::kShuffle;
+  throw std::runtime_error("cuda emulator: MASKEDSSL_EMU_SCHEDULE must be forward, reverse or shuffle, got " + name);
+}
+
+inline uint64_t schedule_seed() {
+  const char* v = std::getenv("MASKEDSSL_EMU_SEED");
+  return v != nullptr ? std::strtoull(v, nullptr, 10) : 0;
+}
+
 inline int sm_count() {
   const char* v = std::getenv("MASKEDSSL_EMU_SMS");
   const int n = v != nullptr ? std::atoi(v) : 2;
@@ -111,6 +133,9 @@ struct Block {
   std::vector<unsigned char> dynamic_shared;
   std::set<const void*> static_shared_seen;
   std::vector<uint64_t> slots;  // one per thread: shuffles exchange values here
+  Schedule schedule = Schedule::kForward;
+  uint64_t random_state = 0;
+  std::vector<int> order;  // the threads in the order of the next pass
 };
 
 inline thread_local Block* active = nullptr;
@@ -258,8 +283,16 @@ inline void run_block(Block& b, char* stacks) {
   std::fill(b.dynamic_shared.begin(), b.dynamic_shared.end(), 0xFF);
   b.static_shared_seen.clear();
   block_idx = b.block_idx;
+  b.order.resize(threads);
   while (true) {
-    for (int t = 0; t < threads; ++t) {
+    for (int i = 0; i < threads; ++i) b.order[i] = b.schedule == Schedule::kReverse ? threads - 1 - i : i;
+    if (b.schedule == Schedule::kShuffle) {
+      for (int i = threads - 1; i > 0; --i) {  // Fisher-Yates with a 64-bit LCG
+        b.random_state = b.random_state * 6364136223846793005ull + 1442695040888963407ull;
+        std::swap(b.order[i], b.order[static_cast<int>((b.random_state >> 33) % static_cast<uint64_t>(i + 1))]);
+      }
+    }
+    for (const int t : b.order) {
       if (b.fibers[t].state != State::kReady) continue;
       b.current = t;
       thread_idx = uint3{t % b.block_dim.x, t / b.block_dim.x % b.block_dim.y, t / (b.block_dim.x * b.block_dim.y)};
@@ -310,6 +343,8 @@ inline void run_grid(const LaunchConfig& config, const void* kernel, const char*
   b.fibers.resize(threads);
   b.slots.assign(threads, 0);
   b.dynamic_shared.assign(config.shared, 0xFF);
+  b.schedule = schedule();
+  b.random_state = schedule_seed();
   block_dim = t;
   grid_dim = g;
   active = &b;

@@ -25,6 +25,14 @@ __global__ void rotate_kernel(const float* x, float* out, int n) {
   out[blockIdx.x * blockDim.x + t] = values[(t + 1) % blockDim.x];
 }
 
+// The same without the barrier: a race, whose result depends on which thread runs first.
+__global__ void racy_rotate_kernel(const float* x, float* out, int n) {
+  __shared__ float values[1024];
+  const int t = threadIdx.x;
+  values[t] = x[blockIdx.x * blockDim.x + t];
+  out[blockIdx.x * blockDim.x + t] = values[(t + 1) % blockDim.x];
+}
+
 // Dynamic shared memory is per block: each block sums its own slice through it.
 __global__ void block_sums_kernel(const float* x, float* out) {
   extern __shared__ float scratch[];
@@ -67,9 +75,10 @@ at::Tensor segment_sums(const at::Tensor& x, int64_t width) {
   return out;
 }
 
-at::Tensor rotate(const at::Tensor& x, int64_t block) {
+at::Tensor rotate(const at::Tensor& x, int64_t block, bool barrier) {
   at::Tensor out = at::empty_like(x);
-  rotate_kernel<<<static_cast<unsigned int>(x.numel() / block), static_cast<unsigned int>(block)>>>(
+  const auto kernel = barrier ? rotate_kernel : racy_rotate_kernel;
+  kernel<<<static_cast<unsigned int>(x.numel() / block), static_cast<unsigned int>(block)>>>(
       x.data_ptr<float>(), out.data_ptr<float>(), static_cast<int>(x.numel()));
   return out;
 }
@@ -101,7 +110,7 @@ void misbehave(const at::Tensor& out, const std::string& kind) {
 
 TORCH_LIBRARY(cuda_emu_selftest, m) {
   m.def("segment_sums(Tensor x, int width) -> Tensor");
-  m.def("rotate(Tensor x, int block) -> Tensor");
+  m.def("rotate(Tensor x, int block, bool barrier) -> Tensor");
   m.def("block_sums(Tensor x, int block) -> Tensor");
   m.def("misbehave(Tensor(a!) out, str kind) -> ()");
 }
