@@ -1,6 +1,7 @@
 # The README's commands. Each creates .venv when missing and installs what it needs.
 #   make demo      the main job on the embedded synthetic data (CPU is fine)
 #   make test      build the CUDA extension when nvcc exists, then the test suite (Triton via its interpreter)
+#   make test-asan the CUDA kernels' tests on the CPU emulator under AddressSanitizer (CI runs it too)
 #   make bench     throughput regression tests (pytest-benchmark) against benchmarks/baselines/
 #   make gpu-test  the GPU-marked tests, on a machine with CUDA
 
@@ -18,7 +19,7 @@ export CUDA_HOME
 export LIBRARY_PATH := $(if $(CUDA_HOME),$(CUDA_HOME)/lib:$(CUDA_HOME)/lib64:,)$(LIBRARY_PATH)
 export MAX_JOBS ?= 2
 
-.PHONY: install build demo test bench gpu-test clean
+.PHONY: install build demo test test-asan bench gpu-test clean
 
 $(PY):
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -48,6 +49,14 @@ test: build
 
 bench: build
 	$(PY) -m pytest -m benchmark -q --benchmark-enable
+
+# The CUDA kernels' tests once more, emulated on the CPU (tests/cuda_emu) with AddressSanitizer checking
+# every memory access: a kernel touching memory outside its tensors stops with a report. No GPU needed.
+ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
+test-asan: build
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 MASKEDSSL_CUDA_EMULATION=asan TRITON_INTERPRET=0 \
+	  $(PY) -m pytest -q -rfE -p no:cacheprovider -k cuda tests/test_cuda_emulator.py tests/test_ops_token_gather.py \
+	  tests/test_ops_ncut.py tests/test_ops_mix_patchify.py
 
 gpu-test: build
 	$(PY) -m pytest -m gpu -q

@@ -25,16 +25,22 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _emulate_cuda() -> bool:
     """Without a GPU, run the kernels of csrc/ on CPU tensors under tests/cuda_emu (built once, cached by
     ninja under build/cuda_emu; about a minute the first time). Needs maskedssl._C for the op schemas, as
-    `make build` and CI build it. MASKEDSSL_CUDA_EMULATION=0 turns it off. A build error fails the run."""
-    if HAS_CUDA or os.environ.get("MASKEDSSL_CUDA_EMULATION", "1") == "0":
+    `make build` and CI build it. MASKEDSSL_CUDA_EMULATION: 1 (default) on, 0 off, asan: built with
+    AddressSanitizer (`make test-asan`). A build error fails the run."""
+    mode = os.environ.get("MASKEDSSL_CUDA_EMULATION", "1")
+    if mode not in ("0", "1", "asan"):
+        raise ValueError(f"MASKEDSSL_CUDA_EMULATION must be 0, 1 or asan, got {mode!r}")
+    if HAS_CUDA or mode == "0":
         return False
+    if mode == "asan" and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        raise RuntimeError("MASKEDSSL_CUDA_EMULATION=asan needs the ASan runtime preloaded: run `make test-asan`")
     from maskedssl.ops import _backend
 
     if not _backend.cuda_extension_loaded():
         return False
     from cuda_emu.build import build_and_load
 
-    build_and_load()
+    build_and_load(sanitize=mode == "asan")
     _backend.cuda_emulated_on_cpu = True
     return True
 

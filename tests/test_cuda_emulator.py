@@ -4,6 +4,10 @@ something torch can check or break a CUDA rule it must report."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import CUDA_EMULATED
@@ -149,3 +153,17 @@ def test_a_larger_dynamic_shared_memory_after_raising_the_limit():
 def test_broken_cuda_rules_raise(kind, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.cuda_emu_selftest.misbehave(torch.zeros(32), kind)
+
+
+@pytest.mark.skipif(os.environ.get("MASKEDSSL_CUDA_EMULATION") != "asan", reason="only under `make test-asan`")
+def test_address_sanitizer_reports_a_read_past_a_tensor():
+    # In a subprocess (ASan stops the process at its first report): the gather kernel called directly, past the
+    # public op's index check, with batch row 1 asking for token 4 of 4, the first float after x's memory.
+    code = ("import conftest, torch\n"
+            "x = torch.randn(2, 4, 8)\n"
+            "torch.ops.maskedssl.gather_tokens_cuda(x, torch.tensor([[0], [4]]), None)\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tests, env=os.environ, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode != 0
+    assert "AddressSanitizer: heap-buffer-overflow" in result.stderr and "gather_rows_kernel" in result.stderr

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import cpu_kernel_backends, gpu_kernel_backends
 
-from maskedssl.ops import ncut_bipartition
+from maskedssl.ops import available_backends, ncut_bipartition
 from maskedssl.ops.ncut import affinity
 
 
@@ -312,9 +312,11 @@ def test_huge_and_tiny_features_gpu(backend):
         torch.testing.assert_close(out.fiedler, ref.fiedler, atol=1e-5, rtol=0)
 
 
-@pytest.mark.gpu
-def test_cuda_backend_hands_large_n_to_the_next_backend():
-    if "cuda" not in gpu_kernel_backends():
-        pytest.skip("needs the CUDA extension")
-    feats = planted(2, 1100, 64, 0.3, 0.5, device="cuda")
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"])
+def test_cuda_backend_hands_large_n_to_the_next_backend(device, monkeypatch):
+    if device == "cpu":  # the emulated kernels; the torch backend takes over (Triton's interpreter is slow here)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if "cuda" not in available_backends(device):
+        pytest.skip("needs the CUDA kernels (a GPU, or the emulator on CPU)")
+    feats = planted(2, 1100, 64, 0.3, 0.5, device=device)
     check_against_reference(feats, None, "cuda")

@@ -113,11 +113,18 @@ def rewrite_source(text: str) -> str:
     return text
 
 
-def build_and_load(verbose: bool = False) -> str:
-    """Rewrite, compile (cached) and load the emulated kernels; returns the library's path."""
+def build_and_load(sanitize: bool = False, verbose: bool = False) -> str:
+    """Rewrite, compile (cached) and load the emulated kernels; returns the library's path.
+
+    ``sanitize``: build with AddressSanitizer (under ``build/cuda_emu_asan``), so that a kernel reading or
+    writing outside a tensor's memory stops the process with a report naming the kernel and line. The
+    process must start with the ASan runtime preloaded (``make test-asan`` does it).
+    """
     from torch.utils import cpp_extension
 
-    sources_dir = os.path.join(BUILD, "src")
+    build = BUILD + "_asan" if sanitize else BUILD
+    sanitizer = ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
+    sources_dir = os.path.join(build, "src")
     os.makedirs(sources_dir, exist_ok=True)
     sources = []
     for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))) + [os.path.join(HERE, "selftest.cu")]:
@@ -130,12 +137,13 @@ def build_and_load(verbose: bool = False) -> str:
                 f.write(text)
         sources.append(target)
     return cpp_extension.load(
-        name=NAME,
+        name=NAME + ("_asan" if sanitize else ""),
         sources=sources,
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-include",
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", *sanitizer, "-include",
                       os.path.join(HERE, "cuda_emu.h")],
+        extra_ldflags=sanitizer[1:2],
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(ROOT, "csrc")],
-        build_directory=BUILD,
+        build_directory=build,
         is_python_module=False,
         verbose=verbose,
     )

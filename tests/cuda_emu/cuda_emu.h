@@ -149,7 +149,19 @@ inline std::map<const void*, int>& dynamic_shared_limits() {
   return limits;
 }
 
-[[noreturn]] inline void fail(const std::string& message) { throw std::runtime_error("cuda emulator: " + message); }
+inline thread_local bool in_fiber = false;
+
+// Raised by the scheduler, on the caller's stack: a failing fiber hands its message over and is abandoned,
+// never unwound (exceptions thrown across swapcontext stacks upset AddressSanitizer).
+[[noreturn]] inline void fail(const std::string& message) {
+  if (in_fiber) {
+    Block& b = *active;
+    if (b.error.empty()) b.error = message;
+    swapcontext(&b.fibers[b.current].context, &b.scheduler);
+    std::abort();  // unreachable: the scheduler never resumes a fiber of a failed block
+  }
+  throw std::runtime_error("cuda emulator: " + message);
+}
 
 inline Block& block() {
   if (active == nullptr) fail("a device function ran outside a kernel launch");
@@ -160,7 +172,6 @@ inline Block& block() {
 inline void yield() {
   Block& b = block();
   swapcontext(&b.fibers[b.current].context, &b.scheduler);
-  if (!b.error.empty()) fail("aborted");  // never reached: an aborted block does not resume its fibers
 }
 
 inline void syncthreads() {
@@ -231,11 +242,7 @@ inline std::string describe_states(const Block& b) {
 
 inline void fiber_entry() {
   Block& b = *active;
-  try {
-    (*b.body)();
-  } catch (const std::exception& e) {
-    if (b.error.empty()) b.error = e.what();
-  }
+  (*b.body)();
   b.fibers[b.current].state = State::kDone;
   // returning resumes uc_link: the scheduler
 }
@@ -296,7 +303,9 @@ inline void run_block(Block& b, char* stacks) {
       if (b.fibers[t].state != State::kReady) continue;
       b.current = t;
       thread_idx = uint3{t % b.block_dim.x, t / b.block_dim.x % b.block_dim.y, t / (b.block_dim.x * b.block_dim.y)};
+      in_fiber = true;
       swapcontext(&b.scheduler, &b.fibers[t].context);
+      in_fiber = false;
       if (!b.error.empty()) fail(std::string(b.kernel) + ": " + b.error);
     }
     bool done = true;
