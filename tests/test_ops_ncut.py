@@ -147,6 +147,20 @@ def test_huge_and_tiny_features_give_the_cut_of_their_direction(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+def test_scaling_one_sample_leaves_the_others_alone(backend):
+    # a row of norm 1e-13 is in range (not scaled) but under F.normalize's 1e-12 floor: it must read the
+    # same whether or not another sample of the batch has rows that need scaling
+    feats = planted(2, 12, 16, 0.3, 0.5)
+    feats[0, 3] *= 1e-13 / feats[0, 3].norm()
+    alone = ncut_bipartition(feats[:1], backend=backend)
+    feats[1] *= 2.0 ** 60
+    together = ncut_bipartition(feats, backend=backend)
+    assert torch.equal(together.foreground[:1], alone.foreground)
+    torch.testing.assert_close(together.fiedler[:1], alone.fiedler, atol=1e-6, rtol=0)
+    torch.testing.assert_close(together.score[:1], alone.score, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
 def test_tiny_eps_stays_finite(backend):
     # eps underflows fp32 (and D^-1/2 ~ 1/sqrt(N eps) overflows it): zero rows must not give NaN
     some_zero = planted(1, 8, 16, 0.3, 0.5)

@@ -114,9 +114,14 @@ if cuda_extension_loaded():
 
 
 def _scale_rows(feats: torch.Tensor, row_peak: torch.Tensor) -> torch.Tensor:
-    """Each nonzero row times the power of two that brings its largest |entry| into [0.5, 1) (exact).
-    The factor is applied in float64 as two halves, so that even float64 subnormals stay in range."""
-    shift = -torch.frexp(row_peak.double()).exponent.unsqueeze(-1).double()  # zero rows: 0
+    """Each row whose largest |entry| is outside [2^-PEAK_EXP, 2^PEAK_EXP) (zero rows aside) times the power
+    of two that brings it into [0.5, 1) (exact); the other rows as they are. Scaling those too would change
+    their result whenever another row of the batch is out of range: a row of norm below F.normalize's
+    1e-12 floor reads as almost zero unscaled, as a full direction scaled. The factor is applied in float64
+    as two halves, so that even float64 subnormals stay in range."""
+    peak = row_peak.double()
+    out_of_range = (peak >= 2.0 ** PEAK_EXP) | (peak < 2.0 ** -PEAK_EXP)  # zero rows: exponent 0, no shift
+    shift = torch.where(out_of_range, -torch.frexp(peak).exponent.double(), 0.0).unsqueeze(-1)
     half = torch.trunc(shift / 2)
     return (feats.double() * torch.exp2(half) * torch.exp2(shift - half)).to(feats.dtype)
 
