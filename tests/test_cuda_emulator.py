@@ -156,14 +156,19 @@ def test_broken_cuda_rules_raise(kind, message):
 
 
 @pytest.mark.skipif(os.environ.get("MASKEDSSL_CUDA_EMULATION") != "asan", reason="only under `make test-asan`")
-def test_address_sanitizer_reports_a_read_past_a_tensor():
-    # In a subprocess (ASan stops the process at its first report): the gather kernel called directly, past the
-    # public op's index check, with batch row 1 asking for token 4 of 4, the first float after x's memory.
-    code = ("import conftest, torch\n"
-            "x = torch.randn(2, 4, 8)\n"
-            "torch.ops.maskedssl.gather_tokens_cuda(x, torch.tensor([[0], [4]]), None)\n")
+@pytest.mark.parametrize("call,report", [
+    # the gather kernel called directly, past the public op's index check: batch row 1 asks for token 4 of 4,
+    # the first float after x's memory
+    ("torch.ops.maskedssl.gather_tokens_cuda(torch.randn(2, 4, 8), torch.tensor([[0], [4]]), None)",
+     ["AddressSanitizer: heap-buffer-overflow", "gather_rows_kernel"]),
+    ("torch.ops.cuda_emu_selftest.misbehave(torch.zeros(8), 'misaligned')",
+     ["misaligned address", "requires 16 byte alignment"]),
+])
+def test_sanitizers_report_what_would_fault_on_a_gpu(call, report):
+    # in a subprocess: the sanitizers stop the process at their first report
     tests = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-c", code], cwd=tests, env=os.environ, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-c", f"import conftest, torch\n{call}\n"], cwd=tests, env=os.environ,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
-    assert "AddressSanitizer: heap-buffer-overflow" in result.stderr and "gather_rows_kernel" in result.stderr
+    for line in report:
+        assert line in result.stderr

@@ -116,14 +116,17 @@ def rewrite_source(text: str) -> str:
 def build_and_load(sanitize: bool = False, verbose: bool = False) -> str:
     """Rewrite, compile (cached) and load the emulated kernels; returns the library's path.
 
-    ``sanitize``: build with AddressSanitizer (under ``build/cuda_emu_asan``), so that a kernel reading or
-    writing outside a tensor's memory stops the process with a report naming the kernel and line. The
-    process must start with the ASan runtime preloaded (``make test-asan`` does it).
+    ``sanitize``: build with AddressSanitizer and UBSan's alignment check (under ``build/cuda_emu_asan``), so
+    that a kernel reading or writing outside a tensor's memory, or through a pointer misaligned for its type
+    (a 16-byte vector load from an address that is not a multiple of 16: a fault on a GPU), stops the process
+    with a report naming the kernel and line. The process must start with the ASan runtime preloaded
+    (``make test-asan`` does it).
     """
     from torch.utils import cpp_extension
 
     build = BUILD + "_asan" if sanitize else BUILD
-    sanitizer = ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
+    checks = ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment"] if sanitize else []
+    debug = ["-g", "-fno-omit-frame-pointer"] if sanitize else []
     sources_dir = os.path.join(build, "src")
     os.makedirs(sources_dir, exist_ok=True)
     sources = []
@@ -139,9 +142,9 @@ def build_and_load(sanitize: bool = False, verbose: bool = False) -> str:
     return cpp_extension.load(
         name=NAME + ("_asan" if sanitize else ""),
         sources=sources,
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", *sanitizer, "-include",
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", *debug, *checks, "-include",
                       os.path.join(HERE, "cuda_emu.h")],
-        extra_ldflags=sanitizer[1:2],
+        extra_ldflags=checks,
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(ROOT, "csrc")],
         build_directory=build,
         is_python_module=False,

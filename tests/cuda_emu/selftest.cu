@@ -63,6 +63,9 @@ __global__ void deadlock_kernel(float* out) {
 // A mask that leaves out lanes 16-31, which call the shuffle.
 __global__ void bad_mask_kernel(float* out) { out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.f, 1); }
 
+// A 16-byte load from an address 4 bytes past a 16-byte boundary: a misaligned-address fault on a GPU.
+__global__ void misaligned_kernel(float* out) { out[0] = reinterpret_cast<const float4*>(out + 1)->x; }
+
 __global__ void store_kernel(float* out) { out[0] = 1.f; }
 // The same, for the launch that raises its shared-memory limit first (limits are per kernel).
 __global__ void store_raised_kernel(float* out) { out[0] = 1.f; }
@@ -90,7 +93,8 @@ at::Tensor block_sums(const at::Tensor& x, int64_t block) {
   return out;
 }
 
-// kind: "unwritten_shared", "deadlock", "bad_mask", "big_shared", "raised_shared", "big_grid", "big_block"
+// kind: "unwritten_shared", "deadlock", "bad_mask", "big_shared", "raised_shared", "big_grid", "big_block",
+// "misaligned"
 void misbehave(const at::Tensor& out, const std::string& kind) {
   float* p = out.data_ptr<float>();
   if (kind == "unwritten_shared") unwritten_shared_kernel<<<1, 32>>>(p);
@@ -103,6 +107,7 @@ void misbehave(const at::Tensor& out, const std::string& kind) {
     store_raised_kernel<<<1, 1, 64 * 1024>>>(p);
   } else if (kind == "big_grid") store_kernel<<<dim3(1, 70000), 1>>>(p);
   else if (kind == "big_block") store_kernel<<<1, 2048>>>(p);
+  else if (kind == "misaligned") misaligned_kernel<<<1, 1>>>(p);
   else TORCH_CHECK(false, "unknown kind ", kind);
 }
 
