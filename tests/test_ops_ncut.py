@@ -161,6 +161,23 @@ def test_scaling_one_sample_leaves_the_others_alone(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+@pytest.mark.parametrize("n,first", [(10, 3), (49, 20)])
+def test_disconnected_clusters_with_a_tiny_eps(backend, n, first):
+    # Features of two clusters on disjoint supports: every cosine between them is 0, their affinity eps, and
+    # with eps -> 0 the graph falls apart: 1 is a double eigenvalue of M. The Fiedler vector is still the one
+    # orthogonal to D^1/2 1 (the reference deflates it as the kernels do), constant on each cluster.
+    g = torch.Generator().manual_seed(n)
+    feats = torch.zeros(2, n, 8)
+    feats[:, :first, :4] = torch.rand(2, first, 4, generator=g) + 0.1
+    feats[:, first:, 4:] = torch.rand(2, n - first, 4, generator=g) + 0.1
+    order = torch.randperm(n, generator=g)
+    feats, cluster = feats[:, order], (order < first).expand(2, n)
+    for eps in (1e-40, 1e-12):
+        out, _ = check_against_reference(feats, None, backend, eps=eps)
+        assert torch.equal(out[1], cluster) or torch.equal(out[1], ~cluster)
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
 def test_tiny_eps_stays_finite(backend):
     # eps underflows fp32 (and D^-1/2 ~ 1/sqrt(N eps) overflows it): zero rows must not give NaN
     some_zero = planted(1, 8, 16, 0.3, 0.5)

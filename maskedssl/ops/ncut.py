@@ -74,10 +74,17 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor) -> NCut:
 
 def _ncut_torch(feats, tau, eps):
     a = affinity(feats.double(), tau, eps)
-    d_isqrt = a.sum(-1).rsqrt()
+    degree = a.sum(-1)
+    d_isqrt = degree.rsqrt()
     m = d_isqrt.unsqueeze(-1) * a * d_isqrt.unsqueeze(-2)
+    # M's top eigenvector is known, u1 = D^1/2 1 (eigenvalue 1): moved to eigenvalue -1, the top of what is
+    # left is the Fiedler vector, as the kernels deflate it. Taking eigh's second vector of M instead is
+    # the same where the graph is connected, but where it falls apart (eps -> 0 between clusters) 1 is a
+    # double eigenvalue and eigh returns any mix of the two vectors.
+    u1 = torch.nn.functional.normalize(degree.sqrt(), dim=-1)
+    m = m - 2.0 * u1.unsqueeze(-1) * u1.unsqueeze(-2)
     _, vecs = torch.linalg.eigh(m)
-    v = vecs[..., -2] * d_isqrt  # eigh sorts ascending: -1 is the known top vector D^1/2 1
+    v = vecs[..., -1] * d_isqrt  # eigh sorts ascending
     # unit norm before finish_partition's fp32 cast: a tiny eps makes D^-1/2 too large for fp32
     return finish_partition(feats, torch.nn.functional.normalize(v, dim=1))
 
