@@ -50,8 +50,9 @@ test: build
 bench: build
 	$(PY) -m pytest -m benchmark -q --benchmark-enable
 
-# The CUDA kernels' tests once more, emulated on the CPU (tests/cuda_emu) with AddressSanitizer checking
-# every memory access: a kernel touching memory outside its tensors stops with a report. No GPU needed.
+# The CUDA kernels' tests once more, emulated on the CPU (tests/cuda_emu) with AddressSanitizer and UBSan's
+# alignment check on every memory access: a kernel touching memory outside its tensors, or loading through
+# a misaligned pointer, stops with a report. No GPU needed.
 ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
 test-asan: build
 	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 MASKEDSSL_CUDA_EMULATION=asan TRITON_INTERPRET=0 \

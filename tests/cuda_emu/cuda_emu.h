@@ -168,7 +168,7 @@ inline Block& block() {
   return *active;
 }
 
-// Leaves the running fiber (after a barrier arrival or at its end) for the scheduler.
+// Leaves the running fiber, which has arrived at a barrier, for the scheduler.
 inline void yield() {
   Block& b = block();
   swapcontext(&b.fibers[b.current].context, &b.scheduler);
@@ -189,16 +189,17 @@ inline void syncwarp() {
 inline int lane_of(int linear) { return linear % kWarpSize; }
 
 // CUDA's shuffle rules: the caller and its source lane must be in the mask and running; a source past the
-// caller's width-segment returns the caller's own value.
+// caller's width-segment returns the caller's own value. (Errors here run in a fiber: the scheduler raises
+// them with the kernel's name.)
 template <typename T>
 T shuffle(unsigned int mask, T value, int source, int width) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>, "shuffle of an unsupported type");
   Block& b = block();
   const int me = b.current, lane = lane_of(me);
   if (width <= 0 || width > kWarpSize || (width & (width - 1)) != 0)
-    fail(std::string(b.kernel) + ": shuffle width " + std::to_string(width) + " is not a power of two <= 32");
+    fail("shuffle width " + std::to_string(width) + " is not a power of two <= 32");
   if (((mask >> lane) & 1u) == 0)
-    fail(std::string(b.kernel) + ": lane " + std::to_string(lane) + " shuffles with a mask that leaves it out");
+    fail("lane " + std::to_string(lane) + " shuffles with a mask that leaves it out");
   const int segment = lane / width * width;
   if (source < segment || source >= segment + width) source = lane;
   uint64_t bits = 0;
@@ -208,7 +209,7 @@ T shuffle(unsigned int mask, T value, int source, int width) {
   const int from = me - lane + source;
   if (((mask >> source) & 1u) == 0 || from >= static_cast<int>(b.fibers.size()) ||
       b.fibers[from].state == State::kDone)
-    fail(std::string(b.kernel) + ": lane " + std::to_string(lane) + " reads lane " + std::to_string(source) +
+    fail("lane " + std::to_string(lane) + " reads lane " + std::to_string(source) +
          ", which is outside the mask or not running");
   T result;
   std::memcpy(&result, &b.slots[from], sizeof(T));
