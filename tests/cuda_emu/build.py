@@ -92,8 +92,8 @@ def _shared_declaration(match: re.Match) -> str:
     if extern:
         return f"{type_}* const {first.group('name')} = ::cpu_emu::dynamic_shared<{type_}>();"
     statements = []
-    for piece in pieces:
-        declarator = _DECLARATOR.match(piece if piece is pieces[0] else f"{type_} {piece}")
+    for i, piece in enumerate(pieces):
+        declarator = _DECLARATOR.match(piece if i == 0 else f"{type_} {piece}")
         name, dims = declarator.group("name"), declarator.group("dims")
         aligned = f"alignas({align}) " if align else ""
         statements.append(f"{aligned}static {type_} {name}{dims}; "
@@ -135,7 +135,11 @@ def build_and_load(sanitize: bool = False, verbose: bool = False) -> str:
             text = rewrite_source(f.read())
         target = os.path.join(sources_dir, os.path.basename(cu)[:-3] + ".cpp")
         # rewritten only when changed, so ninja's timestamps see an unchanged source as unchanged
-        if not os.path.exists(target) or open(target).read() != text:
+        previous = None
+        if os.path.exists(target):
+            with open(target) as f:
+                previous = f.read()
+        if previous != text:
             with open(target, "w") as f:
                 f.write(text)
         sources.append(target)

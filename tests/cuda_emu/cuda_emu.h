@@ -18,7 +18,8 @@
 // Shared memory (static and dynamic) starts every block filled with 0xFF bytes (NaN floats, -1 integers), so
 // a read of an element no thread wrote shows in the results. Races (a read and another thread's write with
 // no barrier between them) show as results that change with MASKEDSSL_EMU_SCHEDULE, the order in which
-// threads run between barriers. Global memory is not bounds-checked.
+// threads run between barriers. Global memory is bounds- and alignment-checked only in the sanitizer
+// build (build.py's sanitize, `make test-asan`).
 //
 // The emulated device: 227 KB opt-in shared memory per block and 2048 threads per SM as an H100/H200, but
 // MASKEDSSL_EMU_SMS streaming multiprocessors (default 2), so that grid-stride loops sized to "every block
