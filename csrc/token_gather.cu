@@ -39,7 +39,12 @@ namespace maskedssl {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxGridY = 65535;
+// CUDA's limit on gridDim.y, which carries the batch chunk. The CPU emulator of the tests builds with a
+// small one, so every emulated backward with a few batch rows runs the chunking that B > 65535 needs.
+#ifndef MASKEDSSL_MAX_GRID_Y
+#define MASKEDSSL_MAX_GRID_Y 65535
+#endif
+constexpr int64_t kMaxGridY = MASKEDSSL_MAX_GRID_Y;
 
 // The training dtypes only: the kernels add and accumulate in fp32, which would silently round float64
 // (the public ops send float64 to the torch backend); any other dtype raises.
@@ -88,7 +93,7 @@ void with_vec(bool vectorized, F&& f) {
     f(std::integral_constant<int, 1>{});
 }
 
-// The chunk index is gridDim.y, which stops at 65535.
+// The chunk index is gridDim.y, which stops at kMaxGridY.
 int64_t min_batch_chunk(int64_t batch) { return (batch + kMaxGridY - 1) / kMaxGridY; }
 
 // Batch rows one block sums over when the op reduces over the batch: each chunk leaves one fp32 partial of

@@ -148,6 +148,7 @@ def test_a_larger_dynamic_shared_memory_after_raising_the_limit():
     ("bad_mask", "leaves it out"),
     ("big_shared", "dynamic shared memory"),
     ("big_grid", "invalid grid"),
+    ("grid_y_4", "invalid grid"),  # the emulated build's limit (build.MAX_GRID_Y): batch chunking runs for B >= 4
     ("big_block", "invalid block"),
 ])
 def test_broken_cuda_rules_raise(kind, message):

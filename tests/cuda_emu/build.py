@@ -26,6 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD = os.path.join(ROOT, "build", "cuda_emu")
 NAME = "maskedssl_cuda_emulated"
+# gridDim.y's limit in the emulated build (a GPU's is 65535): low enough that csrc/token_gather.cu chunks the
+# batch over grid y for any batch of 4 rows or more, a path a GPU takes only past 65535 rows
+MAX_GRID_Y = 3
 
 
 def _matching(text: str, start: int, open_: str, close: str) -> int:
@@ -146,7 +149,7 @@ def build_and_load(sanitize: bool = False, verbose: bool = False) -> str:
     return cpp_extension.load(
         name=NAME + ("_asan" if sanitize else ""),
         sources=sources,
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", *debug, *checks, "-include",
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", f"-DMASKEDSSL_MAX_GRID_Y={MAX_GRID_Y}", *debug, *checks, "-include",
                       os.path.join(HERE, "cuda_emu.h")],
         extra_ldflags=checks,
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(ROOT, "csrc")],

@@ -46,6 +46,12 @@
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------- keywords
+// gridDim.y's limit. build.py sets it to 3, and csrc/token_gather.cu chunks the batch over grid y by the same
+// macro, so the emulated backward of any batch over 3 rows runs the chunking a GPU needs only past 65535.
+#ifndef MASKEDSSL_MAX_GRID_Y
+#define MASKEDSSL_MAX_GRID_Y 65535
+#endif
+
 #define __global__
 #define __device__
 #define __host__
@@ -332,7 +338,7 @@ inline void run_grid(const LaunchConfig& config, const void* kernel, const char*
   if (threads == 0 || threads > 1024 || t.z > 64)
     fail(std::string(name) + ": invalid block (" + std::to_string(t.x) + ", " + std::to_string(t.y) + ", " +
          std::to_string(t.z) + ")");
-  if (g.x == 0 || g.y == 0 || g.z == 0 || g.y > 65535 || g.z > 65535 || g.x > 2147483647u)
+  if (g.x == 0 || g.y == 0 || g.z == 0 || g.y > MASKEDSSL_MAX_GRID_Y || g.z > 65535 || g.x > 2147483647u)
     fail(std::string(name) + ": invalid grid (" + std::to_string(g.x) + ", " + std::to_string(g.y) + ", " +
          std::to_string(g.z) + ")");
   const auto& limits = dynamic_shared_limits();

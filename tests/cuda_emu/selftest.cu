@@ -93,8 +93,8 @@ at::Tensor block_sums(const at::Tensor& x, int64_t block) {
   return out;
 }
 
-// kind: "unwritten_shared", "deadlock", "bad_mask", "big_shared", "raised_shared", "big_grid", "big_block",
-// "misaligned"
+// kind: "unwritten_shared", "deadlock", "bad_mask", "big_shared", "raised_shared", "big_grid", "grid_y_4",
+// "big_block", "misaligned"
 void misbehave(const at::Tensor& out, const std::string& kind) {
   float* p = out.data_ptr<float>();
   if (kind == "unwritten_shared") unwritten_shared_kernel<<<1, 32>>>(p);
@@ -106,6 +106,7 @@ void misbehave(const at::Tensor& out, const std::string& kind) {
         cudaFuncSetAttribute(store_raised_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
     store_raised_kernel<<<1, 1, 64 * 1024>>>(p);
   } else if (kind == "big_grid") store_kernel<<<dim3(1, 70000), 1>>>(p);
+  else if (kind == "grid_y_4") store_kernel<<<dim3(1, 4), 1>>>(p);
   else if (kind == "big_block") store_kernel<<<1, 2048>>>(p);
   else if (kind == "misaligned") misaligned_kernel<<<1, 1>>>(p);
   else TORCH_CHECK(false, "unknown kind ", kind);
