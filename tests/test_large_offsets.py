@@ -92,3 +92,18 @@ def test_token_backward_past_2_pow_31_elements(backend, device, length=2**21 + 1
     grad_vis, grad_mask = torch.autograd.grad(out, (x_vis, mask_token), grad_out)
     assert torch.equal(grad_vis, torch.ones_like(grad_vis))
     assert torch.equal(grad_mask, torch.full_like(grad_mask, 2))
+
+
+@pytest.mark.parametrize("backend,device", _targets("gpu"))
+def test_ncut_past_2_pow_31_affinity_entries(backend, device):
+    _require(device)
+    from test_ops_ncut import planted
+
+    b, n = 2049, 1024  # B * N * N = 2**31 + 2**20 entries in the (B, N, N) Gram/affinity workspace
+    feats, labels = planted(b, n, 16, 0.3, 0.3, device=device, with_labels=True)
+    got = ops.ncut_bipartition(feats, backend=backend)
+    alone = ops.ncut_bipartition(feats[-2:].clone(), backend=backend)
+    assert torch.equal(got.foreground[-2:], alone.foreground)
+    assert (got.fiedler[-2:] * alone.fiedler).sum(-1).abs().min() >= 0.999
+    agree = (got.foreground[-2:].cpu() == labels[-2:]).float().mean(-1)
+    assert torch.minimum(agree, 1 - agree).max() <= 0.01  # either side may be the foreground
