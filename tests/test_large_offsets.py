@@ -19,7 +19,8 @@ BIG = 2**31
 
 def _targets(device: str) -> list:
     cpu = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in cpu_kernel_backends()]
-    gpu = [pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu) for b in gpu_kernel_backends()]
+    gpu = [pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu)
+           for b in gpu_kernel_backends() or ["triton", "cuda"]]
     return cpu + gpu if device == "any" else gpu
 
 
