@@ -216,14 +216,15 @@ def _step_seconds(cfg: TrainConfig, device) -> float:
     """Measured seconds of one optimizer step of ``cfg``'s model (the costlier post-warm-up step)."""
     import torch
 
-    from .data import augment_batch, build_dataset, sample_partners
+    from .data import augment_batch, build_dataset, pixel_stats, sample_partners
 
     torch.manual_seed(cfg.run.seed)
     model = train_lib.build_model(cfg.method).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = build_dataset(f"synthetic:{cfg.optim.batch_size}", True, model.img_size, cfg.run.seed)
     gen = torch.Generator().manual_seed(0)
-    x = augment_batch(data.images.to(device), model.img_size, gen)
+    mean, std = pixel_stats(model)
+    x = augment_batch(data.images.to(device), model.img_size, gen, mean=mean, std=std)
     partner = sample_partners(data.labels, 1.0, gen).to(device) if cfg.method.method == "imae" else None
     times = []
     for _ in range(3):

@@ -30,6 +30,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def pixel_stats(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) ``model`` normalises its pixels with (its ``mean``/``std`` buffers, which
+    a model config can set), else ImageNet's: training, evaluation and pictures all use these."""
+    if hasattr(model, "mean") and hasattr(model, "std"):
+        return tuple(model.mean.tolist()), tuple(model.std.tolist())
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 class DatasetError(ValueError):
     """A dataset spec or path that cannot be used; the CLI prints its message as one line."""
 
@@ -373,9 +381,62 @@ class TensorBatches:
             yield self.images[batch], self.labels[batch]
 
 
+class SeededKeys(torch.utils.data.Sampler):
+    """``sampler``'s indices, each paired with a seed that is a pure function of (seed, epoch, index)."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        base = (self.sampler.seed * 100_003 + self.sampler.epoch) * 1_000_003
+        return ((i, (base + i) % 2**63) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """``dataset[i]`` with its random transforms drawn from a generator seeded per item: ``(i, seed)`` keys
+    (from ``SeededKeys``) give every image of an epoch the same crop whichever worker loads it, and
+    whether or not the run was resumed mid-epoch (the workers' own streams restart on a resume). Plain
+    ``i`` keys leave the global random state as they found it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # classes, augmented_on_cpu, ...: the wrapped dataset's
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            try:
+                return self.dataset[i]
+            except OSError as err:  # PIL's UnidentifiedImageError, a truncated or vanished file
+                path = getattr(self.dataset, "samples", None)
+                name = path[i][0] if path is not None else f"item {i}"
+                raise DatasetError(f"cannot read image {name}: {err}") from None
+
+
+def error_line(err: Exception) -> str:
+    """The message of a DatasetError, also when a DataLoader worker re-raised it with its traceback."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else str(err)
+    prefix = f"{DatasetError.__module__}.{DatasetError.__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def make_loader(dataset, sampler: EpochSampler, num_workers: int, device: torch.device, seed: int = 0):
     """In-memory datasets batch by indexing (on the device when it holds them in under a quarter of its
-    memory); others go through a ``DataLoader`` with pinned memory."""
+    memory); others go through a ``DataLoader`` with pinned memory, their random transforms seeded per
+    item (``SeededItems``) so that a resumed run loads the images it would have loaded."""
     if isinstance(dataset, (SyntheticShapes, TensorImages)):
         home = None
         if device.type == "cuda":
@@ -385,7 +446,7 @@ def make_loader(dataset, sampler: EpochSampler, num_workers: int, device: torch.
         return TensorBatches(dataset.images, dataset.labels, sampler, home)
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=num_workers,
+        SeededItems(dataset), batch_size=sampler.batch_size, sampler=SeededKeys(sampler), num_workers=num_workers,
         pin_memory=device.type == "cuda", drop_last=True, generator=generator,
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
 
@@ -463,6 +524,8 @@ def sample_partners(labels: torch.Tensor, same_prob: float, generator: torch.Gen
     """(B,) partner index per sample, never itself (unless B == 1): with probability ``same_prob`` a sample
     of the same class, else one of another class, uniformly; when the batch holds no such sample, any
     other sample. Random draws on ``generator``'s device (CPU by default); result on ``labels``' device."""
+    if isinstance(same_prob, bool) or not isinstance(same_prob, (int, float)):
+        raise TypeError(f"same_prob must be a number in [0, 1], got {type(same_prob).__name__}")
     if not 0.0 <= same_prob <= 1.0:
         raise ValueError(f"same_prob must be in [0, 1], got {same_prob}")
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():

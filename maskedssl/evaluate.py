@@ -41,8 +41,13 @@ def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -
 
 
 def _check_features(name: str, feats: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-    if not isinstance(feats, torch.Tensor) or feats.ndim != 2 or not feats.is_floating_point():
-        raise ValueError(f"{name}_feats must be a float (N, D) tensor")
+    if not isinstance(feats, torch.Tensor):
+        raise TypeError(f"{name}_feats must be a float (N, D) tensor, got {type(feats).__name__}")
+    if feats.ndim != 2 or not feats.is_floating_point():
+        raise ValueError(f"{name}_feats must be a float (N, D) tensor, got {feats.dtype} of shape "
+                         f"{tuple(feats.shape)}")
+    if labels is not None and not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name}_labels must be an integer (N,) tensor, got {type(labels).__name__}")
     if feats.shape[0] == 0:
         raise ValueError(f"{name}_feats holds no samples (N = 0)")
     if labels is not None and (labels.ndim != 1 or labels.shape[0] != feats.shape[0]
@@ -182,12 +187,35 @@ def separability_r2(train_mix: torch.Tensor, train_sub: torch.Tensor, train_dom:
     Inputs and targets are z-scored with the train statistics, so every feature dimension weighs the
     same in the pooled R^2. ``ridge``: a relative penalty, or "auto" to pick it from ``RIDGE_GRID`` on a
     validation part of the train pairs (``select_ridge``). Returns dict(r2 (both targets), r2_sub,
-    r2_dom, ridge).
+    r2_dom, ridge). Every input finite; with fewer than ~3 train pairs the numbers are defined, not meaningful.
     """
-    for name, t in (("train_mix", train_mix), ("train_sub", train_sub), ("train_dom", train_dom),
-                    ("test_mix", test_mix), ("test_sub", test_sub), ("test_dom", test_dom)):
-        if t.ndim != 2:
-            raise ValueError(f"{name} must be (N, D), got {tuple(t.shape)}")
+    named = {"train_mix": train_mix, "train_sub": train_sub, "train_dom": train_dom, "test_mix": test_mix,
+             "test_sub": test_sub, "test_dom": test_dom}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a float (N, D) tensor, got {type(t).__name__}")
+        if t.ndim != 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float (N, D) tensor, got {t.dtype} of shape {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} holds NaN or infinite values")
+    for split in ("train", "test"):
+        rows = {named[f"{split}_{part}"].shape[0] for part in ("mix", "sub", "dom")}
+        if len(rows) > 1:
+            raise ValueError(f"{split}_mix, {split}_sub and {split}_dom must hold the same pairs (rows), got "
+                             f"{[named[f'{split}_{part}'].shape[0] for part in ('mix', 'sub', 'dom')]}")
+        if rows.pop() == 0:
+            raise ValueError(f"{split}_mix holds no pairs (N = 0)")
+    for part in ("mix", "sub", "dom"):
+        if named[f"train_{part}"].shape[1] != named[f"test_{part}"].shape[1]:
+            raise ValueError(f"train_{part} and test_{part} must have the same width D, got "
+                             f"{named[f'train_{part}'].shape[1]} and {named[f'test_{part}'].shape[1]}")
+    if isinstance(ridge, str):
+        if ridge != "auto":
+            raise ValueError(f"ridge must be 'auto' or a number >= 0, got {ridge!r}")
+    elif isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
+        raise TypeError(f"ridge must be 'auto' or a number >= 0, got {type(ridge).__name__}")
+    elif not 0 <= ridge < math.inf:
+        raise ValueError(f"ridge must be 'auto' or a finite number >= 0, got {ridge}")
     d = train_sub.shape[1]
     x_train, x_test = standardize(train_mix.double(), test_mix.double())
     y_train, y_test = standardize(torch.cat([train_sub, train_dom], 1).double(),
@@ -357,14 +385,12 @@ def model_input(model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
 
     Normalisation is affine with weights summing to one, so mixing normalised images equals normalising
     the pixel mixture: separability mixes after this."""
-    from .data import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+    from .data import normalize_batch, pixel_stats
 
     imgs = imgs.to(_device_of(model))
     if imgs.dtype != torch.uint8:
         return imgs.float()
-    mean = tuple(model.mean.tolist()) if hasattr(model, "mean") else IMAGENET_MEAN
-    std = tuple(model.std.tolist()) if hasattr(model, "std") else IMAGENET_STD
-    return normalize_batch(imgs, getattr(model, "img_size", None), mean, std)
+    return normalize_batch(imgs, getattr(model, "img_size", None), *pixel_stats(model))
 
 
 @contextlib.contextmanager

@@ -195,7 +195,9 @@ def build_model(cfg: MethodConfig, img_size: int | None = None) -> torch.nn.Modu
 
     options = dict(cfg.options)
     if cfg.teacher is not None:
-        teacher = load_model(cfg.teacher, preset=cfg.model, method="mae")
+        # the heads start from its decoder_embed and distil towards it: a random one would be a silent failure
+        teacher = load_model(cfg.teacher, preset=cfg.model, method="mae",
+                             required=("decoder_embed.weight", "decoder_embed.bias"))
         options["teacher"] = teacher.eval().requires_grad_(False)
     try:
         return models.build_model(cfg.method, cfg.model, **options)
@@ -297,14 +299,20 @@ def load_state(model: torch.nn.Module, state: dict, what: str) -> None:
 
 
 def load_model(path: str | Path, preset: str | None = None, method: str | None = None,
-               map_location: str | torch.device = "cpu") -> torch.nn.Module:
+               map_location: str | torch.device = "cpu", required: tuple[str, ...] = ()) -> torch.nn.Module:
     """A pretrained model, in eval mode on ``map_location``, from our checkpoint (its config says what to
     build) or from an official facebookresearch/mae one (``preset`` names the architecture, else the
-    matching preset is found; a missing decoder stays at its initialisation)."""
+    matching preset is found; a missing decoder stays at its initialisation unless ``required`` names
+    its keys: then their absence is a ConfigError)."""
     from . import models
 
     ckpt = load_checkpoint(path)
-    if "config" in ckpt:
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    absent = [k for k in required if isinstance(state, dict) and k not in state]
+    if absent:
+        raise ConfigError(f"{path} has no {', '.join(absent)} (an encoder-only checkpoint?), which this use "
+                          "of it needs")
+    if isinstance(ckpt, dict) and "config" in ckpt:
         saved = ckpt["config"]["method"]
         if method is not None and method != saved["method"]:
             raise ConfigError(f"{path} holds a {saved['method']} model, not {method}")
@@ -455,6 +463,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
         model = build_model(cfg.method)
     model = model.to(device)
     img_size = model.img_size
+    stats = data_lib.pixel_stats(model)  # its config's mean/std (ImageNet's by default), as evaluation uses
 
     # ---- data
     try:
@@ -477,6 +486,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
     warmup_steps = round(o.warmup_epochs * steps_per_epoch)
     eff_batch = o.batch_size * o.accum_iter * d.world_size
     base_lr = o.lr if o.lr is not None else o.blr * eff_batch / 256
+    if not base_lr <= torch.finfo(torch.float32).max:  # AdamW keeps it in float32 on some paths
+        raise ConfigError(f"the learning rate {base_lr:g} is too large for float32 (at most 3.4e38)")
 
     # ---- optimizer, scaler
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=base_lr, betas=(0.9, 0.95))
@@ -492,8 +503,12 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
         if "model" not in ckpt or "optimizer" not in ckpt:
             raise ConfigError(f"{resume} is not a maskedssl training checkpoint (no model/optimizer state)")
         saved = ckpt.get("config", {}).get("method", {})
-        load_state(model, ckpt["model"], f"{resume} holds a {saved.get('method')}/{saved.get('model')} model "
-                   f"that does not fit {cfg.method.method}/{cfg.method.model}")
+        does_not_fit = (f"{resume} holds a {saved.get('method')}/{saved.get('model')} model that does not fit "
+                        f"{cfg.method.method}/{cfg.method.model}")
+        if saved.get("method", cfg.method.method) != cfg.method.method:
+            # MAE and Self-guided MAE share their weights' layout, not their run: a resume continues one run
+            raise ConfigError(does_not_fit + " (a resume continues the same method's run)")
+        load_state(model, ckpt["model"], does_not_fit)
         optimizer.load_state_dict(ckpt["optimizer"])
         # load_state_dict restores the saved hyperparameters; lr is set every step, weight decay here,
         # so a resumed run uses this config's
@@ -546,6 +561,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
 
     def save_checkpoint() -> None:
         nonlocal last_good
+        # a step with a finite loss can still leave inf/NaN weights (an overflowing update): never save
+        # those as the run's last good state
+        if not all(bool(torch.isfinite(p).all()) for p in raw_model.parameters()):
+            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
+            raise TrainingDiverged(f"the weights are no longer finite after step {step}: stopping ({where})")
         rngs = [rng_state(aug_gen)]
         if d.enabled:
             rngs = [None] * d.world_size
@@ -567,6 +587,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
     viz_batch = _viz_batch(cfg, train_set) if d.main else None
     model.train()
     stopped, status = False, "done"
+    if r.max_steps is not None and step >= r.max_steps:  # resumed from a run that already got there
+        stopped, status = True, f"stopped at max_steps={r.max_steps}"
     tic, seen, window = time.perf_counter(), 0, []
     run_start = time.perf_counter()
     while epoch < o.epochs and not stopped:
@@ -582,12 +604,16 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
                 group["lr"] = lr
             losses_sum: dict[str, torch.Tensor] = {}
             for micro in range(o.accum_iter):
-                imgs, labels = next(batches)
+                try:
+                    imgs, labels = next(batches)
+                except data_lib.DatasetError as err:  # an unreadable image; from a worker, with its traceback
+                    raise ConfigError(data_lib.error_line(err)) from None
                 imgs = imgs.to(device, non_blocking=True)
                 if train_set.augmented_on_cpu:
-                    x = data_lib.normalize_batch(imgs, img_size)
+                    x = data_lib.normalize_batch(imgs, img_size, *stats)
                 else:
-                    x = data_lib.augment_batch(imgs, img_size, aug_gen, (cfg.data.crop_scale_min, 1.0))
+                    x = data_lib.augment_batch(imgs, img_size, aug_gen, (cfg.data.crop_scale_min, 1.0),
+                                               mean=stats[0], std=stats[1])
                 partner = None
                 if cfg.method.method == "imae":
                     partner = partners_for(cfg.data, raw_model, x, labels, aug_gen).to(device)
@@ -663,9 +689,15 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
 # Pictures (rank 0): a fixed batch of training images, with object masks when the data has them
 
 def _viz_batch(cfg: TrainConfig, dataset, n: int = 8) -> dict:
+    """The first n images, loaded on a random stream of their own: a dataset with random transforms
+    (ImageFolder's crops) would otherwise draw from the stream the masks come from, and a resumed run,
+    which loads these again, would mask differently from an uninterrupted one."""
     idx = list(range(min(n, len(dataset))))
-    imgs = torch.stack([dataset[i][0] for i in idx])
-    labels = torch.tensor([dataset[i][1] for i in idx])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        items = [dataset[i] for i in idx]
+    imgs = torch.stack([img for img, _ in items])
+    labels = torch.tensor([label for _, label in items])
     masks = torch.stack([dataset.object_mask(i) for i in idx]) if hasattr(dataset, "object_mask") else None
     return {"imgs": imgs, "labels": labels, "object_masks": masks}
 

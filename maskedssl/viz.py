@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from .data import normalize_batch, sample_partners
+from .data import normalize_batch, pixel_stats, sample_partners
 
 # overlay colours (RGB)
 MASK_GREY = 0.5
@@ -94,7 +94,7 @@ def write_pictures(model: torch.nn.Module, batch: dict, out: Path, method: str, 
     """
     out = Path(out)
     device = next(model.parameters()).device
-    x = normalize_batch(batch["imgs"].to(device), model.img_size)
+    x = normalize_batch(batch["imgs"].to(device), model.img_size, *pixel_stats(model))
     was_training = model.training
     model.eval()
     try:

@@ -249,6 +249,9 @@ def test_sample_partners_and_kmeans_argument_errors():
         data.sample_partners(torch.zeros(2, 2, dtype=torch.long), 1.0)
     with pytest.raises(TypeError, match="labels"):
         data.sample_partners(torch.tensor([0.0, 1.0, 0.0]), 1.0)
+    for same_prob in ("0.5", None, True):  # True was taken as 1.0, the others failed in a comparison
+        with pytest.raises(TypeError, match="same_prob"):
+            data.sample_partners(torch.tensor([0, 1, 0]), same_prob)
     with pytest.raises(ValueError, match="feats"):
         data.kmeans(torch.randn(0, 4), 2)
     with pytest.raises(ValueError, match="k must"):

@@ -105,6 +105,31 @@ def test_degenerate_inputs_give_defined_metrics():
 
 # ---------------------------------------------------------------- separability
 
+def test_separability_argument_errors():
+    """Mismatched rows or widths were RuntimeErrors from torch.cat / matmul, a list an AttributeError, a
+    negative ridge an R^2 of -57, ridge="foo" an unrelated TypeError."""
+    good = [torch.randn(8, 4) for _ in range(6)]
+    names = ["train_mix", "train_sub", "train_dom", "test_mix", "test_sub", "test_dom"]
+    for i, name in enumerate(names):
+        for bad, error in ((good[i][:-1], ValueError), (good[i][:, :-1], ValueError),
+                           (good[i].tolist(), TypeError), (good[i].long(), ValueError),
+                           (good[i][None], ValueError), (good[i].clone().fill_(float("nan")), ValueError)):
+            args = list(good)
+            args[i] = bad
+            with pytest.raises(error, match=name):
+                ev.separability_r2(*args)
+    for ridge, error in ((-1.0, ValueError), (float("nan"), ValueError), (math.inf, ValueError),
+                         ("foo", ValueError), (None, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="ridge"):
+            ev.separability_r2(*good, ridge=ridge)
+    with pytest.raises(ValueError, match="no pairs"):
+        ev.separability_r2(*(t[:0] for t in good))
+    with pytest.raises(TypeError, match="train_feats"):
+        ev.linear_probe([[0.0]], torch.tensor([0]), torch.zeros(1, 1), torch.tensor([0]))
+    with pytest.raises(TypeError, match="test_labels"):
+        ev.knn_accuracy(torch.zeros(2, 1), torch.tensor([0, 1]), torch.zeros(1, 1), [0])
+
+
 def _mixtures(n: int, alpha: float, seed: int):
     """Sub images live on the first 6 pixels and dom images on the last 6: mixtures are separable."""
     gen = torch.Generator().manual_seed(seed)

@@ -92,6 +92,18 @@ def test_images_of_another_size_or_channel_count_are_a_value_error(method):
 
 
 @pytest.mark.parametrize("method", ["mae", "imae", "sgmae"])
+def test_progress_must_be_a_fraction(method):
+    """NaN compared as past Self-guided MAE's warm-up (informed masks), a string failed in a comparison."""
+    model = build_model(method, "micro")
+    imgs = torch.randn(2, 3, 32, 32)
+    for progress, error in ((float("nan"), ValueError), (-0.1, ValueError), (1.5, ValueError), ("a", TypeError),
+                            (None, TypeError), (True, TypeError)):
+        for call in (lambda: model(imgs, progress=progress), lambda: model.reconstruct(imgs, progress=progress)):
+            with pytest.raises(error, match="progress"):
+                call()
+
+
+@pytest.mark.parametrize("method", ["mae", "imae", "sgmae"])
 def test_mask_ratio_must_mask_and_keep_a_patch(method):
     """mask_ratio 0 masks nothing: the loss, a mean over the masked patches, was NaN at the first step."""
     for ratio in (0.0, 1.0, 63.5 / 64, -0.1, float("nan")):

@@ -288,3 +288,111 @@ def test_kmeans_pairing_runs(tmp_path):
     cfg = tiny_config(tmp_path, "imae", epochs=1)
     cfg.data.pairing, cfg.data.kmeans_k = "kmeans", 3
     assert T.train(cfg)["status"] == "done"
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+
+def _noise_folder(root, per_class=12, size=(24, 20)):
+    """Random-noise PNGs in two class folders: every random crop gives other pixels."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=gen)
+            Image.fromarray(pixels.numpy()).save(root / c / f"{i}.png")
+    return root
+
+
+def folder_config(out, data, workers, **run):
+    cfg = tiny_config(out, "imae", **run)
+    cfg.data.data, cfg.data.num_workers = f"imagefolder:{data}", workers
+    cfg.optim.batch_size, cfg.optim.accum_iter = 4, 1  # 24 images: 6 steps per epoch
+    return cfg
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_on_an_image_folder_matches_an_uninterrupted_run(tmp_path, workers):
+    """Crops drawn on the CPU: the picture batch loaded after the RNG restore moved the masks' stream, and
+    the workers' streams restart on a resume. Crops are now seeded per (seed, epoch, image)."""
+    data = _noise_folder(tmp_path / "data")
+    T.train(folder_config(tmp_path / "whole", data, workers))
+    T.train(folder_config(tmp_path / "cut", data, workers, max_steps=3, pictures=True))
+    T.train(folder_config(tmp_path / "cut", data, workers, resume="auto", pictures=True))
+    a = load_state(tmp_path / "whole" / T.CHECKPOINT_NAME)
+    b = load_state(tmp_path / "cut" / T.CHECKPOINT_NAME)
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_an_unreadable_image_is_one_config_error(tmp_path):
+    data = _noise_folder(tmp_path / "data")
+    (data / "b" / "broken.png").write_text("not an image")
+    for workers in (0, 2):
+        with pytest.raises(T.ConfigError, match=r"^cannot read image .*broken\.png: ") as err:
+            T.train(folder_config(tmp_path / f"out{workers}", data, workers, epochs=1))
+        assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- resume, teacher, stats
+
+def test_resume_after_max_steps_takes_no_further_step(tmp_path):
+    T.train(tiny_config(tmp_path, max_steps=2))
+    summary = T.train(tiny_config(tmp_path, max_steps=2, resume="auto"))
+    assert summary["step"] == 2 and summary["status"] == "stopped at max_steps=2"
+
+
+def test_resume_as_another_method_is_a_config_error(tmp_path):
+    """MAE and Self-guided MAE have the same weights: only the saved config tells the runs apart."""
+    T.train(tiny_config(tmp_path, max_steps=1))
+    with pytest.raises(T.ConfigError, match="does not fit sgmae/micro"):
+        T.train(tiny_config(tmp_path, "sgmae", resume="auto"))
+
+
+def test_an_encoder_only_teacher_is_a_config_error(tmp_path):
+    """The official encoder-only releases have no decoder_embed: the heads' start and the distillation
+    targets would be a random projection."""
+    state = models.build_model("mae", "micro", **TINY).state_dict()
+    encoder_only = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
+    torch.save({"model": encoder_only}, tmp_path / "mae_pretrain.pth")
+    cfg = tiny_config(tmp_path / "imae", "imae", epochs=1)
+    cfg.method.teacher = str(tmp_path / "mae_pretrain.pth")
+    with pytest.raises(T.ConfigError, match="has no decoder_embed.weight, decoder_embed.bias"):
+        T.train(cfg)
+
+
+def test_training_normalises_with_the_models_pixel_statistics(tmp_path, monkeypatch):
+    seen = []
+    augment = T.data_lib.augment_batch
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["mean"], kwargs["std"]))
+        return augment(*args, **kwargs)
+
+    monkeypatch.setattr(T.data_lib, "augment_batch", spy)
+    cfg = tiny_config(tmp_path, max_steps=1)
+    cfg.method.options.update(mean=[0.5, 0.4, 0.3], std=[0.1, 0.2, 0.3])
+    T.train(cfg)
+    want = torch.tensor([[0.5, 0.4, 0.3], [0.1, 0.2, 0.3]])
+    assert seen and all(torch.allclose(torch.tensor(s), want) for s in seen)  # float32 buffers
+
+
+def test_weights_that_stopped_being_finite_are_never_saved(tmp_path, monkeypatch):
+    """A finite loss, then an update that overflows a weight: the next checkpoint would be no 'last good'."""
+    class Overflowing(torch.optim.AdamW):
+        steps = 0
+
+        def step(self, closure=None):
+            out = super().step(closure)
+            Overflowing.steps += 1
+            if Overflowing.steps == 6:  # the last of epoch 2 (3 steps each): no forward sees it
+                self.param_groups[0]["params"][0].data.fill_(math.inf)
+            return out
+
+    monkeypatch.setattr(torch.optim, "AdamW", Overflowing)
+    with pytest.raises(T.TrainingDiverged, match=r"no longer finite after step 6: .*last good checkpoint"):
+        T.train(tiny_config(tmp_path))
+    ckpt = load_state(tmp_path / T.CHECKPOINT_NAME)
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
