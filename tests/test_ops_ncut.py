@@ -101,7 +101,8 @@ def test_degenerate_inputs(backend, tau):
     some_zero = torch.randn(1, n, d)
     some_zero[:, ::3] = 0
     pair = torch.randn(1, 2, d)
-    for feats in (same, zeros, some_zero, pair):
+    one_sign_1d = torch.rand(1, n, 1) + 0.5  # every cosine 1, up to rounding
+    for feats in (same, zeros, some_zero, pair, one_sign_1d):
         first = ncut_bipartition(feats, tau, backend=backend)
         again = ncut_bipartition(feats, tau, backend=backend)
         for a, b in zip(first, again):
@@ -109,6 +110,43 @@ def test_degenerate_inputs(backend, tau):
         assert torch.isfinite(first.fiedler).all() and torch.isfinite(first.score).all()
         assert first.foreground.any()
         torch.testing.assert_close(first.fiedler.norm(dim=1), torch.ones(1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", cpu_kernel_backends())
+def test_ties_and_degenerate_graphs_give_the_torch_backends_answer(backend):
+    """Where the seed ties exactly (N = 2; two equal clusters of a binary graph) each backend's rounding
+    used to pick the foreground side (19% of N = 2 samples flipped against torch). Where the Fiedler vector
+    is not unique (identical or zero features, a constant affinity), torch returned whatever eigh chose
+    (two identical zero samples got complementary cuts) and the kernels their start vector's projection:
+    the reference now takes that projection too."""
+    gen = torch.Generator().manual_seed(0)
+    halves = torch.cat([torch.ones(1, 4, 3), -torch.ones(1, 4, 3)], 1)
+    cases = [
+        (torch.randn(64, 2, 8, generator=gen), None, 1e-5),
+        (planted(16, 32, 16, 0.5, 0.3, seed=64), 0.2, 1e-5),
+        (halves, 0.0, 1e-5), (halves, 0.5, 1e-5),
+        (torch.zeros(2, 9, 6), None, 1e-5),
+        (torch.randn(1, 1, 6, generator=gen).expand(3, 9, 6), None, 1e-5),
+        (torch.randn(2, 9, 6, generator=gen), None, 1.0),  # eps = 1: every affinity 1
+    ]
+    # (D = 1 features of one sign have cosines of 1 only up to each backend's rounding of the Gram matrix:
+    # the kernels then cut along that rounding noise, a valid partition that test_degenerate_inputs checks)
+    for feats, tau, eps in cases:
+        want = ncut_bipartition(feats, tau, eps, backend="torch")
+        got = ncut_bipartition(feats, tau, eps, backend=backend)
+        assert torch.equal(got.foreground, want.foreground), (feats.shape, tau, eps)
+        torch.testing.assert_close(got.fiedler, want.fiedler, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.score, want.score, atol=1e-5, rtol=0)
+        if feats.shape[0] > 1 and (feats == feats[:1]).all():  # identical samples, identical cuts
+            assert (want.foreground == want.foreground[:1]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+def test_scores_are_cosines_after_rounding(backend):
+    # N = 2: each patch is the foreground mean of a one-patch side, a cosine of 1 that rounded up to 1 + 2 ulp
+    score = ncut_bipartition(torch.randn(256, 2, 8, generator=torch.Generator().manual_seed(0)),
+                             backend=backend).score
+    assert score.abs().max() <= 1.0 and (score >= 1 - 1e-6).sum() == 256
 
 
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])

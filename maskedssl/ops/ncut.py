@@ -4,7 +4,11 @@ Self-guided MAE's informed masks.
 Affinity A = cos(f_i, f_j) clamped below at eps (or TokenCut's binary graph with ``tau``: 1 where
 cos > tau, eps elsewhere); degrees d = A 1. The Fiedler vector is the second-largest eigenvector u of
 D^-1/2 A D^-1/2 mapped back, v = D^-1/2 u (= the second-smallest generalized eigenvector of
-(D - A) v = lambda D v). Split at mean(v); the foreground is the side holding argmax |v| (TokenCut's seed).
+(D - A) v = lambda D v). Split at mean(v); the foreground is the side holding argmax |v| (TokenCut's seed;
+entries within ``SEED_TIE`` of the largest count as tied and the lowest index wins, so that an exact tie,
+as at N = 2, is not decided by each backend's rounding). Where the Fiedler vector is not unique (identical
+or zero features, a constant affinity), every backend returns the projection of one fixed start vector
+(``lanczos_start``) onto its eigenspace, so the cut is the same everywhere and for identical samples.
 
 Output convention: ``fiedler`` is v scaled to unit norm and signed so that the foreground is the side
 above the mean (``foreground == fiedler > fiedler.mean()``); ``score`` is each patch's cosine to the
@@ -31,6 +35,13 @@ PEAK_EXP = 50
 # The kernels take the affinity floor in fp32; a smaller eps would underflow (zero degrees, NaN). The
 # normalised graph only sees eps relative to the cosines, so any eps this small gives the same result.
 KERNEL_MIN_EPS = 1e-30
+# Entries of |v| within this fraction of max |v| count as tied for the seed (the lowest index wins): exact
+# ties (N = 2, two equal clusters of a binary graph) must not be decided by each backend's rounding.
+SEED_TIE = 1e-4
+# Eigenvalues of the deflated matrix within this of its top one span the top eigenspace the reference
+# projects the kernels' start vector onto (a graph whose Fiedler vector is not unique: identical or zero
+# features, a constant affinity), as Lanczos started from that vector converges to that projection.
+EIGEN_TIE = 1e-6
 
 
 class NCut(NamedTuple):
@@ -54,7 +65,10 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor) -> NCut:
     Shared by every backend that solves for v on its own, so the rules live in one place.
     """
     v = v.float()
-    seed = v.abs().argmax(dim=1, keepdim=True)
+    magnitude = v.abs()
+    # the first index within SEED_TIE of the largest |v| (argmax returns the first of exact ties)
+    near_top = magnitude >= magnitude.amax(dim=1, keepdim=True) * (1 - SEED_TIE)
+    seed = near_top.to(torch.uint8).argmax(dim=1, keepdim=True)
     above = v > v.mean(dim=1, keepdim=True)
     seed_above = above.gather(1, seed)
     # flip so the seed's side is the one above the mean
@@ -69,7 +83,20 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor) -> NCut:
     f = torch.nn.functional.normalize(f, dim=-1).float()
     fg_mean = (f * foreground.unsqueeze(-1)).sum(1) / foreground.sum(1, keepdim=True)
     score = torch.einsum("bnd,bd->bn", f, torch.nn.functional.normalize(fg_mean, dim=-1))
-    return NCut(fiedler, foreground, score)
+    return NCut(fiedler, foreground, score.clamp_(-1.0, 1.0))  # a cosine, also after rounding
+
+
+def lanczos_start(n: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """The kernels' fixed start vector, (-1)^i (1 + h(i)) with h the lowbias32 hash scaled to [0, 1)."""
+    h = torch.arange(n, dtype=torch.int64, device=device)
+    mask = 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & mask
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & mask
+    h = h ^ (h >> 16)
+    sign = 1.0 - 2.0 * (torch.arange(n, device=device) % 2)
+    return (sign * (1.0 + (h >> 8).to(torch.float64) / 16777216.0)).to(dtype)
 
 
 def _ncut_torch(feats, tau, eps):
@@ -83,8 +110,17 @@ def _ncut_torch(feats, tau, eps):
     # double eigenvalue and eigh returns any mix of the two vectors.
     u1 = torch.nn.functional.normalize(degree.sqrt(), dim=-1)
     m = m - 2.0 * u1.unsqueeze(-1) * u1.unsqueeze(-2)
-    _, vecs = torch.linalg.eigh(m)
-    v = vecs[..., -1] * d_isqrt  # eigh sorts ascending
+    vals, vecs = torch.linalg.eigh(m)  # ascending
+    # the start vector's part in the top eigenspace: eigh's top vector where that space is a line (up to
+    # sign), and where it is not (the Fiedler vector is not unique), the one vector the kernels converge to
+    top = (vals >= vals[..., -1:] - EIGEN_TIE).to(vecs.dtype)
+    x0 = lanczos_start(m.shape[-1], vecs.dtype, vecs.device)
+    u = vecs @ (top * (x0 @ vecs)).unsqueeze(-1)
+    u = u.squeeze(-1)
+    # x0 without a part there (it has none of u1, which is deflated, and no exact ties in its entries)
+    lost = u.norm(dim=-1, keepdim=True) <= 1e-9 * x0.norm()
+    u = torch.where(lost, vecs[..., -1], u)
+    v = u * d_isqrt
     # unit norm before finish_partition's fp32 cast: a tiny eps makes D^-1/2 too large for fp32
     return finish_partition(feats, torch.nn.functional.normalize(v, dim=1))
 
