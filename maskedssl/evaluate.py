@@ -161,7 +161,7 @@ def r2_score(y: torch.Tensor, pred: torch.Tensor) -> float:
     return float(1.0 - ss_res / ss_tot)
 
 
-RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+RIDGE_GRID = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def select_ridge(x: torch.Tensor, y: torch.Tensor, grid: Sequence[float] = RIDGE_GRID,
