@@ -446,8 +446,8 @@ def make_loader(dataset, sampler: EpochSampler, num_workers: int, device: torch.
         return TensorBatches(dataset.images, dataset.labels, sampler, home)
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        SeededItems(dataset), batch_size=sampler.batch_size, sampler=SeededKeys(sampler), num_workers=num_workers,
-        pin_memory=device.type == "cuda", drop_last=True, generator=generator,
+        SeededItems(dataset), batch_size=sampler.batch_size, sampler=SeededKeys(sampler),
+        num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True, generator=generator,
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
 
 

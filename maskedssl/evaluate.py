@@ -187,7 +187,8 @@ def separability_r2(train_mix: torch.Tensor, train_sub: torch.Tensor, train_dom:
     Inputs and targets are z-scored with the train statistics, so every feature dimension weighs the
     same in the pooled R^2. ``ridge``: a relative penalty, or "auto" to pick it from ``RIDGE_GRID`` on a
     validation part of the train pairs (``select_ridge``). Returns dict(r2 (both targets), r2_sub,
-    r2_dom, ridge). Every input finite; with fewer than ~3 train pairs the numbers are defined, not meaningful.
+    r2_dom, ridge). Every input must be finite; with fewer than ~3 train pairs the numbers are defined but
+    not meaningful.
     """
     named = {"train_mix": train_mix, "train_sub": train_sub, "train_dom": train_dom, "test_mix": test_mix,
              "test_sub": test_sub, "test_dom": test_dom}

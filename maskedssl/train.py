@@ -503,8 +503,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
         if "model" not in ckpt or "optimizer" not in ckpt:
             raise ConfigError(f"{resume} is not a maskedssl training checkpoint (no model/optimizer state)")
         saved = ckpt.get("config", {}).get("method", {})
-        does_not_fit = (f"{resume} holds a {saved.get('method')}/{saved.get('model')} model that does not fit "
-                        f"{cfg.method.method}/{cfg.method.model}")
+        does_not_fit = (f"{resume} holds a {saved.get('method')}/{saved.get('model')} model that does not "
+                        f"fit {cfg.method.method}/{cfg.method.model}")
         if saved.get("method", cfg.method.method) != cfg.method.method:
             # MAE and Self-guided MAE share their weights' layout, not their run: a resume continues one run
             raise ConfigError(does_not_fit + " (a resume continues the same method's run)")
@@ -563,7 +563,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
         nonlocal last_good
         # a step with a finite loss can still leave inf/NaN weights (an overflowing update): never save
         # those as the run's last good state
-        if not all(bool(torch.isfinite(p).all()) for p in raw_model.parameters()):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()):  # one sync
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
             raise TrainingDiverged(f"the weights are no longer finite after step {step}: stopping ({where})")
         rngs = [rng_state(aug_gen)]

@@ -285,7 +285,8 @@ class MaskedViT(nn.Module):
             if isinstance(progress, bool) or not isinstance(progress, (int, float)):
                 raise TypeError(f"progress must be a number in [0, 1], got {type(progress).__name__}")
             if not 0 <= progress <= 1:
-                raise ValueError(f"progress must be in [0, 1] (the fraction of training done), got {progress}")
+                raise ValueError(f"progress must be in [0, 1] (the fraction of training done), "
+                                 f"got {progress}")
         if not isinstance(imgs, torch.Tensor):
             raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
         expected = (self.in_chans, self.img_size, self.img_size)

@@ -149,8 +149,8 @@ def build_and_load(sanitize: bool = False, verbose: bool = False) -> str:
     return cpp_extension.load(
         name=NAME + ("_asan" if sanitize else ""),
         sources=sources,
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", f"-DMASKEDSSL_MAX_GRID_Y={MAX_GRID_Y}", *debug, *checks, "-include",
-                      os.path.join(HERE, "cuda_emu.h")],
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", f"-DMASKEDSSL_MAX_GRID_Y={MAX_GRID_Y}",
+                      *debug, *checks, "-include", os.path.join(HERE, "cuda_emu.h")],
         extra_ldflags=checks,
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(ROOT, "csrc")],
         build_directory=build,
