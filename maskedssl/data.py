@@ -388,8 +388,9 @@ class SeededKeys(torch.utils.data.Sampler):
         self.sampler = sampler
 
     def __iter__(self):
-        base = (self.sampler.seed * 100_003 + self.sampler.epoch) * 1_000_003
-        return ((i, (base + i) % 2**63) for i in self.sampler)
+        # (seed, epoch) in the high 31 bits, the index in the low 32: distinct for any dataset size
+        base = ((self.sampler.seed * 100_003 + self.sampler.epoch) % 2**31) << 32
+        return ((i, base | i) for i in self.sampler)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -398,8 +399,9 @@ class SeededKeys(torch.utils.data.Sampler):
 class SeededItems(torch.utils.data.Dataset):
     """``dataset[i]`` with its random transforms drawn from a generator seeded per item: ``(i, seed)`` keys
     (from ``SeededKeys``) give every image of an epoch the same crop whichever worker loads it, and
-    whether or not the run was resumed mid-epoch (the workers' own streams restart on a resume). Plain
-    ``i`` keys leave the global random state as they found it."""
+    whether or not the run was resumed mid-epoch (the workers' own streams restart on a resume); only
+    the CPU generator is seeded, and restored afterwards. Plain ``i`` keys load as the dataset itself
+    does. An unreadable image raises a DatasetError naming its file."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -408,21 +410,27 @@ class SeededItems(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getattr__(self, name):  # classes, augmented_on_cpu, ...: the wrapped dataset's
-        if name == "dataset":
+        # not its dunders: a wrapped __getitems__ (Subset's) would take the (i, seed) keys unseeded
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
+    def _load(self, i):
+        try:
+            return self.dataset[i]
+        except OSError as err:  # PIL's UnidentifiedImageError, a truncated or vanished file
+            path = getattr(self.dataset, "samples", None)
+            name = path[i][0] if path is not None else f"item {i}"
+            raise DatasetError(f"cannot read image {name}: {err}") from None
+
     def __getitem__(self, key):
-        i, seed = key if isinstance(key, tuple) else (key, None)
+        if not isinstance(key, tuple):
+            return self._load(key)
+        i, seed = key
+        # torch.manual_seed would also reseed (and never restore) the CUDA generators the masks draw from
         with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            try:
-                return self.dataset[i]
-            except OSError as err:  # PIL's UnidentifiedImageError, a truncated or vanished file
-                path = getattr(self.dataset, "samples", None)
-                name = path[i][0] if path is not None else f"item {i}"
-                raise DatasetError(f"cannot read image {name}: {err}") from None
+            torch.default_generator.manual_seed(seed)
+            return self._load(i)
 
 
 def error_line(err: Exception) -> str:

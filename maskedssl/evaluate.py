@@ -210,13 +210,15 @@ def separability_r2(train_mix: torch.Tensor, train_sub: torch.Tensor, train_dom:
         if named[f"train_{part}"].shape[1] != named[f"test_{part}"].shape[1]:
             raise ValueError(f"train_{part} and test_{part} must have the same width D, got "
                              f"{named[f'train_{part}'].shape[1]} and {named[f'test_{part}'].shape[1]}")
+    # (a zero penalty is plain least squares: singular for constant features or fewer pairs than widths)
     if isinstance(ridge, str):
         if ridge != "auto":
-            raise ValueError(f"ridge must be 'auto' or a number >= 0, got {ridge!r}")
+            raise ValueError(f"ridge must be 'auto' or a number > 0, got {ridge!r}")
     elif isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
-        raise TypeError(f"ridge must be 'auto' or a number >= 0, got {type(ridge).__name__}")
-    elif not 0 <= ridge < math.inf:
-        raise ValueError(f"ridge must be 'auto' or a finite number >= 0, got {ridge}")
+        raise TypeError(f"ridge must be 'auto' or a number > 0, got {type(ridge).__name__}")
+    elif not 0 < ridge < math.inf:
+        raise ValueError(f"ridge must be 'auto' or a finite number > 0 (1e-9: nearly least squares), "
+                         f"got {ridge}")
     d = train_sub.shape[1]
     x_train, x_test = standardize(train_mix.double(), test_mix.double())
     y_train, y_test = standardize(torch.cat([train_sub, train_dom], 1).double(),

@@ -486,8 +486,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
     warmup_steps = round(o.warmup_epochs * steps_per_epoch)
     eff_batch = o.batch_size * o.accum_iter * d.world_size
     base_lr = o.lr if o.lr is not None else o.blr * eff_batch / 256
-    if not base_lr <= torch.finfo(torch.float32).max:  # AdamW keeps it in float32 on some paths
-        raise ConfigError(f"the learning rate {base_lr:g} is too large for float32 (at most 3.4e38)")
+    for name, value in (("the learning rate", base_lr), ("min_lr", o.min_lr)):
+        if not value <= torch.finfo(torch.float32).max:  # AdamW keeps it in float32 on some paths
+            raise ConfigError(f"{name} {value:g} is too large for float32 (at most 3.4e38)")
 
     # ---- optimizer, scaler
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=base_lr, betas=(0.9, 0.95))
@@ -622,7 +623,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
                 sync = model.no_sync() if d.enabled and not last_micro else contextlib.nullcontext()
                 with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                           enabled=amp_dtype is not None):
-                    result = model(x, partner=partner, progress=step / total_steps)
+                    # past 1 after a resume into shorter epochs (a smaller dataset, more processes)
+                    result = model(x, partner=partner, progress=min(1.0, step / total_steps))
                     # all processes see the same value, so all stop together on a NaN
                     loss_value = all_mean(result.loss.detach().float(), d).item()
                     if not math.isfinite(loss_value):
@@ -693,9 +695,11 @@ def _viz_batch(cfg: TrainConfig, dataset, n: int = 8) -> dict:
     (ImageFolder's crops) would otherwise draw from the stream the masks come from, and a resumed run,
     which loads these again, would mask differently from an uninterrupted one."""
     idx = list(range(min(n, len(dataset))))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed)
-        items = [dataset[i] for i in idx]
+    seeded = data_lib.SeededItems(dataset)
+    try:
+        items = [seeded[(i, cfg.run.seed + i)] for i in idx]
+    except data_lib.DatasetError as err:
+        raise ConfigError(str(err)) from None
     imgs = torch.stack([img for img, _ in items])
     labels = torch.tensor([label for _, label in items])
     masks = torch.stack([dataset.object_mask(i) for i in idx]) if hasattr(dataset, "object_mask") else None

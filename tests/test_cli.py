@@ -109,6 +109,7 @@ def test_bad_dataset_path_is_one_line_from_python_m(tmp_path, capsys, monkeypatc
     (["--mask-ratio", "0"], "mask_ratio"),  # a NaN loss at step 0 (exit 1) before
     (["--lr", "-1"], "lr must be >= 0"),
     (["--lr", "1e39"], "too large for float32"),  # AdamW's overflow traceback
+    (["--min-lr", "1e39"], "min_lr 1e+39 is too large"),  # a NaN loss at the end of the cosine
     (["--log-every", "0"], "log_every must be >= 1"),
     (["--device", "tpu"], "device must be"),
     (["--patch-size", "0"], "patch_size must be positive"),  # ZeroDivisionError

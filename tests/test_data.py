@@ -154,6 +154,28 @@ def test_imagefolder_without_splits_and_tiny_imagenet_val(tmp_path):
     assert [val[i][1] for i in range(3)] == [1, 0, 1]
 
 
+def test_seeded_loading_of_a_subset_in_workers(tmp_path):
+    """Crops are a function of (seed, epoch, image): the same with 0 or 2 workers and after a mid-epoch
+    skip; a wrapped Subset's __getitems__ is not forwarded (it would take the (i, seed) keys unseeded)."""
+    from maskedssl.data import EpochSampler, make_loader
+
+    _write_images(tmp_path / "train", per_class=4, size=(30, 26))
+    dataset = torch.utils.data.Subset(build_dataset(f"imagefolder:{tmp_path}", train=True, img_size=8),
+                                      list(range(8)))
+
+    def batches(workers, skip=0):
+        sampler = EpochSampler(len(dataset), 2, seed=3)
+        sampler.set_epoch(1, skip_batches=skip)
+        return [imgs for imgs, _ in make_loader(dataset, sampler, workers, torch.device("cpu"))]
+
+    whole = batches(0)
+    assert len(whole) == 4 and not torch.equal(whole[0][0], whole[0][1])
+    for got, want in zip(batches(2), whole, strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(batches(0, skip=1), whole[1:], strict=True):
+        assert torch.equal(got, want)
+
+
 def test_imagefolder_bad_paths(tmp_path):
     with pytest.raises(DatasetError, match="not a directory"):
         build_dataset(f"imagefolder:{tmp_path / 'missing'}")

@@ -29,12 +29,13 @@ def _require(device: str) -> None:
         pytest.skip("needs a CUDA GPU")
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("backend,device", _targets("any"))
-def test_gather_tokens_reads_rows_past_2_pow_31_elements(backend, device):
+def test_gather_tokens_reads_rows_past_2_pow_31_elements(backend, device, index_dtype):
     _require(device)
     length, d = 2**21 + 1, 1024  # one sample of 2**31 + 1024 fp16 elements (4 GiB, mostly untouched)
     x = torch.empty(1, length, d, dtype=torch.float16, device=device)
-    ids_keep = torch.tensor([[length - 1, 0, length - 2]], device=device)
+    ids_keep = torch.tensor([[length - 1, 0, length - 2]], device=device, dtype=index_dtype)
     for row in ids_keep[0].tolist():
         x[0, row] = torch.randn(d, device=device).half()
     pos = torch.randn(1, d, device=device).half().expand(length, d)  # stride 0 along L: 2 KiB, not 4 GiB
@@ -42,8 +43,9 @@ def test_gather_tokens_reads_rows_past_2_pow_31_elements(backend, device):
     assert torch.equal(got, x[0, ids_keep[0]][None] + pos[0])
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("backend,device", _targets("any"))
-def test_mix_patchify_reads_patches_past_2_pow_31_pixels(backend, device):
+def test_mix_patchify_reads_patches_past_2_pow_31_pixels(backend, device, index_dtype):
     _require(device)
     p, side = 16, 46352  # (2, 1, 46352, 46352) uint8: 2**31 + 1023808 pixels per image, 2897 x 2897 patches
     grid = side // p
@@ -51,29 +53,32 @@ def test_mix_patchify_reads_patches_past_2_pow_31_pixels(backend, device):
     corner = imgs[:, :, -2 * p:, -2 * p:]  # the 2 x 2 patches at the highest addresses
     corner.copy_(torch.randint(0, 256, corner.shape, dtype=torch.uint8, device=device))
     last = grid * grid - 1
-    ids_keep = torch.tensor([[last, last - 1], [last - grid, last]], device=device)
-    ids_masked = torch.tensor([[last - grid - 1], [last - 1]], device=device)
-    kwargs = dict(partner=torch.tensor([1, 0], device=device), lam=torch.tensor([0.7, 0.25], device=device),
-                  mean=torch.tensor([0.45], device=device), std=torch.tensor([0.22], device=device))
+    ids_keep = torch.tensor([[last, last - 1], [last - grid, last]], device=device, dtype=index_dtype)
+    ids_masked = torch.tensor([[last - grid - 1], [last - 1]], device=device, dtype=index_dtype)
+    kwargs = dict(partner=torch.tensor([1, 0], device=device, dtype=index_dtype),
+                  lam=torch.tensor([0.7, 0.25], device=device), mean=torch.tensor([0.45], device=device),
+                  std=torch.tensor([0.22], device=device))
     got_inputs, got_targets = ops.mix_patchify(imgs, p, ids_keep=ids_keep, ids_masked=ids_masked, backend=backend,
                                                **kwargs)
 
     def in_corner(ids):  # the same patches' rows in the 2 x 2-patch corner image
         return (ids // grid - (grid - 2)) * 2 + ids % grid - (grid - 2)
 
-    want_inputs, want_targets = ops.mix_patchify(corner.contiguous(), p, ids_keep=in_corner(ids_keep),
-                                                 ids_masked=in_corner(ids_masked), backend="torch", **kwargs)
+    want_inputs, want_targets = ops.mix_patchify(corner.contiguous(), p, ids_keep=in_corner(ids_keep.long()),
+                                                 ids_masked=in_corner(ids_masked.long()), backend="torch", **kwargs)
     torch.testing.assert_close(got_inputs, want_inputs, rtol=1e-6, atol=1e-6)
     for got, want in zip(got_targets, want_targets, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("backend,device", _targets("gpu"))
-def test_token_backward_past_2_pow_31_elements(backend, device, length=2**21 + 1):
+def test_token_backward_past_2_pow_31_elements(backend, device, index_dtype, length=2**21 + 1):
     _require(device)
     b, k, d = 2, 3, 1024  # 2**31 + 1024 elements per sample: 8 GiB of bf16 per (B, L, D) tensor
     x = torch.zeros(b, length, d, dtype=torch.bfloat16, device=device, requires_grad=True)
-    ids_keep = torch.tensor([[length - 1, 0, length - 1], [length - 2, length - 1, 5]], device=device)
+    ids_keep = torch.tensor([[length - 1, 0, length - 1], [length - 2, length - 1, 5]], device=device,
+                            dtype=index_dtype)
     grad = torch.randn(b, k, d, device=device).bfloat16()
     (grad_x,) = torch.autograd.grad(ops.gather_tokens(x, ids_keep, backend=backend), x, grad)
     assert torch.equal(grad_x[0, length - 1], (grad[0, 0].float() + grad[0, 2].float()).bfloat16())
@@ -83,8 +88,8 @@ def test_token_backward_past_2_pow_31_elements(backend, device, length=2**21 + 1
 
     x_vis = torch.randn(b, k, d, dtype=torch.bfloat16, device=device, requires_grad=True)
     mask_token = torch.randn(d, dtype=torch.bfloat16, device=device, requires_grad=True)
-    ids_restore = torch.full((b, length), k, dtype=torch.int32, device=device)  # all masked but three rows
-    ids_restore[:, -3:] = torch.arange(k, dtype=torch.int32, device=device)
+    ids_restore = torch.full((b, length), k, dtype=index_dtype, device=device)  # all masked but three rows
+    ids_restore[:, -3:] = torch.arange(k, dtype=index_dtype, device=device)
     out = ops.scatter_tokens(x_vis, ids_restore, mask_token, backend=backend)
     assert torch.equal(out[:, -3:], x_vis.detach()) and torch.equal(out[1, 7], mask_token.detach())
     grad_out = torch.zeros_like(out)

@@ -327,16 +327,38 @@ def test_resume_mid_epoch_on_an_image_folder_matches_an_uninterrupted_run(tmp_pa
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_an_unreadable_image_is_one_config_error(tmp_path):
+@pytest.mark.parametrize("where", ["a/00_broken.png", "b/broken.png"])  # among the picture batch's 8, or not
+def test_an_unreadable_image_is_one_config_error(tmp_path, where):
     data = _noise_folder(tmp_path / "data")
-    (data / "b" / "broken.png").write_text("not an image")
+    (data / where).write_text("not an image")
     for workers in (0, 2):
         with pytest.raises(T.ConfigError, match=r"^cannot read image .*broken\.png: ") as err:
             T.train(folder_config(tmp_path / f"out{workers}", data, workers, epochs=1))
         assert "\n" not in str(err.value)
 
 
+def test_seeded_loading_leaves_the_cuda_generators_alone(tmp_path, monkeypatch):
+    """torch.manual_seed also reseeds every CUDA generator (which fork_rng(devices=[]) does not restore):
+    a resumed GPU run restarted its mask stream at the picture batch, and every image reseeded it."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    dataset = build_dataset(f"imagefolder:{_noise_folder(tmp_path / 'data')}", train=True, img_size=16)
+    T._viz_batch(folder_config(tmp_path / "out", tmp_path / "data", 0), dataset)
+    T.data_lib.SeededItems(dataset)[(3, 12345)]
+    assert calls == []
+
+
 # ---------------------------------------------------------------------------------------------- resume, teacher, stats
+
+def test_resume_into_fewer_steps_than_were_taken(tmp_path):
+    """4 steps of 3-step epochs, resumed on data with 1-step epochs: step / total_steps is 4 / 3 (a model's
+    progress must stay in [0, 1])."""
+    T.train(tiny_config(tmp_path, epochs=3, max_steps=4))
+    cfg = tiny_config(tmp_path, epochs=3, resume="auto")
+    cfg.data.data = "synthetic:32"
+    summary = T.train(cfg)
+    assert summary["status"] == "done" and summary["step"] == 5
+
 
 def test_resume_after_max_steps_takes_no_further_step(tmp_path):
     T.train(tiny_config(tmp_path, max_steps=2))
