@@ -140,7 +140,8 @@ class IMAE(MaskedViT):
                 lam: torch.Tensor | float | None = None, progress: float = 0.0) -> ModelOutput:
         """imgs: (B, C, H, W) float (normalised) or uint8; partner: (B,) indices into the batch; lam: the
         weight of ``imgs[b]`` in its mixture, a float or (B,) in [0, 1]. ``progress`` is unused."""
-        self.check_images(imgs, progress)
+        self.check_images(imgs)
+        self.check_progress(progress)
         # a caller's partner/lam are range-checked once, in the first op; the masks are ours
         check = None if partner is not None or lam is not None else False
         partner, lam = self._mixing(imgs, partner, lam)
@@ -186,7 +187,8 @@ class IMAE(MaskedViT):
                     ) -> dict[str, torch.Tensor]:
         """Pictures (B, C, H, W) in [0, 1]: "mixture", "masked", "sub", "dom" (the unmixed images) and
         "recon_sub", "recon_dom" (each branch's prediction at every patch)."""
-        self.check_images(imgs, progress)
+        self.check_images(imgs)
+        self.check_progress(progress)
         check = None if partner is not None or lam is not None else False
         partner, lam = self._mixing(imgs, partner, lam)
         masks = random_masks(imgs.shape[0], self.num_patches, self.config.mask_ratio, device=imgs.device)

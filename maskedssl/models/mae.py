@@ -37,7 +37,8 @@ class MAE(MaskedViT):
         ``progress`` (fraction of training done) matters to Self-guided MAE only."""
         if partner is not None or lam is not None:
             raise ValueError(f"{type(self).__name__} does not mix images: partner and lam must be None")
-        self.check_images(imgs, progress)
+        self.check_images(imgs)
+        self.check_progress(progress)
         masks, extras = self.make_masks(imgs, progress)
         inputs, (target,) = mix_patchify(imgs, self.patch_size, ids_keep=masks.ids_keep,
                                          ids_masked=masks.ids_masked, norm_pix=self.config.norm_pix_loss,
@@ -54,7 +55,8 @@ class MAE(MaskedViT):
         (visible patches from the input, masked ones predicted)."""
         if partner is not None or lam is not None:
             raise ValueError(f"{type(self).__name__} does not mix images: partner and lam must be None")
-        self.check_images(imgs, progress)
+        self.check_images(imgs)
+        self.check_progress(progress)
         masks, _ = self.make_masks(imgs, progress)
         rows = self.patch_rows(imgs)
         latent = self.encode(gather_tokens(rows, masks.ids_keep, check_indices=False), masks.ids_keep)

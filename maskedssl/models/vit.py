@@ -276,17 +276,20 @@ class MaskedViT(nn.Module):
                 child.apply(init_weights)
 
     # ---------------------------------------------------------------- pixels
-    def check_images(self, imgs: torch.Tensor, progress: float = 0.0) -> None:
-        """``imgs`` must be (B, in_chans, img_size, img_size). Another size would patchify to another grid
-        whose rows the masks still index in range: the step would run on the wrong patches, silently.
-        ``progress``, the fraction of training done, must be a number in [0, 1] (NaN would compare as
+    @staticmethod
+    def check_progress(progress: float) -> None:
+        """``progress``, the fraction of training done, must be a number in [0, 1] (NaN would compare as
         past any warm-up). Not under torch.compile: guards on its value would recompile every step."""
-        if not torch.compiler.is_compiling():
-            if isinstance(progress, bool) or not isinstance(progress, (int, float)):
-                raise TypeError(f"progress must be a number in [0, 1], got {type(progress).__name__}")
-            if not 0 <= progress <= 1:
-                raise ValueError(f"progress must be in [0, 1] (the fraction of training done), "
-                                 f"got {progress}")
+        if torch.compiler.is_compiling():
+            return
+        if isinstance(progress, bool) or not isinstance(progress, (int, float)):
+            raise TypeError(f"progress must be a number in [0, 1], got {type(progress).__name__}")
+        if not 0 <= progress <= 1:
+            raise ValueError(f"progress must be in [0, 1] (the fraction of training done), got {progress}")
+
+    def check_images(self, imgs: torch.Tensor) -> None:
+        """``imgs`` must be (B, in_chans, img_size, img_size). Another size would patchify to another grid
+        whose rows the masks still index in range: the step would run on the wrong patches, silently."""
         if not isinstance(imgs, torch.Tensor):
             raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
         expected = (self.in_chans, self.img_size, self.img_size)
