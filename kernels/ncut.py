@@ -294,14 +294,19 @@ def _block_k(d: int) -> int:
 
 
 def launch_config(n: int, d: int, fp32: bool = False) -> dict:
-    """Block sizes and warps the launcher picks for N patches of D features (also read by the sm_90
-    resource test). fp32 features take a shorter K block in the affinity kernel: 3xTF32 needs three
-    products' operands, and 32 columns spilled registers on sm_90."""
+    """Block sizes and warps the launcher picks for N patches of D features (also read by the resource
+    test, which compiles them for sm_80 and sm_90). fp32 features take shorter K blocks: 3xTF32 needs three
+    products' operands, and the 16-bit blocks spilled registers (affinity kernel on sm_90 at 32 columns;
+    on-chip solver on sm_80 at 64 columns for N_PAD = 64 and at 32 for N_PAD = 128)."""
     n_pad = max(16, triton.next_power_of_2(n))
     on_chip = n_pad <= ON_CHIP_MAX
+    if fp32:
+        block_k = min(32 if n_pad <= 64 else 16, _block_k(d))
+    else:
+        block_k = _block_k(d) if on_chip and n_pad <= 64 else min(32, _block_k(d))
     return {
         "n_pad": n_pad, "on_chip": on_chip,
-        "block_k": _block_k(d) if on_chip and n_pad <= 64 else min(32, _block_k(d)),
+        "block_k": block_k,
         "block_r": max(1, 4096 // n_pad), "q_chunk": min(STEPS, max(1, 4096 // n_pad)),
         "num_warps": 4 if n_pad <= 32 else 8,
         "affinity_block_k": 16 if fp32 else 32,
