@@ -88,7 +88,12 @@ __device__ float block_sum(float v, float* red) {
 
 // Top eigenvector of the k x k tridiagonal (alpha, beta) into z[0:k] (unit norm), run by warp 0; z is in
 // shared memory. Divisions are the fast 2-ulp kind: pivots stay within [1e-30, ~4] and the Sturm counts
-// and the inverse iteration need no correctly rounded quotient.
+// and the inverse iteration need no correctly rounded quotient. The whole block waits on this serial code,
+// so its loops run over kSteps with k as a predicate, unrolled by 4: each group's loads are issued together
+// ahead of its dependent chain (a rolled loop waited one load latency per link), the inverse iteration's
+// arrays sit in shared memory (lane 0's local arrays took 256 bytes of stack, and full unrolling into
+// registers cost 245 registers a thread, halving the blocks per SM at small N), and each lane runs its two
+// Sturm shifts as interleaved chains.
 __device__ void top_ritz(const float* alpha, const float* beta, float* z, int k, int lane) {
   // Gershgorin interval (k <= 32: one index per lane)
   float lo = INFINITY, hi = -INFINITY;
@@ -102,46 +107,70 @@ __device__ void top_ritz(const float* alpha, const float* beta, float* z, int k,
   hi = warp_max(hi);
   // multisection on the Sturm count: negative pivots of T - shift I = eigenvalues below the shift
   for (int round = 0; round < kRounds; ++round) {
-    float new_lo = lo, new_hi = hi;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float shift = lo + (hi - lo) * (static_cast<float>(lane + 32 * h + 1) / (kShifts + 1));
-      float piv = alpha[0] - shift;
-      int below = piv < 0.f;
-      for (int i = 1; i < k; ++i) {
-        if (fabsf(piv) < kPivMin) piv = -kPivMin;
-        piv = (alpha[i] - shift) - __fdividef(beta[i - 1] * beta[i - 1], piv);
-        below += piv < 0.f;
+    const float shift0 = lo + (hi - lo) * (static_cast<float>(lane + 1) / (kShifts + 1));
+    const float shift1 = lo + (hi - lo) * (static_cast<float>(lane + 33) / (kShifts + 1));
+    float piv0 = alpha[0] - shift0, piv1 = alpha[0] - shift1;
+    int below0 = piv0 < 0.f, below1 = piv1 < 0.f;
+#pragma unroll 4
+    for (int i = 1; i < kSteps; ++i) {
+      if (i < k) {
+        const float a = alpha[i], bb = beta[i - 1] * beta[i - 1];
+        if (fabsf(piv0) < kPivMin) piv0 = -kPivMin;
+        if (fabsf(piv1) < kPivMin) piv1 = -kPivMin;
+        piv0 = (a - shift0) - __fdividef(bb, piv0);
+        piv1 = (a - shift1) - __fdividef(bb, piv1);
+        below0 += piv0 < 0.f;
+        below1 += piv1 < 0.f;
       }
-      if (below < k) new_lo = fmaxf(new_lo, shift);
-      else new_hi = fminf(new_hi, shift);
     }
+    float new_lo = lo, new_hi = hi;
+    if (below0 < k) new_lo = fmaxf(new_lo, shift0);
+    else new_hi = fminf(new_hi, shift0);
+    if (below1 < k) new_lo = fmaxf(new_lo, shift1);
+    else new_hi = fminf(new_hi, shift1);
     lo = warp_max(new_lo);
     hi = warp_min(new_hi);
   }
   if (lane != 0) return;
   // inverse iteration on sigma I - T (positive definite): factored once as L D L^T without pivoting
-  // (l_i = beta_{i-1} / d_{i-1}), then every iteration is two sweeps of multiply-adds
+  // (l_i = beta_{i-1} / d_{i-1}), then every iteration is two sweeps of multiply-adds; entries past k
+  // are never read
   const float sigma = hi + kDelta;
-  float d_inv[kSteps], l_sub[kSteps], rhs[kSteps];
+  __shared__ float d_inv[kSteps], l_sub[kSteps], rhs[kSteps];
   float piv = fmaxf(sigma - alpha[0], kPivMin);
   d_inv[0] = __fdividef(1.f, piv);
-  for (int i = 1; i < k; ++i) {
-    const float b = beta[i - 1];
-    l_sub[i] = __fdividef(b, piv);
-    piv = fmaxf((sigma - alpha[i]) - l_sub[i] * b, kPivMin);
-    d_inv[i] = __fdividef(1.f, piv);
+  l_sub[0] = 0.f;
+#pragma unroll
+  for (int i = 1; i < kSteps; ++i) {
+    l_sub[i] = 0.f;
+    d_inv[i] = 0.f;
+    if (i < k) {
+      const float b = beta[i - 1];
+      l_sub[i] = __fdividef(b, piv);
+      piv = fmaxf((sigma - alpha[i]) - l_sub[i] * b, kPivMin);
+      d_inv[i] = __fdividef(1.f, piv);
+    }
   }
-  for (int i = 0; i < k; ++i) rhs[i] = 1.f;
+#pragma unroll
+  for (int i = 0; i < kSteps; ++i) rhs[i] = 1.f;
   for (int it = 0; it < kInvIters; ++it) {
-    for (int i = 1; i < k; ++i) rhs[i] += l_sub[i] * rhs[i - 1];  // L y = rhs
-    rhs[k - 1] *= d_inv[k - 1];                                    // D L^T z = y
-    for (int i = k - 2; i >= 0; --i) rhs[i] = (rhs[i] + beta[i] * rhs[i + 1]) * d_inv[i];
+#pragma unroll 4
+    for (int i = 1; i < kSteps; ++i)  // L y = rhs
+      if (i < k) rhs[i] += l_sub[i] * rhs[i - 1];
+#pragma unroll 4
+    for (int i = kSteps - 1; i >= 0; --i) {  // D L^T z = y
+      if (i == k - 1) rhs[i] *= d_inv[i];
+      else if (i + 1 < kSteps && i < k - 1) rhs[i] = (rhs[i] + beta[i] * rhs[i + 1]) * d_inv[i];
+    }
     float norm = 0.f;
-    for (int i = 0; i < k; ++i) norm += rhs[i] * rhs[i];
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i)
+      if (i < k) norm += rhs[i] * rhs[i];
     const float inv_norm = rsqrtf(norm);
-    for (int i = 0; i < k; ++i) rhs[i] *= inv_norm;
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) rhs[i] *= inv_norm;
   }
+#pragma unroll
   for (int i = 0; i < kSteps; ++i) z[i] = i < k ? rhs[i] : 0.f;
 }
 
@@ -156,7 +185,7 @@ __device__ __forceinline__ float hash01(uint32_t h) {
 }
 
 template <bool kOnChip>
-__global__ void __launch_bounds__(kThreads) lanczos_kernel(const float* __restrict__ gram_all,
+__global__ void __launch_bounds__(kThreads, 1) lanczos_kernel(const float* __restrict__ gram_all,
                                                            float* __restrict__ basis_all, float* __restrict__ out,
                                                            int n, bool use_tau, float tau, float eps) {
   extern __shared__ float a_smem[];
