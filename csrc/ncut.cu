@@ -75,14 +75,18 @@ __device__ __forceinline__ float affinity(float g, float inv_r, float inv_c, boo
   return use_tau ? (cos > tau ? 1.f : eps) : fmaxf(cos, eps);
 }
 
-__device__ float block_sum(float v, float* red) {
+// Sum over the block, one barrier per call: consecutive calls alternate between the two halves of red
+// (2 kWarps floats), so a call's writes never meet the previous call's reads (every thread has read them
+// before it reaches the barrier of the call in between). `parity` is the same in every thread.
+__device__ float block_sum(float v, float* red, int& parity) {
   v = warp_sum(v);
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+  float* slot = red + parity * kWarps;
+  parity ^= 1;
+  if (threadIdx.x % 32 == 0) slot[threadIdx.x / 32] = v;
   __syncthreads();
   float total = 0.f;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += red[w];
-  __syncthreads();
+  for (int w = 0; w < kWarps; ++w) total += slot[w];
   return total;
 }
 
@@ -191,7 +195,8 @@ __global__ void __launch_bounds__(kThreads, 1) lanczos_kernel(const float* __res
   extern __shared__ float a_smem[];
   __shared__ __align__(16) float xs[kMaxN];  // the product's input, then the vector being orthogonalised
   __shared__ float inv_s[kMaxN];             // 1 / |f_i| from G's diagonal
-  __shared__ float red[kWarps];
+  __shared__ float red[2 * kWarps];
+  int parity = 0;
   __shared__ float alpha_s[kSteps], beta_s[kSteps], z_s[kSteps], h_s[kSteps];
 
   const int b = blockIdx.x;
@@ -231,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 1) lanczos_kernel(const float* __res
     // magnitudes keep it off structured Fiedler vectors (two equal halves), as in kernels/ncut.py
     x[v] = i < n ? (i % 2 == 0 ? 1.f : -1.f) * (1.f + hash01(static_cast<uint32_t>(i))) : 0.f;
   }
-  const float u1_norm = sqrtf(block_sum(part, red));
+  const float u1_norm = sqrtf(block_sum(part, red, parity));
 #pragma unroll
   for (int v = 0; v < kPerThread; ++v) u1[v] /= u1_norm;
 
@@ -239,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1) lanczos_kernel(const float* __res
     float acc = 0.f;
 #pragma unroll
     for (int v = 0; v < kPerThread; ++v) acc += p[v] * r[v];
-    return block_sum(acc, red);
+    return block_sum(acc, red, parity);
   };
 
   int converged = 0;

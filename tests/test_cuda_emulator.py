@@ -72,6 +72,21 @@ def test_a_race_changes_with_the_thread_order(monkeypatch):
     assert reverse[:-1].equal(want[:-1]) and reverse[-1].isnan()
 
 
+@needs_emulator
+def test_a_race_behind_a_shuffle_shows_when_warps_run_ahead(monkeypatch):
+    x = torch.randn(256)
+    sums = {}
+    for order in ("forward", "reverse", "shuffle", "warps", "warps-reverse"):
+        monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", order)
+        sums[order] = (torch.ops.cuda_emu_selftest.two_sums(x, False), torch.ops.cuda_emu_selftest.two_sums(x, True))
+    want = sums["forward"][1]
+    torch.testing.assert_close(want.view(256, 2), torch.stack([x.sum(), 2 * x.sum()]).expand(256, 2))
+    for order, (one_buffer, two_buffers) in sums.items():
+        assert two_buffers.equal(want), order
+        # the race: hidden while every thread reaches each barrier in turn, shown when a warp runs ahead
+        assert one_buffer.equal(want) == (order in ("forward", "reverse", "shuffle")), order
+
+
 def _kernel_runs(case: str) -> list[torch.Tensor]:
     """One call of a csrc/ kernel entry point on fixed inputs (deterministic modes only: float atomics add in
     whatever order the threads come)."""
@@ -111,7 +126,8 @@ def test_csrc_kernels_do_not_depend_on_the_thread_order(case, monkeypatch):
     # A race (a shared-memory or global read not separated from another thread's write by a barrier) gives
     # results that change with the order threads run in; every order is one a GPU may take.
     results = {}
-    for order, seed in [("forward", 0), ("reverse", 0), ("shuffle", 1), ("shuffle", 2)]:
+    for order, seed in [("forward", 0), ("reverse", 0), ("shuffle", 1), ("shuffle", 2), ("warps", 0),
+                        ("warps-reverse", 0)]:
         monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", order)
         monkeypatch.setenv("MASKEDSSL_EMU_SEED", str(seed))
         results[order, seed] = _kernel_runs(case)

@@ -98,7 +98,12 @@ constexpr size_t kStackBytes = 256 * 1024;
 // "reverse", or "shuffle" (a fresh random order every time, from MASKEDSSL_EMU_SEED). On a GPU any order is
 // possible, so a kernel whose results change with it has a race: a read not separated from another
 // thread's write by a barrier. The tests run every kernel under several orders and compare.
-enum class Schedule { kForward, kReverse, kShuffle };
+// In those three orders every thread reaches its next barrier before any barrier opens, so a warp shuffle
+// holds the whole block back as if it were __syncthreads. "warps" and "warps-reverse" run one warp at a
+// time instead (warp 0 first, or the last warp first), opening its shuffles at once, so each warp runs
+// ahead to its next __syncthreads before the next warp starts: what a GPU does when one warp is scheduled
+// early. A read that only a shuffle, not a block barrier, separates from another warp's write shows there.
+enum class Schedule { kForward, kReverse, kShuffle, kWarps, kWarpsReverse };
 
 inline Schedule schedule() {
   const char* v = std::getenv("MASKEDSSL_EMU_SCHEDULE");
@@ -106,7 +111,10 @@ inline Schedule schedule() {
   if (name == "forward" || name.empty()) return Schedule::kForward;
   if (name == "reverse") return Schedule::kReverse;
   if (name == "shuffle") return Schedule::kShuffle;
-  throw std::runtime_error("cuda emulator: MASKEDSSL_EMU_SCHEDULE must be forward, reverse or shuffle, got " + name);
+  if (name == "warps") return Schedule::kWarps;
+  if (name == "warps-reverse") return Schedule::kWarpsReverse;
+  throw std::runtime_error(
+      "cuda emulator: MASKEDSSL_EMU_SCHEDULE must be forward, reverse, shuffle, warps or warps-reverse, got " + name);
 }
 
 inline uint64_t schedule_seed() {
@@ -299,22 +307,42 @@ inline void run_block(Block& b, char* stacks) {
   b.static_shared_seen.clear();
   block_idx = b.block_idx;
   b.order.resize(threads);
+  const auto run = [&](int t) {  // thread t until its next barrier or its end
+    if (b.fibers[t].state != State::kReady) return;
+    b.current = t;
+    thread_idx = uint3{t % b.block_dim.x, t / b.block_dim.x % b.block_dim.y, t / (b.block_dim.x * b.block_dim.y)};
+    in_fiber = true;
+    swapcontext(&b.scheduler, &b.fibers[t].context);
+    in_fiber = false;
+    if (!b.error.empty()) fail(std::string(b.kernel) + ": " + b.error);
+  };
+  const bool by_warp = b.schedule == Schedule::kWarps || b.schedule == Schedule::kWarpsReverse;
   while (true) {
-    for (int i = 0; i < threads; ++i) b.order[i] = b.schedule == Schedule::kReverse ? threads - 1 - i : i;
-    if (b.schedule == Schedule::kShuffle) {
-      for (int i = threads - 1; i > 0; --i) {  // Fisher-Yates with a 64-bit LCG
-        b.random_state = b.random_state * 6364136223846793005ull + 1442695040888963407ull;
-        std::swap(b.order[i], b.order[static_cast<int>((b.random_state >> 33) % static_cast<uint64_t>(i + 1))]);
+    if (by_warp) {
+      const int warps = (threads + kWarpSize - 1) / kWarpSize;
+      for (int i = 0; i < warps; ++i) {
+        const int w = b.schedule == Schedule::kWarpsReverse ? warps - 1 - i : i;
+        const int first = w * kWarpSize, end = std::min(threads, first + kWarpSize);
+        while (true) {
+          for (int t = first; t < end; ++t) run(t);
+          int running = 0, waiting = 0;  // open the warp's shuffle as soon as all of it is there
+          for (int t = first; t < end; ++t) {
+            running += b.fibers[t].state != State::kDone;
+            waiting += b.fibers[t].state == State::kAtWarpBarrier;
+          }
+          if (running == 0 || waiting != running) break;
+          for (int t = first; t < end; ++t) b.fibers[t].state = State::kReady;
+        }
       }
-    }
-    for (const int t : b.order) {
-      if (b.fibers[t].state != State::kReady) continue;
-      b.current = t;
-      thread_idx = uint3{t % b.block_dim.x, t / b.block_dim.x % b.block_dim.y, t / (b.block_dim.x * b.block_dim.y)};
-      in_fiber = true;
-      swapcontext(&b.scheduler, &b.fibers[t].context);
-      in_fiber = false;
-      if (!b.error.empty()) fail(std::string(b.kernel) + ": " + b.error);
+    } else {
+      for (int i = 0; i < threads; ++i) b.order[i] = b.schedule == Schedule::kReverse ? threads - 1 - i : i;
+      if (b.schedule == Schedule::kShuffle) {
+        for (int i = threads - 1; i > 0; --i) {  // Fisher-Yates with a 64-bit LCG
+          b.random_state = b.random_state * 6364136223846793005ull + 1442695040888963407ull;
+          std::swap(b.order[i], b.order[static_cast<int>((b.random_state >> 33) % static_cast<uint64_t>(i + 1))]);
+        }
+      }
+      for (const int t : b.order) run(t);
     }
     bool done = true;
     for (const Fiber& f : b.fibers) done = done && f.state == State::kDone;

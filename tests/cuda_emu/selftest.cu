@@ -33,6 +33,25 @@ __global__ void racy_rotate_kernel(const float* x, float* out, int n) {
   out[blockIdx.x * blockDim.x + t] = values[(t + 1) % blockDim.x];
 }
 
+// Two block sums in a row, each a warp shuffle sum, then one partial per warp through shared memory and one
+// barrier. With one buffer for both (double_buffer false) a warp that runs ahead writes its second partial
+// over a first partial that a slower warp has still to read: a race that only the shuffles stand in front
+// of, which the emulator's per-warp schedules expose.
+__global__ void two_sums_kernel(const float* x, float* out, bool double_buffer) {
+  __shared__ float partial[2 * 32];
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32, warps = blockDim.x / 32;
+  for (int k = 0; k < 2; ++k) {
+    float v = x[t] * static_cast<float>(k + 1);
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    float* slot = partial + (double_buffer ? k * 32 : 0);
+    if (lane == 0) slot[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < warps; ++w) total += slot[w];
+    out[2 * t + k] = total;
+  }
+}
+
 // Dynamic shared memory is per block: each block sums its own slice through it.
 __global__ void block_sums_kernel(const float* x, float* out) {
   extern __shared__ float scratch[];
@@ -86,6 +105,13 @@ at::Tensor rotate(const at::Tensor& x, int64_t block, bool barrier) {
   return out;
 }
 
+at::Tensor two_sums(const at::Tensor& x, bool double_buffer) {
+  at::Tensor out = at::empty({2 * x.numel()}, x.options());
+  two_sums_kernel<<<1, static_cast<unsigned int>(x.numel())>>>(x.data_ptr<float>(), out.data_ptr<float>(),
+                                                                  double_buffer);
+  return out;
+}
+
 at::Tensor block_sums(const at::Tensor& x, int64_t block) {
   at::Tensor out = at::empty({x.numel() / block}, x.options());
   block_sums_kernel<<<static_cast<unsigned int>(x.numel() / block), static_cast<unsigned int>(block),
@@ -118,6 +144,7 @@ TORCH_LIBRARY(cuda_emu_selftest, m) {
   m.def("segment_sums(Tensor x, int width) -> Tensor");
   m.def("rotate(Tensor x, int block, bool barrier) -> Tensor");
   m.def("block_sums(Tensor x, int block) -> Tensor");
+  m.def("two_sums(Tensor x, bool double_buffer) -> Tensor");
   m.def("misbehave(Tensor(a!) out, str kind) -> ()");
 }
 
@@ -125,5 +152,6 @@ TORCH_LIBRARY_IMPL(cuda_emu_selftest, CUDA, m) {
   m.impl("segment_sums", &segment_sums);
   m.impl("rotate", &rotate);
   m.impl("block_sums", &block_sums);
+  m.impl("two_sums", &two_sums);
   m.impl("misbehave", &misbehave);
 }
