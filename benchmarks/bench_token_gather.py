@@ -14,6 +14,9 @@ Impls, same inputs (bf16 tokens, int64 indices from ``random_masking``, mask rat
   ``<backend>+check`` with the checks on, and every kernel row carries ``host_us``: the host time of one
   call, which must stay under the device time for the kernel to run back to back.
 The backward is timed as in MAE training: pos frozen (no grad_pos), x / x_vis and the mask token trained.
+Before timing, each impl's output on the timed inputs is compared with the reference path's (``compare``):
+the kernels' forward must be bit-identical, gradients within the bf16 tolerance; a wrong result raises
+instead of getting a time, and each row records ``max_abs_err`` and ``bit_identical``.
 
 Bytes (the floor: each input read once, each output written once; e = 2 for bf16, i = 8 for int64):
     gather   forward   (2*B*K*D + L*D)*e + B*K*i      backward  (B*K*D + B*L*D)*e + B*K*i
@@ -119,6 +122,22 @@ def timed_step(fn, inputs, leaves, grad_out, backward: bool):
     return lambda: fn(*inputs)
 
 
+def compare(got, want, name: str, case: dict) -> dict:
+    """How one impl's output (the forward, or the gradients) compares with the reference path's on the
+    timed inputs. The forward must be bit-identical (KERNELS.md); gradients, whose batch sums add in
+    another order, within the bf16 tolerance. A wrong result gets no timing: this raises."""
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    err = max(((g.float() - w.float()).abs().max().item() for g, w in zip(got, want, strict=True)), default=0.0)
+    identical = all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    close = all(torch.allclose(g.float(), w.float(), atol=2e-2, rtol=2e-2) for g, w in zip(got, want, strict=True))
+    forward_kernel = case["pass"] == "fwd" and name in ("triton", "cuda")
+    if not close or (forward_kernel and not identical):
+        raise AssertionError(f"{name} differs from the reference path at {case}: max abs error {err:g}"
+                             f"{'' if close else ' (past the bf16 tolerance)'}")
+    return {"max_abs_err": err, "bit_identical": identical}
+
+
 def measure_case(op: str, b: int, d: int, peaks: dict, headline: bool, quick: bool) -> list[dict]:
     warmup, rep = (10, 30) if quick else (25, 100)
     rows = []
@@ -127,15 +146,19 @@ def measure_case(op: str, b: int, d: int, peaks: dict, headline: bool, quick: bo
         case = {"B": b, "L": LENGTH, "K": _kept(), "D": d, "dtype": str(DTYPE).removeprefix("torch."),
                 "pass": "fwd+bwd" if backward else "fwd"}
         bytes_moved = floor_bytes(op, b, d, backward)
-        for name, fn in impls(op).items():
+        found = impls(op)
+        want = timed_step(found["reference"], inputs, leaves, grad_out, backward)()
+        for name, fn in found.items():
             step = timed_step(fn, inputs, leaves, grad_out, backward)
             kernel = name in ("triton", "cuda")
+            checked = {} if name == "reference" else compare(step(), want, name, case)
             for check in (False, True) if headline and kernel else (False,):
                 with index_checks(check):
                     row = make_row(op, case, f"{name}+check" if check else name, time_ms(step, warmup, rep),
                                    bytes_moved, 0, peaks)
+                    row["extra"] = dict(checked)
                     if kernel:
-                        row["extra"] = {"host_us": round(host_us(step), 1)}
+                        row["extra"]["host_us"] = round(host_us(step), 1)
                 rows.append(row)
     return rows
 

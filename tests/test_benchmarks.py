@@ -17,6 +17,7 @@ the reference models' parity with ours) and run with the ordinary suite.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import warnings
@@ -38,6 +39,7 @@ bench = pytest.mark.benchmark
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
+INTERPRET_TRITON = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Without a GPU only the torch backend is measured (Triton's interpreter times nothing worth comparing).
 BACKENDS = [b for b in ("torch", "triton", "cuda") if ON_GPU and b in available_backends("cuda")] or ["torch"]
 # One round lasts about this long (the op is repeated inside it), so short ops are not timed by the clock's
@@ -339,3 +341,46 @@ def test_train_benchmark_keeps_what_it_measured_when_time_runs_out(tmp_path, mon
     assert order == ["ours", "ours", "ours", "ours-compile"]  # every method's eager run before any compile
     data = json.loads(next(tmp_path.glob("train-*.json")).read_text())
     assert len(data["rows"]) == 3 and data["extra"]["interrupted"] is True
+
+
+@pytest.mark.skipif(ON_GPU or not INTERPRET_TRITON, reason="CPU smoke test with Triton's interpreter")
+@pytest.mark.parametrize("broken", [False, True])
+def test_op_benchmarks_time_only_results_that_match_the_reference(broken, monkeypatch):
+    """bench_token_gather and bench_ncut check each kernel's output on the timed inputs first (the forward
+    bit-identical to the official-code path, gradients within bf16 tolerance; the same ncut foreground as
+    torch.linalg.eigh on >= 99% of patches) and refuse to time a wrong one. Run on CPU at tiny shapes, with
+    the Triton backend once as it is and once made wrong on purpose."""
+    from benchmarks import bench_ncut, bench_token_gather
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # no inductor build on a CPU runner
+    for module in (bench_token_gather, bench_ncut):
+        monkeypatch.setattr(module, "DEVICE", "cpu")
+        monkeypatch.setattr(module, "time_ms", lambda fn, warmup=0, rep=0: 1.0)
+    monkeypatch.setattr(bench_token_gather, "host_us", lambda fn: 1.0)
+    monkeypatch.setattr(bench_token_gather, "LENGTH", 20)
+    monkeypatch.setattr(bench_ncut, "tokencut_cpu_ms_per_image", lambda feats: 1.0)
+    if broken:
+        real_gather, real_ncut = bench_token_gather.gather_tokens, bench_ncut.ncut_bipartition
+
+        def gather_off_by_one_ulp(*args, backend=None):
+            out = real_gather(*args, backend=backend)
+            return torch.nextafter(out, torch.full_like(out, math.inf)) if backend == "triton" else out
+
+        def ncut_flipped(*args, backend=None):
+            cut = real_ncut(*args, backend=backend)
+            return cut._replace(foreground=~cut.foreground) if backend == "triton" else cut
+
+        monkeypatch.setattr(bench_token_gather, "gather_tokens", gather_off_by_one_ulp)
+        monkeypatch.setattr(bench_ncut, "ncut_bipartition", ncut_flipped)
+        with pytest.raises(AssertionError, match="triton differs from the reference path"):
+            bench_token_gather.measure_case("gather_tokens", 2, 24, PEAKS, headline=True, quick=True)
+        with pytest.raises(AssertionError, match="triton: foreground agrees"):
+            bench_ncut.measure_case(2, 24, 16, PEAKS, quick=True)
+        return
+    rows = bench_token_gather.measure_case("gather_tokens", 2, 24, PEAKS, headline=True, quick=True)
+    rows += bench_token_gather.measure_case("scatter_tokens", 2, 24, PEAKS, headline=False, quick=True)
+    kernel_rows = [r for r in rows if r["impl"].startswith("triton")]
+    assert kernel_rows and all(r["extra"]["max_abs_err"] <= 2e-2 for r in kernel_rows)
+    assert all(r["extra"]["bit_identical"] for r in kernel_rows if r["case"]["pass"] == "fwd")
+    rows = bench_ncut.measure_case(2, 24, 16, PEAKS, quick=True)
+    assert [r["extra"]["agreement_vs_eigh"] for r in rows if r["impl"] == "triton"] == [1.0]
