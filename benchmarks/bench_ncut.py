@@ -13,8 +13,9 @@ Impls, same inputs (bf16 features of two planted clusters, 30% / 70% of the patc
   kernels and the shared ``finish_partition`` included; the finiteness/scale check of the features, a
   reduction and one device->host sync, is off as ``MASKEDSSL_CHECK_INDICES=0`` leaves it, and timed on
   its own at the headline shape as ``<backend>+check``). Before timing, each backend's foreground on the
-  samples the reference timed must agree with ``torch.linalg.eigh``'s on >= 99% of the patches (the issue's
-  criterion; the planted clusters have a clear eigengap), or the benchmark raises; rows record the agreement.
+  samples the reference timed must agree with the fp32 ``torch.linalg.eigh``'s on >= 99% of their patches
+  (a sanity gate on the timed inputs, whose planted clusters have a clear eigengap; the tests hold every
+  sample to the float64 reference), or the benchmark raises; rows record the mean and the worst sample.
 
 Floor: bytes = features read once (B N D e) + outputs written once (B N (4 + 1 + 4)); FLOPs = the affinity
 2 B N^2 D plus one Lanczos cycle of products, 2 B N^2 * 32 (more cycles only when an eigengap is unclear).
@@ -38,7 +39,7 @@ TAU, EPS = None, 1e-5
 HEADLINE = (256, 196, 768)
 SWEEP = [(b, n, d) for b in (64, 256, 1024) for n in (64, 196, 256, 576) for d in (384, 768)]
 EIGH_MAX_B = 64
-MIN_AGREEMENT = 0.99  # issue 4 and KERNELS.md: the same partition on >= 99% of patches
+MIN_AGREEMENT = 0.99  # of all patches of the samples compared
 TOKENCUT_IMAGES = 4
 
 
@@ -98,10 +99,12 @@ def measure_case(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[dict]
     for backend in ("triton", "cuda"):
         if backend not in available_backends(DEVICE):
             continue
-        # the same foreground as the fp32 eigh on the eigh's samples, on at least MIN_AGREEMENT of the patches
-        # (the planted clusters have a clear eigengap); a wrong partition gets no timing
-        agreement = (ncut_bipartition(sub, TAU, EPS, backend=backend).foreground == want_foreground)
-        agreement = agreement.float().mean().item()
+        # the same foreground as the fp32 eigh on the eigh's samples, on at least MIN_AGREEMENT of all their
+        # patches (the planted clusters have a clear eigengap); a wrong partition gets no timing. The worst
+        # sample's agreement is recorded too (a whole sample can flip sides where the eigh's plain argmax
+        # seed and the op's tie rule disagree).
+        same = (ncut_bipartition(sub, TAU, EPS, backend=backend).foreground == want_foreground).float()
+        agreement, worst = same.mean().item(), same.mean(1).min().item()
         if agreement < MIN_AGREEMENT:
             raise AssertionError(f"{backend}: foreground agrees with torch.linalg.eigh on only {agreement:.2%} "
                                  f"of the patches at {case}")
@@ -111,7 +114,8 @@ def measure_case(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[dict]
                 ms = time_ms(lambda: ncut_bipartition(feats, TAU, EPS, backend=backend), warmup, rep)
             impl = f"{backend}+check" if check else backend
             row = make_row("ncut_bipartition", case, impl, ms, bytes_moved, flops, peaks)
-            row["extra"] = {"agreement_vs_eigh": agreement, "agreement_samples": sub.shape[0]}
+            row["extra"] = {"agreement_vs_eigh": agreement, "worst_sample_agreement": worst,
+                            "agreement_samples": sub.shape[0]}
             rows.append(row)
     return rows
 

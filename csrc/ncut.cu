@@ -188,10 +188,10 @@ __device__ __forceinline__ float hash01(uint32_t h) {
   return static_cast<float>(h >> 8) * (1.f / 16777216.f);
 }
 
-// (kThreads, 1): with the minimum-blocks hint spelled out, ptxas keeps the on-chip kernel at <= 128
-// registers without spilling; left implicit, it squeezed it to 80 registers and spilled on sm_80.
+// Two blocks per SM: caps registers at 128, so two blocks fit wherever shared memory lets them (N <= ~120);
+// with no minimum, ptxas squeezed the on-chip kernel to 80 registers and spilled on sm_80.
 template <bool kOnChip>
-__global__ void __launch_bounds__(kThreads, 1) lanczos_kernel(const float* __restrict__ gram_all,
+__global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __restrict__ gram_all,
                                                            float* __restrict__ basis_all, float* __restrict__ out,
                                                            int n, bool use_tau, float tau, float eps) {
   extern __shared__ float a_smem[];
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1) lanczos_kernel(const float* __res
         }
         w[v] = (acc0 + acc1) * s[v];
       }
-      const float alpha = dot(q, w);  // its barriers also end the product's reads of xs
+      const float alpha = dot(q, w);  // its barrier also ends the product's reads of xs
 #pragma unroll
       for (int v = 0; v < kPerThread; ++v) w[v] -= alpha * q[v] + beta_prev * q_prev[v];
       for (int pass = 0; pass < 2; ++pass) {

@@ -87,6 +87,19 @@ def test_a_race_behind_a_shuffle_shows_when_warps_run_ahead(monkeypatch):
         assert one_buffer.equal(want) == (order in ("forward", "reverse", "shuffle")), order
 
 
+@needs_emulator
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle", "warps", "warps-reverse"])
+def test_lanes_that_returned_stay_finished(order, monkeypatch):
+    # half of each warp returns, the other half shuffles under its own mask: waking the warp's shuffle
+    # must not restart the returned lanes (their kernel body ran a second time before)
+    monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", order)
+    x = torch.randn(64)
+    got = torch.ops.cuda_emu_selftest.half_warp_sums(x)
+    halves = x.view(2, 2, 16)
+    want = torch.stack([halves[:, 0].sum(1, keepdim=True).expand(2, 16), halves[:, 1]], 1).reshape(-1)
+    torch.testing.assert_close(got, want)
+
+
 def _kernel_runs(case: str) -> list[torch.Tensor]:
     """One call of a csrc/ kernel entry point on fixed inputs (deterministic modes only: float atomics add in
     whatever order the threads come)."""

@@ -285,7 +285,8 @@ inline bool open_barriers(Block& b) {
       waiting += b.fibers[t].state == State::kAtWarpBarrier;
     }
     if (running > 0 && waiting == running) {
-      for (int t = w; t < end; ++t) b.fibers[t].state = State::kReady;
+      for (int t = w; t < end; ++t)  // not the lanes that have returned: they must never run again
+        if (b.fibers[t].state == State::kAtWarpBarrier) b.fibers[t].state = State::kReady;
       opened = true;
     }
   }
@@ -331,7 +332,8 @@ inline void run_block(Block& b, char* stacks) {
             waiting += b.fibers[t].state == State::kAtWarpBarrier;
           }
           if (running == 0 || waiting != running) break;
-          for (int t = first; t < end; ++t) b.fibers[t].state = State::kReady;
+          for (int t = first; t < end; ++t)
+            if (b.fibers[t].state == State::kAtWarpBarrier) b.fibers[t].state = State::kReady;
         }
       }
     } else {

@@ -52,6 +52,19 @@ __global__ void two_sums_kernel(const float* x, float* out, bool double_buffer) 
   }
 }
 
+// Lanes 16-31 of each warp return at once; lanes 0-15 then sum their values by shuffles under a 16-lane
+// mask (legal CUDA: the mask names exactly the lanes that call). A finished lane must never run again.
+__global__ void half_warp_sums_kernel(const float* x, float* out) {
+  const int t = threadIdx.x;
+  float v = x[t];
+  if (t % 32 >= 16) {
+    out[t] = v;
+    return;
+  }
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0x0000ffffu, v, o, 16);
+  out[t] = v;
+}
+
 // Dynamic shared memory is per block: each block sums its own slice through it.
 __global__ void block_sums_kernel(const float* x, float* out) {
   extern __shared__ float scratch[];
@@ -112,6 +125,12 @@ at::Tensor two_sums(const at::Tensor& x, bool double_buffer) {
   return out;
 }
 
+at::Tensor half_warp_sums(const at::Tensor& x) {
+  at::Tensor out = at::empty_like(x);
+  half_warp_sums_kernel<<<1, static_cast<unsigned int>(x.numel())>>>(x.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
 at::Tensor block_sums(const at::Tensor& x, int64_t block) {
   at::Tensor out = at::empty({x.numel() / block}, x.options());
   block_sums_kernel<<<static_cast<unsigned int>(x.numel() / block), static_cast<unsigned int>(block),
@@ -145,6 +164,7 @@ TORCH_LIBRARY(cuda_emu_selftest, m) {
   m.def("rotate(Tensor x, int block, bool barrier) -> Tensor");
   m.def("block_sums(Tensor x, int block) -> Tensor");
   m.def("two_sums(Tensor x, bool double_buffer) -> Tensor");
+  m.def("half_warp_sums(Tensor x) -> Tensor");
   m.def("misbehave(Tensor(a!) out, str kind) -> ()");
 }
 
@@ -153,5 +173,6 @@ TORCH_LIBRARY_IMPL(cuda_emu_selftest, CUDA, m) {
   m.impl("rotate", &rotate);
   m.impl("block_sums", &block_sums);
   m.impl("two_sums", &two_sums);
+  m.impl("half_warp_sums", &half_warp_sums);
   m.impl("misbehave", &misbehave);
 }
