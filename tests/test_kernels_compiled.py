@@ -106,9 +106,9 @@ CUDA_ALLOWED_STACK = {"mix_patchify_kernel": 16}
 CUDA_MAX_REGS = {"lanczos_kernel": 128}
 
 
-def _cuda_kernel_usage() -> list[tuple[str, str, dict]]:
+def _cuobjdump(flag: str) -> str:
+    """cuobjdump's output for the built maskedssl._C (Triton ships the binary)."""
     import importlib.util
-    import re
 
     import triton
 
@@ -116,8 +116,13 @@ def _cuda_kernel_usage() -> list[tuple[str, str, dict]]:
     if spec is None:
         pytest.skip("maskedssl._C not built: `make build` builds it when nvcc exists")
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    text = subprocess.run([cuobjdump, "-res-usage", spec.origin], capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run([cuobjdump, flag, spec.origin], capture_output=True, text=True, check=True).stdout
+
+
+def _cuda_kernel_usage() -> list[tuple[str, str, dict]]:
+    import re
+
+    text = _cuobjdump("-res-usage")
     rows, arch, name = [], None, None
     for line in text.splitlines():
         if m := re.search(r"arch = (sm_\d+)", line):
@@ -142,3 +147,23 @@ def test_cuda_kernels_keep_to_registers():
         assert use["stack"] <= CUDA_ALLOWED_STACK.get(kernel, 0), (arch, kernel, use)
         assert use["local"] == 0, (arch, kernel, use)
         assert use["regs"] <= CUDA_MAX_REGS.get(kernel, 255), (arch, kernel, use)
+
+
+def test_cuda_token_kernels_move_16_bytes_per_access():
+    """The vector variants of the token kernels (VEC = 16 bytes of the element type) load and store 16
+    bytes at a time in the SASS, as the Triton ones do in their PTX."""
+    import re
+
+    text = _cuobjdump("-sass")
+    bodies = re.split(r"\n\s*Function : (\S+)\s*\n", text)
+    vector = {}
+    for name, body in zip(bodies[1::2], bodies[2::2]):
+        # mangled template arguments: gather_rows_kernel<T, I, 8> for 16-bit T, <float, I, 4>
+        if m := re.search(r"(gather_rows|segment_sum|masked_sum)_kernel.*?(Li8E|Li4E)", name):
+            vector.setdefault(m.group(1), []).append((len(re.findall(r"LDG\.E\.128", body)),
+                                                      len(re.findall(r"STG\.E\.128", body))))
+    assert set(vector) == {"gather_rows", "segment_sum", "masked_sum"}, sorted(vector)
+    for kernel, counts in vector.items():
+        assert all(loads > 0 for loads, _ in counts), (kernel, counts)
+        if kernel != "masked_sum":  # its outputs are fp32 partial sums, one per column
+            assert all(stores > 0 for _, stores in counts), (kernel, counts)
