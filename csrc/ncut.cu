@@ -143,11 +143,8 @@ __device__ void top_ritz(const float* alpha, const float* beta, float* z, int k,
   __shared__ float d_inv[kSteps], l_sub[kSteps], rhs[kSteps];
   float piv = fmaxf(sigma - alpha[0], kPivMin);
   d_inv[0] = __fdividef(1.f, piv);
-  l_sub[0] = 0.f;
 #pragma unroll
   for (int i = 1; i < kSteps; ++i) {
-    l_sub[i] = 0.f;
-    d_inv[i] = 0.f;
     if (i < k) {
       const float b = beta[i - 1];
       l_sub[i] = __fdividef(b, piv);
