@@ -16,6 +16,9 @@ Impls, same inputs (bf16 features of two planted clusters, 30% / 70% of the patc
   samples the reference timed must agree with the fp32 ``torch.linalg.eigh``'s on >= 99% of their patches
   (a sanity gate on the timed inputs, whose planted clusters have a clear eigengap; the tests hold every
   sample to the float64 reference), or the benchmark raises; rows record the mean and the worst sample.
+  Rows also record the eigensolver's work on the timed batch (``maskedssl.ops.ncut.lanczos_products``:
+  matrix-vector products per sample, mean and max, counted by the kernels themselves), which tells a slow
+  row's solver from its memory traffic.
 
 Floor: bytes = features read once (B N D e) + outputs written once (B N (4 + 1 + 4)); FLOPs = the affinity
 2 B N^2 D plus one Lanczos cycle of products, 2 B N^2 * 32 (more cycles only when an eigengap is unclear).
@@ -32,6 +35,7 @@ from benchmarks.common import bench_main, index_checks, make_row, time_ms
 from benchmarks.reference import ncut_eigh
 from maskedssl.kernels.ncut import STEPS
 from maskedssl.ops import available_backends, ncut_bipartition
+from maskedssl.ops.ncut import lanczos_products
 
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -108,6 +112,7 @@ def measure_case(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[dict]
         if agreement < MIN_AGREEMENT:
             raise AssertionError(f"{backend}: foreground agrees with torch.linalg.eigh on only {agreement:.2%} "
                                  f"of the patches at {case}")
+        products = lanczos_products(feats, TAU, EPS, backend=backend).float()
         # the op's input check (a pass over the features and one device->host sync) is timed separately
         for check in (False, True) if (b, n, d) == HEADLINE else (False,):
             with index_checks(check):
@@ -115,7 +120,9 @@ def measure_case(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[dict]
             impl = f"{backend}+check" if check else backend
             row = make_row("ncut_bipartition", case, impl, ms, bytes_moved, flops, peaks)
             row["extra"] = {"agreement_vs_eigh": agreement, "worst_sample_agreement": worst,
-                            "agreement_samples": sub.shape[0]}
+                            "agreement_samples": sub.shape[0],
+                            "lanczos_products_mean": round(products.mean().item(), 2),
+                            "lanczos_products_max": int(products.max().item())}
             rows.append(row)
     return rows
 

@@ -31,6 +31,7 @@
 #include <atomic>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 #include "common.cuh"
 
@@ -190,7 +191,8 @@ __device__ __forceinline__ float hash01(uint32_t h) {
 template <bool kOnChip>
 __global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __restrict__ gram_all,
                                                            float* __restrict__ basis_all, float* __restrict__ out,
-                                                           int n, bool use_tau, float tau, float eps) {
+                                                           int* __restrict__ products, int n, bool use_tau,
+                                                           float tau, float eps) {
   extern __shared__ float a_smem[];
   __shared__ __align__(16) float xs[kMaxN];  // the product's input, then the vector being orthogonalised
   __shared__ float inv_s[kMaxN];             // 1 / |f_i| from G's diagonal
@@ -246,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __res
     return block_sum(acc, red, parity);
   };
 
-  int converged = 0;
+  int converged = 0, steps = 0;  // steps: the products taken, for the optional `products` output
   for (int cycle = 0; cycle < kMaxCycles && !converged; ++cycle) {
     const float xu = dot(x, u1);
 #pragma unroll
@@ -323,6 +325,7 @@ __global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __res
         beta_s[j] = beta;
       }
       ++j;
+      ++steps;
       if (j % kCheck == 0 || j == kSteps || beta <= kTol) {
         __syncthreads();
         if (warp == 0) top_ritz(alpha_s, beta_s, z_s, j, lane);
@@ -355,6 +358,7 @@ __global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __res
     const int i = tid + v * kThreads;
     if (i < n) out[static_cast<int64_t>(b) * n + i] = x[v] * s[v];
   }
+  if (products != nullptr && tid == 0) products[b] = steps;
 }
 
 // The most dynamic shared memory (A on chip) lanczos_kernel<true> can take on `device`: the opt-in limit
@@ -391,7 +395,8 @@ at::Tensor gram_matrix(const at::Tensor& feats) {
 
 }  // namespace
 
-at::Tensor ncut_fiedler_cuda(const at::Tensor& feats, std::optional<double> tau, double eps) {
+std::tuple<at::Tensor, at::Tensor> ncut_fiedler_cuda(const at::Tensor& feats, std::optional<double> tau,
+                                                     double eps, bool count_products) {
   TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, "ncut_fiedler_cuda: feats must be a 3-D CUDA tensor");
   TORCH_CHECK(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kHalf ||
                   feats.scalar_type() == at::kBFloat16,
@@ -402,7 +407,9 @@ at::Tensor ncut_fiedler_cuda(const at::Tensor& feats, std::optional<double> tau,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = feats.options().dtype(at::kFloat);
   at::Tensor out = empty_output({bsz, n}, f32);
-  if (bsz == 0) return out;
+  // the products each sample's solve took (a diagnostic), or an empty tensor when not asked for
+  at::Tensor products = empty_output({count_products ? bsz : 0}, feats.options().dtype(at::kInt));
+  if (bsz == 0) return {out, products};
   const at::Tensor gram = gram_matrix(feats).contiguous();
   at::Tensor basis = at::empty({bsz, kSteps, n}, f32);
 
@@ -410,17 +417,18 @@ at::Tensor ncut_fiedler_cuda(const at::Tensor& feats, std::optional<double> tau,
   const unsigned int grid = static_cast<unsigned int>(bsz);
   const bool use_tau = tau.has_value();
   const float tau_f = static_cast<float>(tau.value_or(0.0)), eps_f = static_cast<float>(eps);
+  int* products_ptr = count_products ? products.data_ptr<int>() : nullptr;
   if (a_bytes <= lanczos_dynamic_smem(feats.get_device())) {
     lanczos_kernel<true><<<grid, kThreads, a_bytes, stream>>>(gram.data_ptr<float>(), basis.data_ptr<float>(),
-                                                               out.data_ptr<float>(), static_cast<int>(n), use_tau,
-                                                               tau_f, eps_f);
+                                                               out.data_ptr<float>(), products_ptr,
+                                                               static_cast<int>(n), use_tau, tau_f, eps_f);
   } else {
     lanczos_kernel<false><<<grid, kThreads, 0, stream>>>(gram.data_ptr<float>(), basis.data_ptr<float>(),
-                                                          out.data_ptr<float>(), static_cast<int>(n), use_tau,
-                                                          tau_f, eps_f);
+                                                          out.data_ptr<float>(), products_ptr,
+                                                          static_cast<int>(n), use_tau, tau_f, eps_f);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return {out, products};
 }
 
 }  // namespace maskedssl

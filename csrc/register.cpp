@@ -15,7 +15,9 @@ TORCH_LIBRARY(maskedssl, m) {
   // --- end token gather / scatter ---
 
   // --- ncut bi-partition (csrc/ncut.cu) ---
-  m.def("ncut_fiedler_cuda(Tensor feats, float? tau, float eps) -> Tensor");
+  // the second output: int32 (B,) products each sample's eigensolver took when count_products, else (0,)
+  m.def("ncut_fiedler_cuda(Tensor feats, float? tau, float eps, bool count_products=False) "
+        "-> (Tensor, Tensor)");
   // --- end ncut bi-partition ---
 
   // --- mix + patchify (csrc/mix_patchify.cu) ---

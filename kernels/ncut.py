@@ -29,6 +29,8 @@ Layout and paths:
     fp32 and d (B, N) to a workspace; the solver program then streams A in row blocks for each product
     (it stays in L2 for moderate B*N^2).
   Scratch: the Lanczos basis (B, STEPS, N_PAD) and the tridiagonal (B, 5 * STEPS) fp32 per sample.
+  On request (``count_products``, for ``maskedssl.ops.ncut.lanczos_products``) the solver also writes how
+  many products each sample took, int32 (B,): a compile-time switch, so the default kernel is unchanged.
 
 Cost: affinity 2 B N^2 D FLOPs (+ reading feats once: B N D elements); each Lanczos step one product
 (2 N^2 FLOPs) and the reorthogonalisation (8 j N FLOPs at step j). Tiled path: A written once and read
@@ -194,9 +196,10 @@ def _top_ritz(t_ptr, k, STEPS: tl.constexpr, SHIFTS: tl.constexpr, ROUNDS: tl.co
 
 
 @triton.jit
-def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, N, D, s_b, s_n, s_d, tau, eps,
-                   USE_TAU: tl.constexpr, PRECISION: tl.constexpr, ON_CHIP: tl.constexpr,
-                   N_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, Q_CHUNK: tl.constexpr,
+def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b, s_n, s_d, tau, eps,
+                   USE_TAU: tl.constexpr, COUNT_PRODUCTS: tl.constexpr, PRECISION: tl.constexpr,
+                   ON_CHIP: tl.constexpr, N_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                   Q_CHUNK: tl.constexpr,
                    STEPS: tl.constexpr, CHECK: tl.constexpr, MAX_CYCLES: tl.constexpr, TOL: tl.constexpr,
                    SHIFTS: tl.constexpr, ROUNDS: tl.constexpr, DELTA: tl.constexpr,
                    INV_ITERS: tl.constexpr, PIVMIN: tl.constexpr):
@@ -226,6 +229,7 @@ def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, N, D, s_b, s_n, s
     z = tl.zeros((STEPS,), dtype=tl.float32)
     cycle = 0
     converged = 0
+    steps = 0  # products taken, for the optional p_ptr output
     while (cycle < MAX_CYCLES) & (converged == 0):
         x = x - _dot(x, u1) * u1
         q = x / tl.sqrt(_dot(x, x))
@@ -261,6 +265,7 @@ def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, N, D, s_b, s_n, s
             tl.store(t_ptr + j, alpha)
             tl.store(t_ptr + STEPS + j, beta)
             j += 1
+            steps += 1
             if (j % CHECK == 0) | (j == STEPS) | (beta <= TOL):
                 tl.debug_barrier()
                 z = _top_ritz(t_ptr, j, STEPS, SHIFTS, ROUNDS, DELTA, INV_ITERS, PIVMIN)
@@ -287,6 +292,8 @@ def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, N, D, s_b, s_n, s
     else:
         v = x / tl.sqrt(tl.where(ok, deg, 1.0))
     tl.store(v_ptr + b * N + offs, v, mask=ok)
+    if COUNT_PRODUCTS:
+        tl.store(p_ptr + b, steps)
 
 
 def _block_k(d: int) -> int:
@@ -313,8 +320,11 @@ def launch_config(n: int, d: int, fp32: bool = False) -> dict:
     }
 
 
-def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float) -> torch.Tensor:
-    """(B, N) float32 generalized Fiedler vector D^-1/2 u of each sample's affinity graph (any sign/scale)."""
+def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) float32 generalized Fiedler vector D^-1/2 u of each sample's affinity graph (any sign/scale),
+    and the matrix-vector products each sample's solve took: int32 (B,) when ``count_products``, else an
+    empty tensor (as ``torch.ops.maskedssl.ncut_fiedler_cuda``)."""
     bsz, n, d = feats.shape
     dev = feats.device
     cfg = launch_config(n, d, fp32=feats.dtype == torch.float32)
@@ -328,6 +338,7 @@ def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float) -> torch.Te
     q = torch.empty(bsz, STEPS, n_pad, device=dev, dtype=torch.float32)
     t = torch.empty(bsz, 5 * STEPS, device=dev, dtype=torch.float32)
     v = empty_output((bsz, n), torch.float32, dev)
+    products = empty_output((bsz if count_products else 0,), torch.int32, dev)
     s_b, s_n, s_d = feats.stride()
     if on_chip:
         a = deg = v  # unused on this path
@@ -338,8 +349,9 @@ def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float) -> torch.Te
             feats, a, deg, n, d, s_b, s_n, s_d, tau, eps, USE_TAU=use_tau, PRECISION=precision,
             BLOCK_I=ROW_BLOCK, BLOCK_J=64, BLOCK_K=cfg["affinity_block_k"], num_warps=4)
     _solver_kernel[(bsz,)](
-        feats, a, deg, q, t, v, n, d, s_b, s_n, s_d, tau, eps, USE_TAU=use_tau, PRECISION=precision,
-        ON_CHIP=on_chip, N_PAD=n_pad, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"],
+        feats, a, deg, q, t, v, products if count_products else v, n, d, s_b, s_n, s_d, tau, eps,
+        USE_TAU=use_tau, COUNT_PRODUCTS=count_products, PRECISION=precision, ON_CHIP=on_chip, N_PAD=n_pad,
+        BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"],
         STEPS=STEPS, CHECK=CHECK, MAX_CYCLES=MAX_CYCLES, TOL=TOL, SHIFTS=SHIFTS, ROUNDS=ROUNDS, DELTA=DELTA,
         INV_ITERS=INV_ITERS, PIVMIN=PIVMIN, num_warps=cfg["num_warps"])
-    return v
+    return v, products

@@ -383,4 +383,8 @@ def test_op_benchmarks_time_only_results_that_match_the_reference(broken, monkey
     assert kernel_rows and all(r["extra"]["max_abs_err"] <= 2e-2 for r in kernel_rows)
     assert all(r["extra"]["bit_identical"] for r in kernel_rows if r["case"]["pass"] == "fwd")
     rows = bench_ncut.measure_case(2, 24, 16, PEAKS, quick=True)
-    assert [r["extra"]["agreement_vs_eigh"] for r in rows if r["impl"] == "triton"] == [1.0]
+    triton_rows = [r for r in rows if r["impl"] == "triton"]
+    assert [r["extra"]["agreement_vs_eigh"] for r in triton_rows] == [1.0]
+    # the planted clusters converge at the solver's first convergence test
+    assert [(r["extra"]["lanczos_products_mean"], r["extra"]["lanczos_products_max"]) for r in triton_rows] == [
+        (8.0, 8)]

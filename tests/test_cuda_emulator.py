@@ -120,7 +120,8 @@ def _kernel_runs(case: str) -> list[torch.Tensor]:
         n = int(case[4:])
         feats = torch.randn(2, n, 24, generator=g)
         feats[:, : n // 3] += 1.0
-        return [cuda_ops.ncut_fiedler_cuda(feats, None, 1e-5), cuda_ops.ncut_fiedler_cuda(feats, 0.2, 1e-5)]
+        return [*cuda_ops.ncut_fiedler_cuda(feats, None, 1e-5, True),
+                *cuda_ops.ncut_fiedler_cuda(feats, 0.2, 1e-5)]
     patch, channels = {"mix_p4": (4, 3), "mix_p16": (16, 3), "mix_p2c1": (2, 1)}[case]
     imgs = torch.randn(3, channels, 8 * patch, 4 * patch, generator=g)
     length = 32

@@ -50,10 +50,10 @@ for n in (49, 128, 196):
     for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32x3")):
         cfg = ncut.launch_config(n, 768, fp32=dtype == "fp32")
         pointers = dict(f_ptr="*" + dtype, a_ptr="*fp32", deg_ptr="*fp32", q_ptr="*fp32", t_ptr="*fp32",
-                        v_ptr="*fp32", tau="fp32", eps="fp32")
+                        v_ptr="*fp32", p_ptr="*i32", tau="fp32", eps="fp32")
         rows[f"ncut solver N={n} {dtype}"] = usage(
             ncut._solver_kernel, pointers,
-            dict(USE_TAU=False, PRECISION=precision, ON_CHIP=cfg["on_chip"], N_PAD=cfg["n_pad"],
+            dict(USE_TAU=False, COUNT_PRODUCTS=False, PRECISION=precision, ON_CHIP=cfg["on_chip"], N_PAD=cfg["n_pad"],
                  BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"], **solver_consts),
             cfg["num_warps"])
 for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32x3")):

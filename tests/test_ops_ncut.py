@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cpu_kernel_backends, gpu_kernel_backends
+from conftest import CUDA_EMULATED, cpu_kernel_backends, gpu_kernel_backends
 
+from maskedssl.kernels.ncut import CHECK, STEPS
 from maskedssl.ops import available_backends, ncut_bipartition
-from maskedssl.ops.ncut import affinity
+from maskedssl.ops.ncut import affinity, lanczos_products
 
 
 def planted(batch, n, d, frac, noise, dtype=torch.float32, device="cpu", seed=0, with_labels=False):
@@ -283,6 +284,65 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition.default, (feats, tau, 1e-5, backend))
 
 
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
+def test_opcheck_cuda_entry_point_emulated():
+    feats = planted(2, 12, 16, 0.3, 0.5)
+    for tau, count in ((None, False), (0.2, True)):
+        torch.library.opcheck(torch.ops.maskedssl.ncut_fiedler_cuda.default, (feats, tau, 1e-5, count))
+
+
+# ----------------------------------------------------------------------------- work per sample
+@pytest.mark.parametrize("backend", cpu_kernel_backends())
+def test_lanczos_products_count_the_solvers_work(backend):
+    """The products each solve takes, as the kernels count them: a clear eigengap converges at the first
+    convergence test (8 products: a regression in the solver's convergence shows here before any GPU
+    timing), featureless noise within a few checks, and a graph with nothing to find (constant or zero
+    features, N = 2) at its first step, where the basis breaks down."""
+    for n, dtype in ((49, torch.bfloat16), (196, torch.float32)):
+        feats = planted(4, n, 64, 0.3, 1.0, dtype=dtype)
+        products = lanczos_products(feats, backend=backend)
+        assert products.dtype == torch.int32 and products.shape == (4,)
+        assert products.tolist() == [CHECK] * 4, (n, products)
+    noise = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0))
+    noise = lanczos_products(noise, backend=backend)
+    assert ((noise >= 2 * CHECK) & (noise <= STEPS * 2) & (noise % CHECK == 0)).all(), noise
+    for degenerate in (torch.ones(2, 30, 8), torch.zeros(2, 30, 8), torch.randn(3, 2, 8)):
+        assert lanczos_products(degenerate, backend=backend).tolist() == [1] * degenerate.shape[0]
+    # TokenCut's binary graph of two clean clusters has few distinct rows: its basis breaks down early
+    feats = planted(2, 49, 32, 0.3, 0.5)
+    binary = lanczos_products(feats, 0.2, backend=backend)
+    assert ((binary >= 1) & (binary <= CHECK)).all(), binary
+    # rows out of fp32 range are rescaled first, so the solve is the same
+    scaled = lanczos_products(feats * 2.0 ** 80, backend=backend)
+    assert torch.equal(scaled, lanczos_products(feats, backend=backend))
+
+
+@pytest.mark.skipif(len(cpu_kernel_backends()) < 2, reason="needs both kernel backends on CPU")
+def test_lanczos_products_agree_between_backends():
+    # the two kernels run one algorithm with the same constants and start vector
+    g = torch.Generator().manual_seed(1)
+    for feats in (planted(3, 100, 48, 0.2, 2.0, seed=1), torch.randn(3, 40, 16, generator=g)):
+        counts = [lanczos_products(feats, backend=b) for b in cpu_kernel_backends()]
+        assert torch.equal(counts[0], counts[1]), counts
+
+
+def test_lanczos_products_validation():
+    feats = planted(2, 8, 16, 0.3, 0.5)
+    with pytest.raises(ValueError, match="triton or cuda backend"):
+        lanczos_products(feats, backend="torch")
+    with pytest.raises(ValueError, match="triton or cuda backend"):
+        lanczos_products(feats.double(), backend="triton")  # float64 always runs the reference
+    with pytest.raises(ValueError, match="N >= 2"):
+        lanczos_products(feats[:, :1], backend="triton")
+    with pytest.raises(ValueError, match="finite"):
+        lanczos_products(torch.full((1, 4, 3), float("nan")), backend="triton")
+    with pytest.raises(TypeError, match="feats"):
+        lanczos_products(feats.int(), backend="triton")
+    for backend in cpu_kernel_backends():
+        empty = lanczos_products(feats[:0], backend=backend)
+        assert empty.shape == (0,) and empty.dtype == torch.int32
+
+
 def test_compile_fullgraph():
     @torch.compile(fullgraph=True, backend="aot_eager")
     def informed(feats):
@@ -338,6 +398,7 @@ def test_opcheck_gpu(backend):
     torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition.default, (feats, None, 1e-5, backend))
     if backend == "cuda":
         torch.library.opcheck(torch.ops.maskedssl.ncut_fiedler_cuda.default, (feats, 0.2, 1e-5))
+        torch.library.opcheck(torch.ops.maskedssl.ncut_fiedler_cuda.default, (feats, None, 1e-5, True))
 
 
 @pytest.mark.gpu

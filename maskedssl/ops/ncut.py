@@ -125,14 +125,15 @@ def _ncut_torch(feats, tau, eps):
     return finish_partition(feats, torch.nn.functional.normalize(v, dim=1))
 
 
-def _fiedler_kernel(feats, tau, eps, backend):
-    """The generalized Fiedler vector (B, N) float32 from the ``triton`` or ``cuda`` kernels."""
+def _fiedler_kernel(feats, tau, eps, backend, count_products=False):
+    """The generalized Fiedler vector (B, N) float32 from the ``triton`` or ``cuda`` kernels, and the
+    products each sample's solve took (int32 (B,) when ``count_products``, else empty)."""
     eps = max(eps, KERNEL_MIN_EPS)
     if backend == "triton":
         from maskedssl.kernels.ncut import ncut_fiedler
 
-        return ncut_fiedler(feats, tau, eps)
-    return torch.ops.maskedssl.ncut_fiedler_cuda(feats, tau, eps)
+        return ncut_fiedler(feats, tau, eps, count_products)
+    return torch.ops.maskedssl.ncut_fiedler_cuda(feats, tau, eps, count_products)
 
 
 @torch.library.custom_op("maskedssl::ncut_bipartition", mutates_args=())
@@ -140,7 +141,7 @@ def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "torch":
         return tuple(_ncut_torch(feats, tau, eps))
-    return tuple(finish_partition(feats, _fiedler_kernel(feats, tau, eps, backend)))
+    return tuple(finish_partition(feats, _fiedler_kernel(feats, tau, eps, backend)[0]))
 
 
 @_ncut_op.register_fake
@@ -152,8 +153,10 @@ def _(feats, tau, eps, backend):
 
 if cuda_extension_loaded():
     @torch.library.register_fake("maskedssl::ncut_fiedler_cuda")
-    def _(feats, tau, eps):
-        return feats.new_empty(feats.shape[0], feats.shape[1], dtype=torch.float32)
+    def _(feats, tau, eps, count_products=False):
+        b, n = feats.shape[:2]
+        return (feats.new_empty(b, n, dtype=torch.float32),
+                feats.new_empty(b if count_products else 0, dtype=torch.int32))
 
 
 def _scale_rows(feats: torch.Tensor, row_peak: torch.Tensor) -> torch.Tensor:
@@ -182,6 +185,28 @@ def check_graph_args(tau, eps) -> None:
         raise ValueError(f"eps must be in (0, 1], got {eps}")
 
 
+def _prepare(feats: torch.Tensor, tau, eps, backend: str | None, op: str) -> tuple[torch.Tensor, str]:
+    """Checks ``ncut_bipartition``'s arguments; returns the features as the kernels take them (rows out of
+    fp32 range rescaled) and the resolved backend."""
+    check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, D)")
+    b, n, d = feats.shape
+    if n < 2 or d < 1:
+        raise ValueError(f"feats must have N >= 2 patches and D >= 1, got {tuple(feats.shape)}")
+    check_graph_args(tau, eps)
+    name = resolve_backend(op, backend, feats.device, AUTO_ORDER, feats.dtype)
+    name = refuse_cuda(op, name, feats.device,
+                       f"N = {n} patches exceed the CUDA kernel's {CUDA_MAX_N}" if n > CUDA_MAX_N else None,
+                       AUTO_ORDER)
+    if b > 0 and index_checks_enabled() and feats.device.type != "meta":
+        row_peak = feats.detach().abs().amax(dim=-1)  # NaN and inf propagate: one sync for all checks
+        high, low = torch.stack([row_peak.max(), row_peak.masked_fill(row_peak == 0, 1.0).min()]).tolist()
+        if not math.isfinite(high):
+            raise ValueError("feats must be finite: found NaN or inf")
+        if high >= 2.0 ** PEAK_EXP or low < 2.0 ** -PEAK_EXP:
+            feats = _scale_rows(feats, row_peak)
+    return feats.detach(), name
+
+
 def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float = 1e-5, *,
                      backend: str | None = None) -> NCut:
     """Normalized-cut bi-partition of each sample's N patch features (B, N, D) -> ``NCut``.
@@ -193,25 +218,30 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
     the same reduction finds rows whose entries are all below 2^-50 or any above 2^50; each such row is
     scaled by a power of two first (without the check, their fp32 norms underflow or overflow).
     """
-    check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, D)")
-    b, n, d = feats.shape
-    if n < 2 or d < 1:
-        raise ValueError(f"feats must have N >= 2 patches and D >= 1, got {tuple(feats.shape)}")
-    check_graph_args(tau, eps)
-    name = resolve_backend("ncut_bipartition", backend, feats.device, AUTO_ORDER, feats.dtype)
-    name = refuse_cuda("ncut_bipartition", name, feats.device,
-                       f"N = {n} patches exceed the CUDA kernel's {CUDA_MAX_N}" if n > CUDA_MAX_N else None,
-                       AUTO_ORDER)
-    if b == 0:
-        empty = feats.new_empty(0, n, dtype=torch.float32)
+    feats, name = _prepare(feats, tau, eps, backend, "ncut_bipartition")
+    if feats.shape[0] == 0:
+        empty = feats.new_empty(0, feats.shape[1], dtype=torch.float32)
         return NCut(empty, empty.bool(), empty.clone())
-    if index_checks_enabled() and feats.device.type != "meta":
-        row_peak = feats.detach().abs().amax(dim=-1)  # NaN and inf propagate: one sync for all checks
-        high, low = torch.stack([row_peak.max(), row_peak.masked_fill(row_peak == 0, 1.0).min()]).tolist()
-        if not math.isfinite(high):
-            raise ValueError("feats must be finite: found NaN or inf")
-        if high >= 2.0 ** PEAK_EXP or low < 2.0 ** -PEAK_EXP:
-            feats = _scale_rows(feats, row_peak)
     fiedler, foreground, score = torch.ops.maskedssl.ncut_bipartition(
-        feats.detach(), None if tau is None else float(tau), float(eps), name)
+        feats, None if tau is None else float(tau), float(eps), name)
     return NCut(fiedler, foreground, score)
+
+
+def lanczos_products(feats: torch.Tensor, tau: float | None = None, eps: float = 1e-5, *,
+                     backend: str | None = None) -> torch.Tensor:
+    """How many matrix-vector products the kernels' eigensolver takes for each sample -> int32 (B,).
+
+    A diagnostic of the work behind ``ncut_bipartition`` (same arguments, checks and kernel run, so the
+    same Fiedler vectors), for the benchmarks (time per product) and the convergence tests: at most
+    ``STEPS * MAX_CYCLES`` = 512, a multiple of ``CHECK`` = 8 unless a basis breaks down early. Needs a
+    kernel backend (``triton`` or ``cuda``; ``auto`` as ``ncut_bipartition`` picks it): the ``torch``
+    reference solves with a dense ``eigh``, which takes no products, and raises ``ValueError``.
+    """
+    feats, name = _prepare(feats, tau, eps, backend, "ncut_bipartition")
+    if name == "torch":
+        raise ValueError(f"lanczos_products needs the triton or cuda backend; {feats.dtype} features on "
+                         f"{feats.device} resolve to the torch reference, which has no products to count")
+    if feats.shape[0] == 0:
+        return feats.new_empty(0, dtype=torch.int32)
+    tau = None if tau is None else float(tau)
+    return _fiedler_kernel(feats, tau, float(eps), name, count_products=True)[1]
