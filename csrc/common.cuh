@@ -3,8 +3,11 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 namespace maskedssl {
 
@@ -19,6 +22,42 @@ inline at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& o
   if (at::isFloatingType(options.dtype().toScalarType()))
     return at::full(shape, std::numeric_limits<float>::quiet_NaN(), options);
   return at::full(shape, -1, options);
+}
+
+// float32, float16 and bfloat16 (the public ops send float64 to the torch backend); any other dtype raises.
+#define MASKEDSSL_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)          \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// VEC values of T loaded or stored as one access (16 bytes for the vector paths).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// 16-byte packs when every row start is 16-byte aligned: D and the row strides a multiple of the pack,
+// and the base pointers aligned.
+template <typename T>
+inline bool can_vectorize(int64_t d, std::initializer_list<int64_t> strides,
+                          std::initializer_list<const void*> ptrs) {
+  constexpr int64_t vec = 16 / sizeof(T);
+  if (d % vec != 0) return false;
+  for (int64_t s : strides)
+    if (s % vec != 0) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// Calls f(std::integral_constant<int, VEC>) with the 16-byte pack width, or 1.
+template <typename T, typename F>
+inline void with_vec(bool vectorized, F&& f) {
+  if (vectorized)
+    f(std::integral_constant<int, 16 / sizeof(T)>{});
+  else
+    f(std::integral_constant<int, 1>{});
 }
 
 inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }

@@ -3,8 +3,9 @@
 // full story):
 //
 //   A_ij = max(cos(f_i, f_j), eps) (or 1 / eps around tau), d = A 1, M = D^-1/2 A D^-1/2,
-//   v = D^-1/2 u2 with u2 the second eigenvector of M -> (B, N) float32; sign, split, seed and scores are
-//   applied by maskedssl.ops.ncut.finish_partition.
+//   v = D^-1/2 u2 with u2 the second eigenvector of M -> (B, N) float32; sign, split and seed are applied
+//   by maskedssl.ops.ncut.split_partition, then scores_kernel (below) scores every patch against the
+//   foreground's mean feature.
 //
 // Gram matrix: G = F F^T per sample by cuBLAS (at::bmm on tensor cores with fp32 output and accumulation;
 //   fp32 features as a bf16 hi/lo split, see gram_matrix): 2 B N^2 D FLOPs (twice that for fp32), B N D
@@ -51,6 +52,7 @@ constexpr float kPivMin = 1e-30f;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxN = 1024;
+constexpr int kScoresMaxD = 2048;  // scores_kernel's shared memory, (kWarps + 1) D + N floats, stays < 80 KB
 constexpr int kPerThread = kMaxN / kThreads;
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -361,6 +363,94 @@ __global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __res
   if (products != nullptr && tid == 0) products[b] = steps;
 }
 
+// score_i = cos(f_i, m), m the sum of f_j / |f_j| over the sample's foreground j (the cosine to the
+// foreground's mean normalised feature, as maskedssl.ops.ncut.foreground_scores computes it in torch). One
+// block per sample; warp w takes rows w, w + 8, ... in order, so every sum has a fixed order. Pass 1 reads
+// each row for its norm and adds the foreground rows, scaled, into the warp's own partial of m (each lane
+// owns the same columns of every row: no races, no atomics); the eight partials are summed in warp order;
+// pass 2 reads the rows again for their dot products with m. Shared memory: kWarps * d partials, m (d)
+// and the rows' inverse norms (n). VEC > 1: rows read as 16-byte packs (contiguous, aligned rows).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) scores_kernel(const T* __restrict__ feats,
+                                                          const bool* __restrict__ foreground_all,
+                                                          float* __restrict__ out, int n, int d, int64_t s_b,
+                                                          int64_t s_n, int64_t s_d) {
+  extern __shared__ float scores_smem[];
+  float* partial = scores_smem;
+  float* m = partial + kWarps * d;
+  float* inv_norm = m + d;
+  __shared__ float red[2 * kWarps];
+  int parity = 0;
+  const int b = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const T* f = feats + static_cast<int64_t>(b) * s_b;
+  const bool* foreground = foreground_all + static_cast<int64_t>(b) * n;
+  float* own = partial + warp * d;
+  const int packs = d / VEC;  // VEC divides d on the vector path
+  auto load = [&](const T* row, int p, float (&x)[VEC]) {
+    if constexpr (VEC == 1) {
+      x[0] = static_cast<float>(row[p * s_d]);
+    } else {
+      const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(row + p * VEC);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) x[k] = static_cast<float>(pack.v[k]);
+    }
+  };
+
+  for (int p = lane; p < packs; p += 32)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) own[p * VEC + k] = 0.f;
+  for (int i = warp; i < n; i += kWarps) {
+    const T* row = f + i * s_n;
+    float sq = 0.f;
+#pragma unroll 4  // several loads in flight per lane
+    for (int p = lane; p < packs; p += 32) {
+      float x[VEC];
+      load(row, p, x);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sq += x[k] * x[k];
+    }
+    const float inv = 1.f / fmaxf(sqrtf(warp_sum(sq)), 1e-12f);  // F.normalize's floor: zero rows score 0
+    if (lane == 0) inv_norm[i] = inv;
+    if (foreground[i]) {
+#pragma unroll 4
+      for (int p = lane; p < packs; p += 32) {  // the row again, from L1
+        float x[VEC];
+        load(row, p, x);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) own[p * VEC + k] += x[k] * inv;
+      }
+    }
+  }
+  __syncthreads();
+  float part = 0.f, members = 0.f;
+  for (int c = tid; c < d; c += kThreads) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[w * d + c];
+    m[c] = sum;
+    part += sum * sum;
+  }
+  for (int i = tid; i < n; i += kThreads) members += foreground[i] ? 1.f : 0.f;
+  const float m_sq = block_sum(part, red, parity);  // its barrier also publishes m
+  const float count = block_sum(members, red, parity);
+  // |m / count| floored at 1e-12, as F.normalize of the foreground's mean
+  const float inv_m = 1.f / fmaxf(sqrtf(m_sq), fmaxf(count, 1.f) * 1e-12f);
+  for (int i = warp; i < n; i += kWarps) {
+    const T* row = f + i * s_n;
+    float dot = 0.f;
+#pragma unroll 4
+    for (int p = lane; p < packs; p += 32) {
+      float x[VEC];
+      load(row, p, x);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dot += x[k] * m[p * VEC + k];
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) out[static_cast<int64_t>(b) * n + i] = fminf(fmaxf(dot * inv_norm[i] * inv_m, -1.f), 1.f);
+  }
+}
+
 // The most dynamic shared memory (A on chip) lanczos_kernel<true> can take on `device`: the opt-in limit
 // per block less the kernel's static arrays, as the runtime reports them. The function's limit is raised
 // to exactly that, once per device and never lowered, so concurrent calls cannot undo each other.
@@ -431,6 +521,39 @@ std::tuple<at::Tensor, at::Tensor> ncut_fiedler_cuda(const at::Tensor& feats, st
   return {out, products};
 }
 
+at::Tensor ncut_scores_cuda(const at::Tensor& feats, const at::Tensor& foreground) {
+  TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, "ncut_scores_cuda: feats must be a 3-D CUDA tensor");
+  const int64_t bsz = feats.size(0), n = feats.size(1), d = feats.size(2);
+  TORCH_CHECK(foreground.scalar_type() == at::kBool && foreground.dim() == 2 && foreground.size(0) == bsz &&
+                  foreground.size(1) == n && foreground.device() == feats.device(),
+              "ncut_scores_cuda: foreground must be a (B, N) bool tensor on feats' device");
+  TORCH_CHECK(n >= 1 && n <= kMaxN && d >= 1 && d <= kScoresMaxD, "ncut_scores_cuda: N must be in [1, ", kMaxN,
+              "] and D in [1, ", kScoresMaxD, "], got ", n, " and ", d);
+  c10::cuda::CUDAGuard guard(feats.device());
+  at::Tensor out = empty_output({bsz, n}, feats.options().dtype(at::kFloat));
+  if (bsz == 0) return out;
+  const at::Tensor fg = foreground.contiguous();
+  const int smem = static_cast<int>(sizeof(float) * ((kWarps + 1) * d + n));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  MASKEDSSL_DISPATCH_FLOAT_TYPES(feats.scalar_type(), "ncut_scores_cuda", [&] {
+    const bool vectorized = feats.stride(2) == 1 &&
+                            can_vectorize<scalar_t>(d, {feats.stride(0), feats.stride(1)}, {feats.data_ptr()});
+    with_vec<scalar_t>(vectorized, [&](auto vec) {
+      auto kernel = scores_kernel<scalar_t, decltype(vec)::value>;
+      if (smem > 48 * 1024)  // past the default limit a kernel must opt in (at most ~74 KB here)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      kernel<<<static_cast<unsigned int>(bsz), kThreads, smem, stream>>>(
+          feats.data_ptr<scalar_t>(), fg.data_ptr<bool>(), out.data_ptr<float>(), static_cast<int>(n),
+          static_cast<int>(d), feats.stride(0), feats.stride(1), feats.stride(2));
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace maskedssl
 
-TORCH_LIBRARY_IMPL(maskedssl, CUDA, m) { m.impl("ncut_fiedler_cuda", &maskedssl::ncut_fiedler_cuda); }
+TORCH_LIBRARY_IMPL(maskedssl, CUDA, m) {
+  m.impl("ncut_fiedler_cuda", &maskedssl::ncut_fiedler_cuda);
+  m.impl("ncut_scores_cuda", &maskedssl::ncut_scores_cuda);
+}

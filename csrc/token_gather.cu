@@ -46,18 +46,8 @@ constexpr int kThreads = 256;
 #endif
 constexpr int64_t kMaxGridY = MASKEDSSL_MAX_GRID_Y;
 
-// The training dtypes only: the kernels add and accumulate in fp32, which would silently round float64
-// (the public ops send float64 to the torch backend); any other dtype raises.
-#define MASKEDSSL_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)          \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
+// The training dtypes only (MASKEDSSL_DISPATCH_FLOAT_TYPES, common.cuh): the kernels add and accumulate in
+// fp32, which would silently round float64.
 
 // Threads along x cover a row's VEC-packs (whole warps for wide rows, so D = 768 in bf16 runs 96 threads per
 // row, none idle; a power of two for narrow ones, several rows per warp); threads along y cover rows.
@@ -69,28 +59,6 @@ dim3 row_block(int64_t packs_per_row) {
     while (x < packs_per_row) x <<= 1;
   }
   return dim3(x, kThreads / x);
-}
-
-// 16-byte packs when every row start is 16-byte aligned: D and the row strides a multiple of the pack,
-// and the base pointers aligned.
-template <typename T>
-bool can_vectorize(int64_t d, std::initializer_list<int64_t> strides, std::initializer_list<const void*> ptrs) {
-  constexpr int64_t vec = 16 / sizeof(T);
-  if (d % vec != 0) return false;
-  for (int64_t s : strides)
-    if (s % vec != 0) return false;
-  for (const void* p : ptrs)
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  return true;
-}
-
-// Calls f(std::integral_constant<int, VEC>) with the 16-byte pack width, or 1.
-template <typename T, typename F>
-void with_vec(bool vectorized, F&& f) {
-  if (vectorized)
-    f(std::integral_constant<int, 16 / sizeof(T)>{});
-  else
-    f(std::integral_constant<int, 1>{});
 }
 
 // The chunk index is gridDim.y, which stops at kMaxGridY.

@@ -3,7 +3,8 @@
 For each sample b of ``feats`` (B, N, D) (any strides; fp32, bf16 or fp16):
   A_ij = max(cos(f_i, f_j), eps), or TokenCut's binary graph (1 where cos > tau, eps elsewhere);
   d = A 1;  M = D^-1/2 A D^-1/2;  u = second eigenvector of M;  v = D^-1/2 u  -> (B, N) float32.
-Sign, split, seed rule and scores are applied afterwards by ``maskedssl.ops.ncut.finish_partition``.
+Sign, split and seed rule are applied afterwards by ``maskedssl.ops.ncut.split_partition``; then
+``_scores_kernel`` (``foreground_scores``) scores each patch against the foreground's mean feature.
 
 Affinity: cosines from tensor-core dot products (``tl.dot``; bf16/fp16 operands are exact in the fp32
 accumulator, fp32 operands use 3xTF32 so they keep fp32 accuracy), scaled by the row norms. (The CUDA
@@ -34,7 +35,7 @@ Layout and paths:
 
 Cost: affinity 2 B N^2 D FLOPs (+ reading feats once: B N D elements); each Lanczos step one product
 (2 N^2 FLOPs) and the reorthogonalisation (8 j N FLOPs at step j). Tiled path: A written once and read
-once per step from L2 (4 N^2 bytes).
+once per step from L2 (4 N^2 bytes). Scores: feats read twice more (B N D elements each), 4 B N written.
 """
 
 from __future__ import annotations
@@ -296,6 +297,41 @@ def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b,
         tl.store(p_ptr + b, steps)
 
 
+@triton.jit
+def _scores_kernel(f_ptr, fg_ptr, out_ptr, N, D, s_b, s_n, s_d,
+                   BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """score_i = cos(f_i, m) with m = sum of f_j / |f_j| over the foreground j, for one sample per program,
+    in two passes over its features: row norms and m, then the dot products with m (m stays in registers,
+    a full row of D_PAD columns per tile row)."""
+    b = tl.program_id(0).to(tl.int64)
+    f_ptr += b * s_b
+    fg_ptr += b * N
+    out_ptr += b * N
+    cols = tl.arange(0, D_PAD)
+    col_ok = cols < D
+    m = tl.zeros((D_PAD,), dtype=tl.float32)
+    count = 0.0
+    for r in range(0, N, BLOCK_N):
+        rows = r + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        f = tl.load(f_ptr + rows[:, None] * s_n + cols[None, :] * s_d, mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), 1e-12)  # F.normalize's floor
+        fg = tl.load(fg_ptr + rows, mask=row_ok, other=0).to(tl.float32)
+        m += tl.sum(f * (fg * inv_norm)[:, None], axis=0)
+        count += tl.sum(fg, axis=0)
+    # |m / count| floored at 1e-12, as F.normalize of the foreground's mean normalised feature
+    inv_m = 1.0 / tl.maximum(tl.sqrt(tl.sum(m * m, axis=0)), tl.maximum(count, 1.0) * 1e-12)
+    for r in range(0, N, BLOCK_N):
+        rows = r + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        f = tl.load(f_ptr + rows[:, None] * s_n + cols[None, :] * s_d, mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), 1e-12)
+        score = tl.sum(f * m[None, :], axis=1) * inv_norm * inv_m
+        tl.store(out_ptr + rows, tl.minimum(tl.maximum(score, -1.0), 1.0), mask=row_ok)
+
+
 def _block_k(d: int) -> int:
     return max(16, min(64, triton.next_power_of_2(d)))
 
@@ -318,6 +354,25 @@ def launch_config(n: int, d: int, fp32: bool = False) -> dict:
         "num_warps": 4 if n_pad <= 32 else 8,
         "affinity_block_k": 16 if fp32 else 32,
     }
+
+
+SCORES_MAX_D = 8192  # a tile row holds a whole feature vector; wider features take the torch reference
+SCORES_TILE = 8192  # elements per tile: 32 fp32 registers per thread at 8 warps, ~16 KB of 16-bit loads
+
+
+def foreground_scores(feats: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """(B, N) float32 cosine of each patch's features to the mean normalised feature of its sample's
+    foreground (``maskedssl.ops.ncut.foreground_scores``), reading ``feats`` twice in its own dtype
+    (D <= SCORES_MAX_D)."""
+    bsz, n, d = feats.shape
+    out = empty_output((bsz, n), torch.float32, feats.device)
+    if bsz == 0:
+        return out
+    d_pad = triton.next_power_of_2(d)
+    block_n = max(1, min(triton.next_power_of_2(n), SCORES_TILE // d_pad))
+    _scores_kernel[(bsz,)](feats, foreground.contiguous().view(torch.uint8), out, n, d, *feats.stride(),
+                           BLOCK_N=block_n, D_PAD=d_pad, num_warps=8)
+    return out
 
 
 def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool = False

@@ -28,6 +28,8 @@ from ._validate import REFERENCE_DTYPES, check_tensor, index_checks_enabled
 AUTO_ORDER = ("cuda", "triton", "torch")
 # csrc/ncut.cu holds a vector in one 256-thread block, 4 entries per thread; larger N runs on the next backend
 CUDA_MAX_N = 1024
+# csrc/ncut.cu's score kernel keeps 9 D + N floats in shared memory; wider features take the torch reference
+CUDA_SCORES_MAX_D = 2048
 # Rows of features whose largest |entry| is at or above 2^PEAK_EXP, or below 2^-PEAK_EXP, are scaled by a
 # power of two (exact, cosines unchanged) so that the kernels' fp32 squared norms neither overflow
 # (D * 2^100 < 2^128 for any D < 2^28) nor underflow (a row of entries below ~1e-19 would read as zero).
@@ -59,11 +61,9 @@ def affinity(feats: torch.Tensor, tau: float | None, eps: float) -> torch.Tensor
     return torch.where(cos > tau, 1.0, eps).to(cos.dtype)
 
 
-def finish_partition(feats: torch.Tensor, v: torch.Tensor) -> NCut:
-    """From a (B, N) generalized eigenvector ``v`` (any sign/scale): sign, split, foreground, score.
-
-    Shared by every backend that solves for v on its own, so the rules live in one place.
-    """
+def split_partition(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a (B, N) generalized eigenvector ``v`` (any sign/scale): the signed unit ``fiedler`` vector and
+    the ``foreground``. Shared by every backend, so the rules live in one place."""
     v = v.float()
     magnitude = v.abs()
     # the first index within SEED_TIE of the largest |v| (argmax returns the first of exact ties)
@@ -77,13 +77,36 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor) -> NCut:
     foreground = fiedler > fiedler.mean(dim=1, keepdim=True)
     # a constant v leaves no side above the mean: then everything is foreground
     empty = ~foreground.any(dim=1, keepdim=True)
-    foreground = foreground | empty
+    return fiedler, foreground | empty
+
+
+def foreground_scores(feats: torch.Tensor, foreground: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """(B, N) float32: each patch's cosine to the mean normalised feature of its sample's foreground.
+
+    ``torch`` (the reference) normalises a float32 copy of the features, about seven passes over B N D
+    float32 values; the kernel backends read the features twice in their own dtype (row norms and the
+    foreground's sum, then the dot products with it), with the same float32 arithmetic up to rounding.
+    """
+    d = feats.shape[-1]
+    if backend == "triton":
+        from maskedssl.kernels import ncut as kernels
+
+        if d <= kernels.SCORES_MAX_D:
+            return kernels.foreground_scores(feats, foreground)
+    if backend == "cuda" and d <= CUDA_SCORES_MAX_D:
+        return torch.ops.maskedssl.ncut_scores_cuda(feats, foreground)
     # float64 features are normalised before the cast, which could overflow
     f = feats if feats.dtype == torch.float64 else feats.float()
     f = torch.nn.functional.normalize(f, dim=-1).float()
     fg_mean = (f * foreground.unsqueeze(-1)).sum(1) / foreground.sum(1, keepdim=True)
     score = torch.einsum("bnd,bd->bn", f, torch.nn.functional.normalize(fg_mean, dim=-1))
-    return NCut(fiedler, foreground, score.clamp_(-1.0, 1.0))  # a cosine, also after rounding
+    return score.clamp_(-1.0, 1.0)  # a cosine, also after rounding
+
+
+def finish_partition(feats: torch.Tensor, v: torch.Tensor, backend: str = "torch") -> NCut:
+    """From a (B, N) generalized eigenvector ``v`` (any sign/scale): sign, split, foreground, score."""
+    fiedler, foreground = split_partition(v)
+    return NCut(fiedler, foreground, foreground_scores(feats, foreground, backend))
 
 
 def lanczos_start(n: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
@@ -141,7 +164,7 @@ def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "torch":
         return tuple(_ncut_torch(feats, tau, eps))
-    return tuple(finish_partition(feats, _fiedler_kernel(feats, tau, eps, backend)[0]))
+    return tuple(finish_partition(feats, _fiedler_kernel(feats, tau, eps, backend)[0], backend))
 
 
 @_ncut_op.register_fake
@@ -157,6 +180,10 @@ if cuda_extension_loaded():
         b, n = feats.shape[:2]
         return (feats.new_empty(b, n, dtype=torch.float32),
                 feats.new_empty(b if count_products else 0, dtype=torch.int32))
+
+    @torch.library.register_fake("maskedssl::ncut_scores_cuda")
+    def _(feats, foreground):
+        return feats.new_empty(feats.shape[0], feats.shape[1], dtype=torch.float32)
 
 
 def _scale_rows(feats: torch.Tensor, row_peak: torch.Tensor) -> torch.Tensor:
