@@ -10,7 +10,7 @@ Impls, same inputs (bf16 features of two planted clusters, 30% / 70% of the patc
 - ``tokencut_cpu``: TokenCut's per-image path: affinity on the GPU, copied to the host, then
   ``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 2])``; timed on a few images, reported per image x B.
 - ``triton`` and ``cuda``: ``maskedssl.ops.ncut_bipartition`` with that backend (argument validation, the
-  kernels, the shared sign/split/seed rules and the score kernel included; the finiteness/scale check of the features, a
+  kernels and the partition step included; the finiteness/scale check of the features, a
   reduction and one device->host sync, is off as ``MASKEDSSL_CHECK_INDICES=0`` leaves it, and timed on
   its own at the headline shape as ``<backend>+check``). Before timing, each backend's foreground on the
   samples the reference timed must agree with the fp32 ``torch.linalg.eigh``'s on >= 99% of their patches
@@ -19,6 +19,8 @@ Impls, same inputs (bf16 features of two planted clusters, 30% / 70% of the patc
   Rows also record the eigensolver's work on the timed batch (``maskedssl.ops.ncut.lanczos_products``:
   matrix-vector products per sample, mean and max, counted by the kernels themselves), which tells a slow
   row's solver from its memory traffic.
+- ``ncut_partition`` rows (headline shape): the step after the eigensolver on its own, the reference's
+  torch ops against each kernel backend's single launch (``measure_partition``).
 
 Floor: bytes = features read once (B N D e) + outputs written once (B N (4 + 1 + 4)); FLOPs = the affinity
 2 B N^2 D plus one Lanczos cycle of products, 2 B N^2 * 32 (more cycles only when an eigengap is unclear).
@@ -35,7 +37,7 @@ from benchmarks.common import bench_main, index_checks, make_row, time_ms
 from benchmarks.reference import ncut_eigh
 from maskedssl.kernels.ncut import STEPS
 from maskedssl.ops import available_backends, ncut_bipartition
-from maskedssl.ops.ncut import foreground_scores, lanczos_products
+from maskedssl.ops.ncut import finish_partition, lanczos_products
 
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -127,34 +129,39 @@ def measure_case(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[dict]
     return rows
 
 
-def measure_scores(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[dict]:
-    """The score step alone (each patch's cosine to its sample's foreground mean feature): the torch
-    reference (a float32 copy of the features, normalised, masked, summed: about 1.3 GB at the headline)
-    against the kernels (the features read twice in their own dtype). Floor: features read once, the
-    foreground read and the scores written once. A kernel more than 1e-5 off the reference is not timed."""
+def measure_partition(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[dict]:
+    """The step after the eigensolver alone (``finish_partition``: sign, split, seed and each patch's
+    cosine to its sample's foreground mean feature): the torch reference (some twenty small ops, and a
+    float32 copy of the features normalised, masked and summed: about 1.3 GB at the headline) against the
+    kernels' one launch (the features read twice in their own dtype). Floor: features and v read once,
+    the three outputs written once. A kernel whose foreground differs from the reference's, or whose
+    fiedler or scores are more than 1e-5 off, is not timed."""
     warmup, rep = (10, 30) if quick else (25, 100)
     feats = planted_features(b, n, d)
-    foreground = ncut_bipartition(feats, TAU, EPS).foreground
+    v = torch.randn(b, n, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(1))
     case = {"B": b, "N": n, "D": d, "dtype": "bf16"}
-    bytes_moved = b * n * d * feats.element_size() + b * n * (1 + 4)
-    want = foreground_scores(feats, foreground)
-    rows = [make_row("ncut_scores", case, "torch",
-                     time_ms(lambda: foreground_scores(feats, foreground), warmup, rep), bytes_moved, 0, peaks)]
+    bytes_moved = b * n * d * feats.element_size() + b * n * (4 + 4 + 1 + 4)
+    want = finish_partition(feats, v)
+    rows = [make_row("ncut_partition", case, "torch",
+                     time_ms(lambda: finish_partition(feats, v), warmup, rep), bytes_moved, 0, peaks)]
     for backend in ("triton", "cuda"):
         if backend not in available_backends(DEVICE):
             continue
-        err = (foreground_scores(feats, foreground, backend) - want).abs().max().item()
-        if not err <= 1e-5:
-            raise AssertionError(f"{backend} scores differ from the reference by {err:.3g} at {case}")
-        ms = time_ms(lambda: foreground_scores(feats, foreground, backend), warmup, rep)
-        row = make_row("ncut_scores", case, backend, ms, bytes_moved, 0, peaks)
+        got = finish_partition(feats, v, backend)
+        err = max((got.fiedler - want.fiedler).abs().max().item(),
+                  (got.score - want.score).abs().max().item())
+        if not (torch.equal(got.foreground, want.foreground) and err <= 1e-5):
+            raise AssertionError(f"{backend} partition differs from the reference (max error {err:.3g}) "
+                                 f"at {case}")
+        ms = time_ms(lambda: finish_partition(feats, v, backend), warmup, rep)
+        row = make_row("ncut_partition", case, backend, ms, bytes_moved, 0, peaks)
         row["extra"] = {"max_abs_err": err}
         rows.append(row)
     return rows
 
 
 def run(peaks: dict, quick: bool = False) -> list[dict]:
-    rows = measure_case(*HEADLINE, peaks, quick) + measure_scores(*HEADLINE, peaks, quick)
+    rows = measure_case(*HEADLINE, peaks, quick) + measure_partition(*HEADLINE, peaks, quick)
     if not quick:
         for shape in SWEEP:
             if shape != HEADLINE:

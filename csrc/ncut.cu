@@ -3,9 +3,9 @@
 // full story):
 //
 //   A_ij = max(cos(f_i, f_j), eps) (or 1 / eps around tau), d = A 1, M = D^-1/2 A D^-1/2,
-//   v = D^-1/2 u2 with u2 the second eigenvector of M -> (B, N) float32; sign, split and seed are applied
-//   by maskedssl.ops.ncut.split_partition, then scores_kernel (below) scores every patch against the
-//   foreground's mean feature.
+//   v = D^-1/2 u2 with u2 the second eigenvector of M -> (B, N) float32; then partition_kernel (below)
+//   applies the sign, split and seed rules of maskedssl.ops.ncut.split_partition and scores every patch
+//   against the foreground's mean feature.
 //
 // Gram matrix: G = F F^T per sample by cuBLAS (at::bmm on tensor cores with fp32 output and accumulation;
 //   fp32 features as a bf16 hi/lo split, see gram_matrix): 2 B N^2 D FLOPs (twice that for fp32), B N D
@@ -52,7 +52,7 @@ constexpr float kPivMin = 1e-30f;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxN = 1024;
-constexpr int kScoresMaxD = 2048;  // scores_kernel's shared memory, (kWarps + 1) D + N floats, stays < 80 KB
+constexpr int kPartitionMaxD = 2048;  // partition_kernel's shared memory, 9 D + 2 N floats, stays <= 80 KB
 constexpr int kPerThread = kMaxN / kThreads;
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -363,28 +363,113 @@ __global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __res
   if (products != nullptr && tid == 0) products[b] = steps;
 }
 
-// score_i = cos(f_i, m), m the sum of f_j / |f_j| over the sample's foreground j (the cosine to the
-// foreground's mean normalised feature, as maskedssl.ops.ncut.foreground_scores computes it in torch). One
-// block per sample; warp w takes rows w, w + 8, ... in order, so every sum has a fixed order. Pass 1 reads
-// each row for its norm and adds the foreground rows, scaled, into the warp's own partial of m (each lane
-// owns the same columns of every row: no races, no atomics); the eight partials are summed in warp order;
-// pass 2 reads the rows again for their dot products with m. Shared memory: kWarps * d partials, m (d)
-// and the rows' inverse norms (n). VEC > 1: rows read as 16-byte packs (contiguous, aligned rows).
+// Block-wide max and min, as block_sum (one barrier, alternating halves of red).
+__device__ float block_max(float v, float* red, int& parity) {
+  v = warp_max(v);
+  float* slot = red + parity * kWarps;
+  parity ^= 1;
+  if (threadIdx.x % 32 == 0) slot[threadIdx.x / 32] = v;
+  __syncthreads();
+  float out = slot[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) out = fmaxf(out, slot[w]);
+  return out;
+}
+__device__ float block_min(float v, float* red, int& parity) {
+  v = warp_min(v);
+  float* slot = red + parity * kWarps;
+  parity ^= 1;
+  if (threadIdx.x % 32 == 0) slot[threadIdx.x / 32] = v;
+  __syncthreads();
+  float out = slot[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) out = fminf(out, slot[w]);
+  return out;
+}
+
+// finish_partition for one sample per block (N <= kMaxN: entries i = tid + kThreads * k of v per thread).
+// First the rules of maskedssl.ops.ncut.split_partition on its vector v: the seed is the first index with
+// |v| >= seed_scale max |v|, the sign puts it above the mean, the vector is scaled to unit norm, and the
+// foreground is the side above the mean (everything when no entry is). Then score_i = cos(f_i, m), m the
+// sum of f_j / |f_j| over the foreground (the cosine to the foreground's mean normalised feature): warp w
+// takes rows w, w + 8, ... in order, so every sum has a fixed order. Pass 1 reads each row for its norm and
+// adds the foreground rows, scaled, into the warp's own partial of m (each lane owns the same columns of
+// every row: no races, no atomics); the eight partials are summed in warp order; pass 2 reads the rows
+// again for their dot products with m. Shared memory: kWarps * d partials, m (d), the rows' inverse norms
+// and foreground flags (n each). VEC > 1: rows read as 16-byte packs (contiguous, aligned rows).
+// (kThreads, 1): given only the block size, ptxas held this kernel to 40 registers and spilled a few.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) scores_kernel(const T* __restrict__ feats,
-                                                          const bool* __restrict__ foreground_all,
-                                                          float* __restrict__ out, int n, int d, int64_t s_b,
-                                                          int64_t s_n, int64_t s_d) {
-  extern __shared__ float scores_smem[];
-  float* partial = scores_smem;
+__global__ void __launch_bounds__(kThreads, 1) partition_kernel(const T* __restrict__ feats,
+                                                             const float* __restrict__ v_all,
+                                                             float* __restrict__ fiedler_out,
+                                                             bool* __restrict__ foreground_out,
+                                                             float* __restrict__ score_out, int n, int d,
+                                                             int64_t s_b, int64_t s_n, int64_t s_d,
+                                                             float seed_scale) {
+  extern __shared__ float partition_smem[];
+  float* partial = partition_smem;
   float* m = partial + kWarps * d;
   float* inv_norm = m + d;
+  float* in_fg = inv_norm + n;
   __shared__ float red[2 * kWarps];
   int parity = 0;
   const int b = blockIdx.x;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t base = static_cast<int64_t>(b) * n;
+
+  // --- sign, split, seed
+  float v[kPerThread];
+  float top = 0.f, total = 0.f;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int i = tid + k * kThreads;
+    v[k] = i < n ? v_all[base + i] : 0.f;
+    top = fmaxf(top, fabsf(v[k]));
+    total += v[k];
+  }
+  top = block_max(top, red, parity);
+  float first = static_cast<float>(kMaxN);  // indices are exact in float
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int i = tid + k * kThreads;
+    if (i < n && fabsf(v[k]) >= top * seed_scale) first = fminf(first, static_cast<float>(i));
+  }
+  const int seed = static_cast<int>(block_min(first, red, parity));
+  const float mean_v = block_sum(total, red, parity) / static_cast<float>(n);
+  float at_seed = 0.f, sq = 0.f;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    if (tid + k * kThreads == seed) at_seed = v[k];
+    sq += v[k] * v[k];  // |v sign| = |v|
+  }
+  const float sign = block_sum(at_seed, red, parity) > mean_v ? 1.f : -1.f;
+  const float norm = fmaxf(sqrtf(block_sum(sq, red, parity)), 1e-12f);
+  float fsum = 0.f;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    v[k] = (v[k] * sign) / norm;  // now the Fiedler vector; 0 past n
+    fsum += v[k];
+  }
+  const float mean_f = block_sum(fsum, red, parity) / static_cast<float>(n);
+  float above = 0.f;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) above += (tid + k * kThreads < n && v[k] > mean_f) ? 1.f : 0.f;
+  const float count_above = block_sum(above, red, parity);
+  const bool empty = count_above == 0.f;
+  const float count = empty ? static_cast<float>(n) : count_above;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int i = tid + k * kThreads;
+    if (i < n) {
+      const bool fg = empty || v[k] > mean_f;
+      fiedler_out[base + i] = v[k];
+      foreground_out[base + i] = fg;
+      in_fg[i] = fg ? 1.f : 0.f;
+    }
+  }
+
+  // --- scores
   const T* f = feats + static_cast<int64_t>(b) * s_b;
-  const bool* foreground = foreground_all + static_cast<int64_t>(b) * n;
   float* own = partial + warp * d;
   const int packs = d / VEC;  // VEC divides d on the vector path
   auto load = [&](const T* row, int p, float (&x)[VEC]) {
@@ -396,34 +481,36 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const T* __restrict__ 
       for (int k = 0; k < VEC; ++k) x[k] = static_cast<float>(pack.v[k]);
     }
   };
-
   for (int p = lane; p < packs; p += 32)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) own[p * VEC + k] = 0.f;
+  __syncthreads();  // in_fg
   for (int i = warp; i < n; i += kWarps) {
     const T* row = f + i * s_n;
-    float sq = 0.f;
-#pragma unroll 4  // several loads in flight per lane
+    float row_sq = 0.f;
+#pragma unroll 2  // two 16-byte loads in flight per lane (unrolled by 4, ptxas spilled the 16-bit variants)
     for (int p = lane; p < packs; p += 32) {
       float x[VEC];
       load(row, p, x);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) sq += x[k] * x[k];
+      for (int k = 0; k < VEC; ++k) row_sq += x[k] * x[k];
     }
-    const float inv = 1.f / fmaxf(sqrtf(warp_sum(sq)), 1e-12f);  // F.normalize's floor: zero rows score 0
-    if (lane == 0) inv_norm[i] = inv;
-    if (foreground[i]) {
-#pragma unroll 4
+    const float row_norm = fmaxf(sqrtf(warp_sum(row_sq)), 1e-12f);  // F.normalize's floor: zero rows score 0
+    if (lane == 0) inv_norm[i] = 1.f / row_norm;
+    if (in_fg[i] != 0.f) {
+      // f / |f| divided, as F.normalize does: a reciprocal's rounding would leave m = 1e-8 where the
+      // reference's unit rows cancel exactly (D = 1 rows of both signs)
+#pragma unroll 2
       for (int p = lane; p < packs; p += 32) {  // the row again, from L1
         float x[VEC];
         load(row, p, x);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) own[p * VEC + k] += x[k] * inv;
+        for (int k = 0; k < VEC; ++k) own[p * VEC + k] += x[k] / row_norm;
       }
     }
   }
   __syncthreads();
-  float part = 0.f, members = 0.f;
+  float part = 0.f;
   for (int c = tid; c < d; c += kThreads) {
     float sum = 0.f;
 #pragma unroll
@@ -431,15 +518,12 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const T* __restrict__ 
     m[c] = sum;
     part += sum * sum;
   }
-  for (int i = tid; i < n; i += kThreads) members += foreground[i] ? 1.f : 0.f;
-  const float m_sq = block_sum(part, red, parity);  // its barrier also publishes m
-  const float count = block_sum(members, red, parity);
-  // |m / count| floored at 1e-12, as F.normalize of the foreground's mean
-  const float inv_m = 1.f / fmaxf(sqrtf(m_sq), fmaxf(count, 1.f) * 1e-12f);
+  // |m / count| floored at 1e-12, as F.normalize of the foreground's mean; the barrier also publishes m
+  const float inv_m = 1.f / fmaxf(sqrtf(block_sum(part, red, parity)), count * 1e-12f);
   for (int i = warp; i < n; i += kWarps) {
     const T* row = f + i * s_n;
     float dot = 0.f;
-#pragma unroll 4
+#pragma unroll 2
     for (int p = lane; p < packs; p += 32) {
       float x[VEC];
       load(row, p, x);
@@ -447,7 +531,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const T* __restrict__ 
       for (int k = 0; k < VEC; ++k) dot += x[k] * m[p * VEC + k];
     }
     dot = warp_sum(dot);
-    if (lane == 0) out[static_cast<int64_t>(b) * n + i] = fminf(fmaxf(dot * inv_norm[i] * inv_m, -1.f), 1.f);
+    if (lane == 0) score_out[base + i] = fminf(fmaxf(dot * inv_norm[i] * inv_m, -1.f), 1.f);
   }
 }
 
@@ -521,39 +605,44 @@ std::tuple<at::Tensor, at::Tensor> ncut_fiedler_cuda(const at::Tensor& feats, st
   return {out, products};
 }
 
-at::Tensor ncut_scores_cuda(const at::Tensor& feats, const at::Tensor& foreground) {
-  TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, "ncut_scores_cuda: feats must be a 3-D CUDA tensor");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_cuda(const at::Tensor& feats,
+                                                                 const at::Tensor& v, double seed_tie) {
+  TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, "ncut_partition_cuda: feats must be a 3-D CUDA tensor");
   const int64_t bsz = feats.size(0), n = feats.size(1), d = feats.size(2);
-  TORCH_CHECK(foreground.scalar_type() == at::kBool && foreground.dim() == 2 && foreground.size(0) == bsz &&
-                  foreground.size(1) == n && foreground.device() == feats.device(),
-              "ncut_scores_cuda: foreground must be a (B, N) bool tensor on feats' device");
-  TORCH_CHECK(n >= 1 && n <= kMaxN && d >= 1 && d <= kScoresMaxD, "ncut_scores_cuda: N must be in [1, ", kMaxN,
-              "] and D in [1, ", kScoresMaxD, "], got ", n, " and ", d);
+  TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 2 && v.size(0) == bsz && v.size(1) == n &&
+                  v.device() == feats.device(),
+              "ncut_partition_cuda: v must be a (B, N) float32 tensor on feats' device");
+  TORCH_CHECK(n >= 1 && n <= kMaxN && d >= 1 && d <= kPartitionMaxD, "ncut_partition_cuda: N must be in [1, ",
+              kMaxN, "] and D in [1, ", kPartitionMaxD, "], got ", n, " and ", d);
   c10::cuda::CUDAGuard guard(feats.device());
-  at::Tensor out = empty_output({bsz, n}, feats.options().dtype(at::kFloat));
-  if (bsz == 0) return out;
-  const at::Tensor fg = foreground.contiguous();
-  const int smem = static_cast<int>(sizeof(float) * ((kWarps + 1) * d + n));
+  const auto f32 = feats.options().dtype(at::kFloat);
+  at::Tensor fiedler = empty_output({bsz, n}, f32), score = empty_output({bsz, n}, f32);
+  at::Tensor foreground = empty_output({bsz, n}, feats.options().dtype(at::kBool));
+  if (bsz == 0) return {fiedler, foreground, score};
+  const at::Tensor vc = v.contiguous();
+  const int smem = static_cast<int>(sizeof(float) * ((kWarps + 1) * d + 2 * n));
+  const float seed_scale = static_cast<float>(1.0 - seed_tie);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  MASKEDSSL_DISPATCH_FLOAT_TYPES(feats.scalar_type(), "ncut_scores_cuda", [&] {
-    const bool vectorized = feats.stride(2) == 1 &&
-                            can_vectorize<scalar_t>(d, {feats.stride(0), feats.stride(1)}, {feats.data_ptr()});
+  MASKEDSSL_DISPATCH_FLOAT_TYPES(feats.scalar_type(), "ncut_partition_cuda", [&] {
+    const bool vectorized =
+        feats.stride(2) == 1 && can_vectorize<scalar_t>(d, {feats.stride(0), feats.stride(1)}, {feats.data_ptr()});
     with_vec<scalar_t>(vectorized, [&](auto vec) {
-      auto kernel = scores_kernel<scalar_t, decltype(vec)::value>;
-      if (smem > 48 * 1024)  // past the default limit a kernel must opt in (at most ~74 KB here)
+      auto kernel = partition_kernel<scalar_t, decltype(vec)::value>;
+      if (smem > 48 * 1024)  // past the default limit a kernel must opt in (at most ~80 KB here)
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       kernel<<<static_cast<unsigned int>(bsz), kThreads, smem, stream>>>(
-          feats.data_ptr<scalar_t>(), fg.data_ptr<bool>(), out.data_ptr<float>(), static_cast<int>(n),
-          static_cast<int>(d), feats.stride(0), feats.stride(1), feats.stride(2));
+          feats.data_ptr<scalar_t>(), vc.data_ptr<float>(), fiedler.data_ptr<float>(),
+          foreground.data_ptr<bool>(), score.data_ptr<float>(), static_cast<int>(n), static_cast<int>(d),
+          feats.stride(0), feats.stride(1), feats.stride(2), seed_scale);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return {fiedler, foreground, score};
 }
 
 }  // namespace maskedssl
 
 TORCH_LIBRARY_IMPL(maskedssl, CUDA, m) {
   m.impl("ncut_fiedler_cuda", &maskedssl::ncut_fiedler_cuda);
-  m.impl("ncut_scores_cuda", &maskedssl::ncut_scores_cuda);
+  m.impl("ncut_partition_cuda", &maskedssl::ncut_partition_cuda);
 }

@@ -18,8 +18,8 @@ TORCH_LIBRARY(maskedssl, m) {
   // the second output: int32 (B,) products each sample's eigensolver took when count_products, else (0,)
   m.def("ncut_fiedler_cuda(Tensor feats, float? tau, float eps, bool count_products=False) "
         "-> (Tensor, Tensor)");
-  // cosine of each patch to its sample's foreground mean feature: float32 (B, N)
-  m.def("ncut_scores_cuda(Tensor feats, Tensor foreground) -> Tensor");
+  // sign, split, seed and scores from each sample's vector v: (fiedler, foreground, score)
+  m.def("ncut_partition_cuda(Tensor feats, Tensor v, float seed_tie) -> (Tensor, Tensor, Tensor)");
   // --- end ncut bi-partition ---
 
   // --- mix + patchify (csrc/mix_patchify.cu) ---

@@ -3,8 +3,8 @@
 For each sample b of ``feats`` (B, N, D) (any strides; fp32, bf16 or fp16):
   A_ij = max(cos(f_i, f_j), eps), or TokenCut's binary graph (1 where cos > tau, eps elsewhere);
   d = A 1;  M = D^-1/2 A D^-1/2;  u = second eigenvector of M;  v = D^-1/2 u  -> (B, N) float32.
-Sign, split and seed rule are applied afterwards by ``maskedssl.ops.ncut.split_partition``; then
-``_scores_kernel`` (``foreground_scores``) scores each patch against the foreground's mean feature.
+Sign, split and seed rule (those of ``maskedssl.ops.ncut.split_partition``) and each patch's score against
+the foreground's mean feature are applied afterwards by ``_partition_kernel`` (``partition``), one launch.
 
 Affinity: cosines from tensor-core dot products (``tl.dot``; bf16/fp16 operands are exact in the fp32
 accumulator, fp32 operands use 3xTF32 so they keep fp32 accuracy), scaled by the row norms. (The CUDA
@@ -35,7 +35,8 @@ Layout and paths:
 
 Cost: affinity 2 B N^2 D FLOPs (+ reading feats once: B N D elements); each Lanczos step one product
 (2 N^2 FLOPs) and the reorthogonalisation (8 j N FLOPs at step j). Tiled path: A written once and read
-once per step from L2 (4 N^2 bytes). Scores: feats read twice more (B N D elements each), 4 B N written.
+once per step from L2 (4 N^2 bytes). Partition: feats read twice more (B N D elements each), 9 B N bytes
+written.
 """
 
 from __future__ import annotations
@@ -298,30 +299,50 @@ def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b,
 
 
 @triton.jit
-def _scores_kernel(f_ptr, fg_ptr, out_ptr, N, D, s_b, s_n, s_d,
-                   BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
-    """score_i = cos(f_i, m) with m = sum of f_j / |f_j| over the foreground j, for one sample per program,
-    in two passes over its features: row norms and m, then the dot products with m (m stays in registers,
-    a full row of D_PAD columns per tile row)."""
+def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, N, D, s_b, s_n, s_d, seed_scale,
+                      N_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """One sample per program: the rules of ``maskedssl.ops.ncut.split_partition`` on its vector v (seed =
+    the first index with |v| >= seed_scale max |v|; sign so the seed is above the mean; unit norm; the
+    foreground above the mean, or everything), then score_i = cos(f_i, m), m = the sum of f_j / |f_j| over
+    the foreground, in two passes over the features: row norms and m, then the dot products with m (m in
+    registers, a whole row of D_PAD columns per tile row). A row block's foreground is recomputed from v
+    with the same arithmetic rather than read back."""
     b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, N_PAD)
+    ok = offs < N
+    v = tl.load(v_ptr + b * N + offs, mask=ok, other=0.0)
+    magnitude = tl.abs(v)
+    near_top = ok & (magnitude >= tl.max(magnitude, axis=0) * seed_scale)
+    seed = tl.min(tl.where(near_top, offs, N_PAD), axis=0)
+    mean_v = tl.sum(v, axis=0) / N
+    sign = tl.where(tl.sum(tl.where(offs == seed, v, 0.0), axis=0) > mean_v, 1.0, -1.0)
+    norm = tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), 1e-12)  # |v sign| = |v|
+    fiedler = (v * sign) / norm
+    mean_f = tl.sum(fiedler, axis=0) / N
+    fg = ok & (fiedler > mean_f)
+    empty = tl.sum(fg.to(tl.int32), axis=0) == 0  # a constant v: everything is foreground
+    fg = fg | (ok & empty)
+    tl.store(fiedler_ptr + b * N + offs, fiedler, mask=ok)
+    tl.store(fg_ptr + b * N + offs, fg.to(tl.uint8), mask=ok)
+
     f_ptr += b * s_b
-    fg_ptr += b * N
-    out_ptr += b * N
     cols = tl.arange(0, D_PAD)
     col_ok = cols < D
     m = tl.zeros((D_PAD,), dtype=tl.float32)
-    count = 0.0
     for r in range(0, N, BLOCK_N):
         rows = r + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         f = tl.load(f_ptr + rows[:, None] * s_n + cols[None, :] * s_d, mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
-        inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), 1e-12)  # F.normalize's floor
-        fg = tl.load(fg_ptr + rows, mask=row_ok, other=0).to(tl.float32)
-        m += tl.sum(f * (fg * inv_norm)[:, None], axis=0)
-        count += tl.sum(fg, axis=0)
+        # f / max(|f|, 1e-12) as F.normalize divides (a reciprocal's rounding would leave m = 1e-8 where
+        # the reference's unit rows cancel exactly, as D = 1 rows of both signs do)
+        row_norm = tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), 1e-12)
+        v_rows = tl.load(v_ptr + b * N + rows, mask=row_ok, other=0.0)
+        fg_rows = row_ok & (((v_rows * sign) / norm > mean_f) | empty)
+        m += tl.sum(tl.where(fg_rows[:, None], f / row_norm[:, None], 0.0), axis=0)
+    count = tl.sum(fg.to(tl.float32), axis=0)
     # |m / count| floored at 1e-12, as F.normalize of the foreground's mean normalised feature
-    inv_m = 1.0 / tl.maximum(tl.sqrt(tl.sum(m * m, axis=0)), tl.maximum(count, 1.0) * 1e-12)
+    inv_m = 1.0 / tl.maximum(tl.sqrt(tl.sum(m * m, axis=0)), count * 1e-12)
     for r in range(0, N, BLOCK_N):
         rows = r + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -329,7 +350,7 @@ def _scores_kernel(f_ptr, fg_ptr, out_ptr, N, D, s_b, s_n, s_d,
                     other=0.0).to(tl.float32)
         inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), 1e-12)
         score = tl.sum(f * m[None, :], axis=1) * inv_norm * inv_m
-        tl.store(out_ptr + rows, tl.minimum(tl.maximum(score, -1.0), 1.0), mask=row_ok)
+        tl.store(score_ptr + b * N + rows, tl.minimum(tl.maximum(score, -1.0), 1.0), mask=row_ok)
 
 
 def _block_k(d: int) -> int:
@@ -356,23 +377,24 @@ def launch_config(n: int, d: int, fp32: bool = False) -> dict:
     }
 
 
-SCORES_MAX_D = 8192  # a tile row holds a whole feature vector; wider features take the torch reference
-SCORES_TILE = 8192  # elements per tile: 32 fp32 registers per thread at 8 warps, ~16 KB of 16-bit loads
+PARTITION_MAX_D = 8192  # a tile row holds a whole feature vector; wider features take the torch rules
+PARTITION_TILE = 4096  # elements per tile, 16 a thread at 8 warps (8192 spilled on sm_90 at D = 768)
 
 
-def foreground_scores(feats: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
-    """(B, N) float32 cosine of each patch's features to the mean normalised feature of its sample's
-    foreground (``maskedssl.ops.ncut.foreground_scores``), reading ``feats`` twice in its own dtype
-    (D <= SCORES_MAX_D)."""
+def partition(feats: torch.Tensor, v: torch.Tensor, seed_tie: float) -> tuple[torch.Tensor, ...]:
+    """``maskedssl.ops.ncut.finish_partition`` in one kernel launch: from each sample's vector ``v`` (B, N)
+    float32, the signed unit ``fiedler`` (B, N) float32, the ``foreground`` (B, N) bool and each patch's
+    ``score`` (B, N) float32, reading ``feats`` twice in its own dtype (D <= PARTITION_MAX_D)."""
     bsz, n, d = feats.shape
-    out = empty_output((bsz, n), torch.float32, feats.device)
-    if bsz == 0:
-        return out
-    d_pad = triton.next_power_of_2(d)
-    block_n = max(1, min(triton.next_power_of_2(n), SCORES_TILE // d_pad))
-    _scores_kernel[(bsz,)](feats, foreground.contiguous().view(torch.uint8), out, n, d, *feats.stride(),
-                           BLOCK_N=block_n, D_PAD=d_pad, num_warps=8)
-    return out
+    fiedler = empty_output((bsz, n), torch.float32, feats.device)
+    foreground = empty_output((bsz, n), torch.uint8, feats.device)
+    score = empty_output((bsz, n), torch.float32, feats.device)
+    if bsz > 0:
+        n_pad, d_pad = triton.next_power_of_2(n), triton.next_power_of_2(d)
+        _partition_kernel[(bsz,)](
+            feats, v.contiguous(), fiedler, foreground, score, n, d, *feats.stride(), 1.0 - seed_tie,
+            N_PAD=n_pad, BLOCK_N=max(1, min(n_pad, PARTITION_TILE // d_pad)), D_PAD=d_pad, num_warps=8)
+    return fiedler, foreground.view(torch.bool), score
 
 
 def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool = False

@@ -388,6 +388,6 @@ def test_op_benchmarks_time_only_results_that_match_the_reference(broken, monkey
     # the planted clusters converge at the solver's first convergence test
     assert [(r["extra"]["lanczos_products_mean"], r["extra"]["lanczos_products_max"]) for r in triton_rows] == [
         (8.0, 8)]
-    rows = bench_ncut.measure_scores(2, 24, 16, PEAKS, quick=True)
+    rows = bench_ncut.measure_partition(2, 24, 16, PEAKS, quick=True)
     assert [r["impl"] for r in rows] == ["torch", *(b for b in ("triton", "cuda") if b in available_backends("cpu"))]
     assert all(r["extra"]["max_abs_err"] <= 1e-5 for r in rows[1:])

@@ -116,10 +116,10 @@ def _kernel_runs(case: str) -> list[torch.Tensor]:
                 *cuda_ops.gather_tokens_backward_cuda(x[:, :12].contiguous(), ids_keep, 50, True, True),
                 cuda_ops.scatter_tokens_cuda(x[:, :12], ids_restore, pos[0], pos),
                 *cuda_ops.scatter_tokens_backward_cuda(grad_full, ids_restore, 12, True, True)]
-    if case == "scores":
-        feats = torch.randn(3, 37, 64, generator=g).to(torch.bfloat16)
-        foreground = torch.rand(3, 37, generator=g) < 0.5
-        return [cuda_ops.ncut_scores_cuda(feats, foreground), cuda_ops.ncut_scores_cuda(feats[..., 1:], foreground)]
+    if case == "partition":
+        feats = torch.randn(3, 300, 64, generator=g).to(torch.bfloat16)
+        v = torch.randn(3, 300, generator=g)
+        return [*cuda_ops.ncut_partition_cuda(feats, v, 1e-4), *cuda_ops.ncut_partition_cuda(feats[..., 1:], v, 1e-4)]
     if case.startswith("ncut"):
         n = int(case[4:])
         feats = torch.randn(2, n, 24, generator=g)
@@ -138,7 +138,7 @@ def _kernel_runs(case: str) -> list[torch.Tensor]:
 
 
 @needs_emulator
-@pytest.mark.parametrize("case", ["tokens_fp32", "tokens_bf16", "ncut64", "ncut300", "scores", "mix_p4",
+@pytest.mark.parametrize("case", ["tokens_fp32", "tokens_bf16", "ncut64", "ncut300", "partition", "mix_p4",
                                   "mix_p16", "mix_p2c1"])
 def test_csrc_kernels_do_not_depend_on_the_thread_order(case, monkeypatch):
     # A race (a shared-memory or global read not separated from another thread's write by a barrier) gives

@@ -63,9 +63,11 @@ for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32x3")):
         dict(USE_TAU=True, PRECISION=precision, BLOCK_I=ncut.ROW_BLOCK, BLOCK_J=64, BLOCK_K=block_k), 4)
 for dtype, d in (("bf16", 768), ("fp32", 1024), ("fp16", 8192)):
     d_pad = triton.next_power_of_2(d)
-    rows[f"ncut scores D={d} {dtype}"] = usage(
-        ncut._scores_kernel, dict(f_ptr="*" + dtype, fg_ptr="*u8", out_ptr="*fp32"),
-        dict(BLOCK_N=max(1, ncut.SCORES_TILE // d_pad), D_PAD=d_pad), 8)
+    rows[f"ncut partition D={d} {dtype}"] = usage(
+        ncut._partition_kernel,
+        dict(f_ptr="*" + dtype, v_ptr="*fp32", fiedler_ptr="*fp32", fg_ptr="*u8", score_ptr="*fp32",
+             seed_scale="fp32"),
+        dict(N_PAD=256, BLOCK_N=max(1, min(256, ncut.PARTITION_TILE // d_pad)), D_PAD=d_pad), 8)
 for p, c, src in ((16, 3, "*u8"), (16, 3, "*fp32"), (4, 3, "*bf16"), (14, 1, "*fp16")):
     cfg = mp.launch_config(p, c)
     pointers = dict(imgs=src, partner="*i64", lam="*fp32", ids_keep="*i64", ids_masked="*i64", mean="*fp32",
@@ -137,7 +139,7 @@ def _cuda_kernel_usage() -> list[tuple[str, str, dict]]:
         elif m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line):
             kernel = next((k for k in ("gather_rows_kernel", "invert_index_kernel", "segment_sum_kernel",
                                        "masked_sum_kernel", "mix_patchify_kernel", "lanczos_kernel",
-                                       "scores_kernel")
+                                       "partition_kernel")
                            if k in name), name)
             rows.append((arch, kernel, dict(zip(("regs", "stack", "shared", "local"), map(int, m.groups())))))
     return rows
@@ -148,7 +150,7 @@ def test_cuda_kernels_keep_to_registers():
     archs = {arch for arch, _, _ in rows}
     assert {"sm_80", "sm_90"} <= archs or os.environ.get("TORCH_CUDA_ARCH_LIST"), archs
     kernels = {kernel for _, kernel, _ in rows}
-    assert {"gather_rows_kernel", "mix_patchify_kernel", "lanczos_kernel", "scores_kernel"} <= kernels, kernels
+    assert {"gather_rows_kernel", "mix_patchify_kernel", "lanczos_kernel", "partition_kernel"} <= kernels, kernels
     for arch, kernel, use in rows:
         assert use["stack"] <= CUDA_ALLOWED_STACK.get(kernel, 0), (arch, kernel, use)
         assert use["local"] == 0, (arch, kernel, use)
@@ -156,7 +158,7 @@ def test_cuda_kernels_keep_to_registers():
 
 
 def test_cuda_vector_kernels_move_16_bytes_per_access():
-    """The vector variants of the token kernels and of ncut's score kernel (VEC = 16 bytes of the element
+    """The vector variants of the token kernels and of ncut's partition kernel (VEC = 16 bytes of the element
     type) load (and the token kernels store) 16 bytes at a time in the SASS, as the Triton token kernels do
     in their PTX."""
     import re
@@ -166,12 +168,12 @@ def test_cuda_vector_kernels_move_16_bytes_per_access():
     vector = {}
     for name, body in zip(bodies[1::2], bodies[2::2]):
         # mangled template arguments: gather_rows_kernel<T, I, 8> for 16-bit T, <float, I, 4>
-        if m := re.search(r"(gather_rows|segment_sum|masked_sum|scores)_kernel.*?(Li8E|Li4E)", name):
+        if m := re.search(r"(gather_rows|segment_sum|masked_sum|partition)_kernel.*?(Li8E|Li4E)", name):
             vector.setdefault(m.group(1), []).append((len(re.findall(r"LDG\.E\.128", body)),
                                                       len(re.findall(r"STG\.E\.128", body))))
-    assert set(vector) == {"gather_rows", "segment_sum", "masked_sum", "scores"}, sorted(vector)
+    assert set(vector) == {"gather_rows", "segment_sum", "masked_sum", "partition"}, sorted(vector)
     for kernel, counts in vector.items():
         assert all(loads > 0 for loads, _ in counts), (kernel, counts)
-        # masked_sum's outputs are fp32 partial sums, one per column; scores writes one float per row
-        if kernel not in ("masked_sum", "scores"):
+        # masked_sum's outputs are fp32 partial sums, one per column; partition writes a few values per row
+        if kernel not in ("masked_sum", "partition"):
             assert all(stores > 0 for _, stores in counts), (kernel, counts)

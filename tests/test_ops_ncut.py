@@ -10,7 +10,7 @@ from conftest import CUDA_EMULATED, cpu_kernel_backends, gpu_kernel_backends
 
 from maskedssl.kernels.ncut import CHECK, STEPS
 from maskedssl.ops import available_backends, ncut_bipartition
-from maskedssl.ops.ncut import CUDA_SCORES_MAX_D, affinity, foreground_scores, lanczos_products
+from maskedssl.ops.ncut import CUDA_PARTITION_MAX_D, SEED_TIE, affinity, finish_partition, lanczos_products
 
 
 def planted(batch, n, d, frac, noise, dtype=torch.float32, device="cpu", seed=0, with_labels=False):
@@ -291,59 +291,77 @@ def test_opcheck_cuda_entry_point_emulated():
         torch.library.opcheck(torch.ops.maskedssl.ncut_fiedler_cuda.default, (feats, tau, 1e-5, count))
 
 
-# ----------------------------------------------------------------------------- foreground scores
-def _score_inputs(b, n, d, dtype, seed=0):
+# ----------------------------------------------------------------------------- partition step
+def _partition_inputs(b, n, d, dtype, seed=0):
+    """Features (a zero row first) and a vector v of each sample to split."""
     g = torch.Generator().manual_seed(seed)
     feats = (3 * torch.randn(b, n, d, generator=g)).to(dtype)
     feats[0, 0] = 0  # a zero row scores 0, as F.normalize leaves it
-    foreground = torch.rand(b, n, generator=g) < 0.4
-    foreground[:, min(1, n - 1)] = True
-    return feats, foreground
+    return feats, torch.randn(b, n, generator=g) * 1e-3
+
+
+def _check_partition(got, want):
+    assert [(t.dtype, t.shape) for t in got] == [(t.dtype, t.shape) for t in want]
+    assert torch.equal(got.foreground, want.foreground)
+    torch.testing.assert_close(got.fiedler, want.fiedler, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.score, want.score, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("backend", cpu_kernel_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_foreground_score_kernels_match_the_reference(backend, dtype):
-    """The kernels' scores (two passes over the features in their own dtype) against the reference's float32
-    normalise-then-average, on odd and wide D, strided and misaligned views, a zero row, a sample whose
-    whole foreground is zero rows, and an all-foreground sample."""
-    shapes = [(2, 5, 1), (3, 49, 100), (2, 64, 768), (1, 2, 3), (2, 17, CUDA_SCORES_MAX_D), (2, 33, 24)]
+def test_partition_kernels_match_the_reference_rules(backend, dtype):
+    """The kernels' partition step (sign, split, seed and scores in one launch, the features read twice in
+    their own dtype) against the reference's split_partition + foreground_scores on the same v: odd and
+    wide D, strided and misaligned views, a zero row."""
+    shapes = [(2, 5, 1), (3, 49, 100), (2, 64, 768), (1, 2, 3), (2, 17, CUDA_PARTITION_MAX_D), (2, 300, 24)]
     for b, n, d in shapes:
-        feats, foreground = _score_inputs(b, n, d, dtype)
-        want = foreground_scores(feats, foreground)
+        feats, v = _partition_inputs(b, n, d, dtype)
+        want = finish_partition(feats, v)
         views = [feats, feats.transpose(1, 2).contiguous().transpose(1, 2),
                  torch.cat([feats[..., :1], feats], dim=-1)[..., 1:]]  # rows 2 bytes off 16-byte alignment
         for view in views:
-            got = foreground_scores(view, foreground, backend)
-            assert got.dtype == torch.float32 and got.shape == (b, n)
-            torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
-    feats, foreground = _score_inputs(3, 12, 40, dtype)
-    feats[1, :4] = 0
-    foreground[1] = False
-    foreground[1, :4] = True  # m = 0: every score is 0, not NaN
-    foreground[2] = True
-    got = foreground_scores(feats, foreground, backend)
-    assert torch.equal(got[1], torch.zeros(12))
-    torch.testing.assert_close(got, foreground_scores(feats, foreground), atol=2e-6, rtol=0)
+            _check_partition(finish_partition(view, v, backend), want)
+        _check_partition(finish_partition(feats, v.t().contiguous().t(), backend), want)
 
 
 @pytest.mark.parametrize("backend", cpu_kernel_backends())
-def test_foreground_scores_past_the_kernels_width_take_the_reference(backend):
-    from maskedssl.kernels.ncut import SCORES_MAX_D
+def test_partition_kernels_take_the_reference_ties(backend):
+    """Seed ties within SEED_TIE (the lowest index wins), a constant v (everything is foreground), v = 0,
+    N = 2 with |v_0| = |v_1|, and a foreground made only of zero rows (m = 0: scores 0, not NaN)."""
+    feats, _ = _partition_inputs(6, 8, 16, torch.float32)
+    v = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    v[0] = 0.5
+    v[1] = 0
+    v[2, 3], v[2, 6] = 4.0, -4.0 * (1 - 0.5 * SEED_TIE)  # tied for the seed: index 3 wins
+    v[3, :2], v[3, 2:] = 1.0, -1.0
+    v[4] = torch.tensor([7.0, -1, -1, -1, -1, -1, -1, -1])
+    feats[4, 0] = 0  # the foreground is entry 0 alone, a zero row
+    pair = torch.tensor([[1.0, -1.0], [-2.0, 2.0]])
+    for f, vv in ((feats, v), (torch.randn(2, 2, 4), pair)):
+        want = finish_partition(f, vv)
+        got = finish_partition(f, vv, backend)
+        _check_partition(got, want)
+    assert torch.equal(finish_partition(feats, v, backend).score[4], torch.zeros(8))
 
-    d = (CUDA_SCORES_MAX_D if backend == "cuda" else SCORES_MAX_D) + 1
-    feats, foreground = _score_inputs(1, 3, d, torch.float32)
-    assert torch.equal(foreground_scores(feats, foreground, backend), foreground_scores(feats, foreground))
+
+@pytest.mark.parametrize("backend", cpu_kernel_backends())
+def test_partition_past_the_kernels_width_takes_the_reference(backend):
+    from maskedssl.kernels.ncut import PARTITION_MAX_D
+
+    d = (CUDA_PARTITION_MAX_D if backend == "cuda" else PARTITION_MAX_D) + 1
+    feats, v = _partition_inputs(1, 3, d, torch.float32)
+    for got, want in zip(finish_partition(feats, v, backend), finish_partition(feats, v)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
-def test_scores_cuda_entry_point_emulated():
-    feats, foreground = _score_inputs(2, 9, 16, torch.bfloat16)
-    torch.library.opcheck(torch.ops.maskedssl.ncut_scores_cuda.default, (feats, foreground))
-    with pytest.raises(RuntimeError, match="foreground must be a"):
-        torch.ops.maskedssl.ncut_scores_cuda(feats, foreground.float())
+def test_partition_cuda_entry_point_emulated():
+    feats, v = _partition_inputs(2, 9, 16, torch.bfloat16)
+    torch.library.opcheck(torch.ops.maskedssl.ncut_partition_cuda.default, (feats, v, 1e-4))
+    with pytest.raises(RuntimeError, match="v must be a"):
+        torch.ops.maskedssl.ncut_partition_cuda(feats, v.double(), 1e-4)
     with pytest.raises(RuntimeError, match="D in"):
-        torch.ops.maskedssl.ncut_scores_cuda(torch.zeros(1, 2, CUDA_SCORES_MAX_D + 1), foreground[:1, :2])
+        torch.ops.maskedssl.ncut_partition_cuda(torch.zeros(1, 2, CUDA_PARTITION_MAX_D + 1), v[:1, :2], 1e-4)
 
 
 # ----------------------------------------------------------------------------- work per sample

@@ -28,8 +28,8 @@ from ._validate import REFERENCE_DTYPES, check_tensor, index_checks_enabled
 AUTO_ORDER = ("cuda", "triton", "torch")
 # csrc/ncut.cu holds a vector in one 256-thread block, 4 entries per thread; larger N runs on the next backend
 CUDA_MAX_N = 1024
-# csrc/ncut.cu's score kernel keeps 9 D + N floats in shared memory; wider features take the torch reference
-CUDA_SCORES_MAX_D = 2048
+# csrc/ncut.cu's partition kernel keeps 9 D + 2 N floats in shared memory; wider features take the torch rules
+CUDA_PARTITION_MAX_D = 2048
 # Rows of features whose largest |entry| is at or above 2^PEAK_EXP, or below 2^-PEAK_EXP, are scaled by a
 # power of two (exact, cosines unchanged) so that the kernels' fp32 squared norms neither overflow
 # (D * 2^100 < 2^128 for any D < 2^28) nor underflow (a row of entries below ~1e-19 would read as zero).
@@ -63,7 +63,7 @@ def affinity(feats: torch.Tensor, tau: float | None, eps: float) -> torch.Tensor
 
 def split_partition(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From a (B, N) generalized eigenvector ``v`` (any sign/scale): the signed unit ``fiedler`` vector and
-    the ``foreground``. Shared by every backend, so the rules live in one place."""
+    the ``foreground``. The reference rules; the kernels' partition step applies the same ones."""
     v = v.float()
     magnitude = v.abs()
     # the first index within SEED_TIE of the largest |v| (argmax returns the first of exact ties)
@@ -80,21 +80,9 @@ def split_partition(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return fiedler, foreground | empty
 
 
-def foreground_scores(feats: torch.Tensor, foreground: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-    """(B, N) float32: each patch's cosine to the mean normalised feature of its sample's foreground.
-
-    ``torch`` (the reference) normalises a float32 copy of the features, about seven passes over B N D
-    float32 values; the kernel backends read the features twice in their own dtype (row norms and the
-    foreground's sum, then the dot products with it), with the same float32 arithmetic up to rounding.
-    """
-    d = feats.shape[-1]
-    if backend == "triton":
-        from maskedssl.kernels import ncut as kernels
-
-        if d <= kernels.SCORES_MAX_D:
-            return kernels.foreground_scores(feats, foreground)
-    if backend == "cuda" and d <= CUDA_SCORES_MAX_D:
-        return torch.ops.maskedssl.ncut_scores_cuda(feats, foreground)
+def foreground_scores(feats: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """(B, N) float32: each patch's cosine to the mean normalised feature of its sample's foreground (the
+    reference: a float32 copy of the features normalised, masked and summed)."""
     # float64 features are normalised before the cast, which could overflow
     f = feats if feats.dtype == torch.float64 else feats.float()
     f = torch.nn.functional.normalize(f, dim=-1).float()
@@ -104,9 +92,24 @@ def foreground_scores(feats: torch.Tensor, foreground: torch.Tensor, backend: st
 
 
 def finish_partition(feats: torch.Tensor, v: torch.Tensor, backend: str = "torch") -> NCut:
-    """From a (B, N) generalized eigenvector ``v`` (any sign/scale): sign, split, foreground, score."""
+    """From a (B, N) generalized eigenvector ``v`` (any sign/scale): sign, split, foreground, score.
+
+    ``torch`` runs the reference (``split_partition``: some twenty small ops; ``foreground_scores``: about
+    1.3 GB of float32 traffic at B = 256, N = 196, D = 768). The kernel backends apply the same rules in
+    one launch (one program or block per sample) that reads the features twice in their own dtype; only
+    the float32 summation order differs. Features wider than the kernels take (PARTITION_MAX_D, 8192 in
+    Triton; CUDA_PARTITION_MAX_D) use the reference.
+    """
+    d = feats.shape[-1]
+    if backend == "triton":
+        from maskedssl.kernels import ncut as kernels
+
+        if d <= kernels.PARTITION_MAX_D:
+            return NCut(*kernels.partition(feats, v, SEED_TIE))
+    if backend == "cuda" and d <= CUDA_PARTITION_MAX_D:
+        return NCut(*torch.ops.maskedssl.ncut_partition_cuda(feats, v, SEED_TIE))
     fiedler, foreground = split_partition(v)
-    return NCut(fiedler, foreground, foreground_scores(feats, foreground, backend))
+    return NCut(fiedler, foreground, foreground_scores(feats, foreground))
 
 
 def lanczos_start(n: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
@@ -181,9 +184,11 @@ if cuda_extension_loaded():
         return (feats.new_empty(b, n, dtype=torch.float32),
                 feats.new_empty(b if count_products else 0, dtype=torch.int32))
 
-    @torch.library.register_fake("maskedssl::ncut_scores_cuda")
-    def _(feats, foreground):
-        return feats.new_empty(feats.shape[0], feats.shape[1], dtype=torch.float32)
+    @torch.library.register_fake("maskedssl::ncut_partition_cuda")
+    def _(feats, v, seed_tie):
+        b, n = feats.shape[:2]
+        return (feats.new_empty(b, n, dtype=torch.float32), feats.new_empty(b, n, dtype=torch.bool),
+                feats.new_empty(b, n, dtype=torch.float32))
 
 
 def _scale_rows(feats: torch.Tensor, row_peak: torch.Tensor) -> torch.Tensor:
