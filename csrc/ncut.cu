@@ -55,21 +55,25 @@ constexpr int kMaxN = 1024;
 constexpr int kPartitionMaxD = 2048;  // partition_kernel's shared memory, 9 D + 2 N floats, stays <= 80 KB
 constexpr int kPerThread = kMaxN / kThreads;
 
-__device__ __forceinline__ float warp_sum(float v) {
+struct Sum {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct Min {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
+};
+struct Max {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
-__device__ __forceinline__ float warp_min(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, Sum{}); }
+__device__ __forceinline__ float warp_min(float v) { return warp_reduce(v, Min{}); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, Max{}); }
 
 // One affinity entry from a Gram entry and the two rows' inverse norms (zero rows have cosine 0, as with
 // F.normalize). The norms are multiplied first, so A_rc and A_cr round alike wherever G_rc = G_cr.
@@ -78,20 +82,24 @@ __device__ __forceinline__ float affinity(float g, float inv_r, float inv_c, boo
   return use_tau ? (cos > tau ? 1.f : eps) : fmaxf(cos, eps);
 }
 
-// Sum over the block, one barrier per call: consecutive calls alternate between the two halves of red
+// Reduce over the block, one barrier per call: consecutive calls alternate between the two halves of red
 // (2 kWarps floats), so a call's writes never meet the previous call's reads (every thread has read them
 // before it reaches the barrier of the call in between). `parity` is the same in every thread.
-__device__ float block_sum(float v, float* red, int& parity) {
-  v = warp_sum(v);
+template <typename Op>
+__device__ float block_reduce(float v, float* red, int& parity, Op op) {
+  v = warp_reduce(v, op);
   float* slot = red + parity * kWarps;
   parity ^= 1;
   if (threadIdx.x % 32 == 0) slot[threadIdx.x / 32] = v;
   __syncthreads();
-  float total = 0.f;
+  float out = slot[0];
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += slot[w];
-  return total;
+  for (int w = 1; w < kWarps; ++w) out = op(out, slot[w]);
+  return out;
 }
+__device__ float block_sum(float v, float* red, int& parity) { return block_reduce(v, red, parity, Sum{}); }
+__device__ float block_min(float v, float* red, int& parity) { return block_reduce(v, red, parity, Min{}); }
+__device__ float block_max(float v, float* red, int& parity) { return block_reduce(v, red, parity, Max{}); }
 
 // Top eigenvector of the k x k tridiagonal (alpha, beta) into z[0:k] (unit norm), run by warp 0; z is in
 // shared memory. Divisions are the fast 2-ulp kind: pivots stay within [1e-30, ~4] and the Sturm counts
@@ -361,30 +369,6 @@ __global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __res
     if (i < n) out[static_cast<int64_t>(b) * n + i] = x[v] * s[v];
   }
   if (products != nullptr && tid == 0) products[b] = steps;
-}
-
-// Block-wide max and min, as block_sum (one barrier, alternating halves of red).
-__device__ float block_max(float v, float* red, int& parity) {
-  v = warp_max(v);
-  float* slot = red + parity * kWarps;
-  parity ^= 1;
-  if (threadIdx.x % 32 == 0) slot[threadIdx.x / 32] = v;
-  __syncthreads();
-  float out = slot[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) out = fmaxf(out, slot[w]);
-  return out;
-}
-__device__ float block_min(float v, float* red, int& parity) {
-  v = warp_min(v);
-  float* slot = red + parity * kWarps;
-  parity ^= 1;
-  if (threadIdx.x % 32 == 0) slot[threadIdx.x / 32] = v;
-  __syncthreads();
-  float out = slot[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) out = fminf(out, slot[w]);
-  return out;
 }
 
 // finish_partition for one sample per block (N <= kMaxN: entries i = tid + kThreads * k of v per thread).
