@@ -308,8 +308,10 @@ class MaskedViT(nn.Module):
     def patch_rows(self, imgs: torch.Tensor) -> torch.Tensor:
         """All L normalised patch rows (B, L, p*p*C), the encoder's input without masking."""
         self.check_images(imgs)
-        # mix_patchify also returns a copy of the rows as targets; unused here (eval / no-grad paths)
-        rows, _ = mix_patchify(imgs, self.patch_size, norm_pix=False, **self.pixel_options(imgs))
+        # no target rows (mix_patchify would otherwise write a second copy of every row, unused here)
+        no_rows = torch.empty(imgs.shape[0], 0, dtype=torch.long, device=imgs.device)
+        rows, _ = mix_patchify(imgs, self.patch_size, ids_masked=no_rows, norm_pix=False,
+                               **self.pixel_options(imgs))
         return rows
 
     # ---------------------------------------------------------------- encoder

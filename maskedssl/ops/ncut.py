@@ -97,8 +97,8 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor, backend: str = "torch
     ``torch`` runs the reference (``split_partition``: some twenty small ops; ``foreground_scores``: about
     1.3 GB of float32 traffic at B = 256, N = 196, D = 768). The kernel backends apply the same rules in
     one launch (one program or block per sample) that reads the features twice in their own dtype; only
-    the float32 summation order differs. Features wider than the kernels take (PARTITION_MAX_D, 8192 in
-    Triton; CUDA_PARTITION_MAX_D) use the reference.
+    the float32 summation order differs. Features wider than the kernels take (Triton's PARTITION_MAX_D,
+    8192; CUDA_PARTITION_MAX_D, 2048) use the reference.
     """
     d = feats.shape[-1]
     if backend == "triton":
