@@ -110,8 +110,11 @@ class IMAE(MaskedViT):
     def sample_mixing(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """A random partner permutation and lam (B,) ~ Beta(alpha, alpha), per batch or per sample."""
         partner = torch.randperm(batch, device=device)
-        alpha = torch.tensor(self.config.lam_alpha, device=device)
-        draws = torch.distributions.Beta(alpha, alpha).sample(
+        # no host round trip in a training step: alpha filled on the device (torch.tensor would copy it
+        # from the host and wait for the stream), and no argument validation (it reads the check back);
+        # the config has checked alpha > 0
+        alpha = torch.full((), self.config.lam_alpha, device=device)
+        draws = torch.distributions.Beta(alpha, alpha, validate_args=False).sample(
             (batch if self.config.lam_mode == "sample" else 1,))
         return partner, draws.expand(batch).contiguous()
 
