@@ -367,10 +367,11 @@ class MaskedViT(nn.Module):
                            self.decoder_pos_embed[0].to(tokens.dtype), check_indices=False)
         for block in self.decoder_blocks:
             x = block(x)
-        x = self.decoder_norm(x)
-        # the head runs only where a prediction is needed (the masked patches during training)
+        # the norm and the head run only where a prediction is needed (the masked patches during training):
+        # the norm acts on each row alone, so gathering first gives the same rows, and under autocast it
+        # saves the float32 norm output (and its gradient) of the rows no loss reads
         x = x[:, 1:] if ids_pred is None else gather_tokens(x, ids_pred + 1, check_indices=False)
-        return self.decoder_pred(x)
+        return self.decoder_pred(self.decoder_norm(x))
 
     # ---------------------------------------------------------------- pictures
     def to_pixels(self, rows: torch.Tensor) -> torch.Tensor:
