@@ -103,6 +103,37 @@ def test_triton_kernels_compile_within_resources(arch):
         assert use["regs"] <= 255, (name, use)
 
 
+_PARTITION_PTX = r"""
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from maskedssl.kernels import ncut
+
+# bf16 features (D = 768): the launcher specialises a unit column stride to a constant and marks 16-byte
+# aligned pointers and strides, as given here by hand
+kernel = ncut._partition_kernel
+pointers = dict(f_ptr="*bf16", v_ptr="*fp32", fiedler_ptr="*fp32", fg_ptr="*u8", score_ptr="*fp32")
+constexprs = dict(s_d=1, N_PAD=256, BLOCK_N=ncut.PARTITION_TILE // 1024, D_PAD=1024)
+signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "seed_scale" else "i32")
+             for n in kernel.arg_names}
+attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+         if n in pointers or n in ("D", "s_b", "s_n")}
+ptx = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                     options={"num_warps": 8}).asm["ptx"]
+assert re.search(r"ld\.global(\.nc)?\.v4", ptx), "no 16-byte loads of the features"
+"""
+
+
+def test_triton_partition_kernel_reads_features_16_bytes_at_a_time():
+    """ncut's partition kernel reads the features twice: with contiguous, aligned rows each load is 16
+    bytes (8 bf16 values), as in the CUDA kernel's vector variant."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _PARTITION_PTX], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 # The CUDA kernels of maskedssl._C as built (every arch of TORCH_CUDA_ARCH_LIST), read back with cuobjdump.
 # No stack frame: local arrays or spills would put loads from L1 into chains the whole block waits on
 # (before the tridiagonal solve of lanczos_kernel was reworked it kept 256 bytes there). The one known
