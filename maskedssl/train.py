@@ -610,7 +610,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
                 except data_lib.DatasetError as err:  # an unreadable image; from a worker, with its traceback
                     raise ConfigError(data_lib.error_line(err)) from None
                 imgs = imgs.to(device, non_blocking=True)
-                if train_set.augmented_on_cpu:
+                if train_set.augmented_on_cpu and imgs.shape[-2:] == (img_size, img_size):
+                    # cropped on the CPU already: the model normalises the uint8 batch with the same
+                    # statistics inside mix_patchify, reading a quarter of the bytes of a float copy
+                    x = imgs
+                elif train_set.augmented_on_cpu:
                     x = data_lib.normalize_batch(imgs, img_size, *stats)
                 else:
                     x = data_lib.augment_batch(imgs, img_size, aug_gen, (cfg.data.crop_scale_min, 1.0),
