@@ -299,6 +299,13 @@ def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b,
 
 
 @triton.jit
+def _feature_rows(f_ptr, rows, row_ok, cols, col_ok, s_n, s_d):
+    """A (rows, cols) tile of one sample's features in fp32, zeros outside."""
+    return tl.load(f_ptr + rows[:, None] * s_n + cols[None, :] * s_d, mask=row_ok[:, None] & col_ok[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, N, D, s_b, s_n, s_d, seed_scale,
                       N_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     """One sample per program: the rules of ``maskedssl.ops.ncut.split_partition`` on its vector v (seed =
@@ -332,8 +339,7 @@ def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, N, D, s_b, s
     for r in range(0, N, BLOCK_N):
         rows = r + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        f = tl.load(f_ptr + rows[:, None] * s_n + cols[None, :] * s_d, mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
+        f = _feature_rows(f_ptr, rows, row_ok, cols, col_ok, s_n, s_d)
         # f / max(|f|, 1e-12) as F.normalize divides (a reciprocal's rounding would leave m = 1e-8 where
         # the reference's unit rows cancel exactly, as D = 1 rows of both signs do)
         row_norm = tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), 1e-12)
@@ -346,8 +352,7 @@ def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, N, D, s_b, s
     for r in range(0, N, BLOCK_N):
         rows = r + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        f = tl.load(f_ptr + rows[:, None] * s_n + cols[None, :] * s_d, mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
+        f = _feature_rows(f_ptr, rows, row_ok, cols, col_ok, s_n, s_d)
         inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), 1e-12)
         score = tl.sum(f * m[None, :], axis=1) * inv_norm * inv_m
         tl.store(score_ptr + b * N + rows, tl.minimum(tl.maximum(score, -1.0), 1.0), mask=row_ok)

@@ -53,7 +53,8 @@ for n in (49, 128, 196):
                         v_ptr="*fp32", p_ptr="*i32", tau="fp32", eps="fp32")
         rows[f"ncut solver N={n} {dtype}"] = usage(
             ncut._solver_kernel, pointers,
-            dict(USE_TAU=False, COUNT_PRODUCTS=False, PRECISION=precision, ON_CHIP=cfg["on_chip"], N_PAD=cfg["n_pad"],
+            dict(USE_TAU=False, COUNT_PRODUCTS=False, PRECISION=precision, ON_CHIP=cfg["on_chip"],
+                 N_PAD=cfg["n_pad"],
                  BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"], **solver_consts),
             cfg["num_warps"])
 for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32x3")):
@@ -181,7 +182,8 @@ def test_cuda_kernels_keep_to_registers():
     archs = {arch for arch, _, _ in rows}
     assert {"sm_80", "sm_90"} <= archs or os.environ.get("TORCH_CUDA_ARCH_LIST"), archs
     kernels = {kernel for _, kernel, _ in rows}
-    assert {"gather_rows_kernel", "mix_patchify_kernel", "lanczos_kernel", "partition_kernel"} <= kernels, kernels
+    expected = {"gather_rows_kernel", "mix_patchify_kernel", "lanczos_kernel", "partition_kernel"}
+    assert expected <= kernels, kernels
     for arch, kernel, use in rows:
         assert use["stack"] <= CUDA_ALLOWED_STACK.get(kernel, 0), (arch, kernel, use)
         assert use["local"] == 0, (arch, kernel, use)
