@@ -5,7 +5,8 @@
 //   A_ij = max(cos(f_i, f_j), eps) (or 1 / eps around tau), d = A 1, M = D^-1/2 A D^-1/2,
 //   v = D^-1/2 u2 with u2 the second eigenvector of M -> (B, N) float32; then partition_kernel (below)
 //   applies the sign, split and seed rules of maskedssl.ops.ncut.split_partition and scores every patch
-//   against the foreground's mean feature.
+//   against the foreground's mean feature, or partition_gram_kernel does the same from the Gram matrix
+//   (fewer bytes for 16-bit features with N <= D). ncut_bipartition_cuda runs it all in one call.
 //
 // Gram matrix: G = F F^T per sample by cuBLAS (at::bmm on tensor cores with fp32 output and accumulation;
 //   fp32 features as a bf16 hi/lo split, see gram_matrix): 2 B N^2 D FLOPs (twice that for fp32), B N D
@@ -371,37 +372,16 @@ __global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __res
   if (products != nullptr && tid == 0) products[b] = steps;
 }
 
-// finish_partition for one sample per block (N <= kMaxN: entries i = tid + kThreads * k of v per thread).
-// First the rules of maskedssl.ops.ncut.split_partition on its vector v: the seed is the first index with
-// |v| >= seed_scale max |v|, the sign puts it above the mean, the vector is scaled to unit norm, and the
-// foreground is the side above the mean (everything when no entry is). Then score_i = cos(f_i, m), m the
-// sum of f_j / |f_j| over the foreground (the cosine to the foreground's mean normalised feature): warp w
-// takes rows w, w + 8, ... in order, so every sum has a fixed order. Pass 1 reads each row for its norm and
-// adds the foreground rows, scaled, into the warp's own partial of m (each lane owns the same columns of
-// every row: no races, no atomics); the eight partials are summed in warp order; pass 2 reads the rows
-// again for their dot products with m. Shared memory: kWarps * d partials, m (d), the rows' inverse norms
-// and foreground flags (n each). VEC > 1: rows read as 16-byte packs (contiguous, aligned rows).
-// (kThreads, 1): given only the block size, ptxas held this kernel to 40 registers and spilled a few.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, 1) partition_kernel(const T* __restrict__ feats,
-                                                             const float* __restrict__ v_all,
-                                                             float* __restrict__ fiedler_out,
-                                                             bool* __restrict__ foreground_out,
-                                                             float* __restrict__ score_out, int n, int d,
-                                                             int64_t s_b, int64_t s_n, int64_t s_d,
-                                                             float seed_scale) {
-  extern __shared__ float partition_smem[];
-  float* partial = partition_smem;
-  float* m = partial + kWarps * d;
-  float* inv_norm = m + d;
-  float* in_fg = inv_norm + n;
-  __shared__ float red[2 * kWarps];
-  int parity = 0;
-  const int b = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+// The rules of maskedssl.ops.ncut.split_partition on sample b's vector v, one block per sample (N <= kMaxN:
+// entries i = tid + kThreads * k per thread): the seed is the first index with |v| >= seed_scale max |v|,
+// the sign puts it above the mean, the vector is scaled to unit norm, and the foreground is the side above
+// the mean (everything when no entry is). Writes the sample's fiedler and foreground rows and in_fg
+// (shared, 1 or 0 per entry; published by the caller's next barrier); returns the foreground's size.
+__device__ float split_sample(const float* __restrict__ v_all, float* __restrict__ fiedler_out,
+                              bool* __restrict__ foreground_out, float* in_fg, int b, int n, float seed_scale,
+                              float* red, int& parity) {
+  const int tid = threadIdx.x;
   const int64_t base = static_cast<int64_t>(b) * n;
-
-  // --- sign, split, seed
   float v[kPerThread];
   float top = 0.f, total = 0.f;
 #pragma unroll
@@ -440,7 +420,6 @@ __global__ void __launch_bounds__(kThreads, 1) partition_kernel(const T* __restr
   for (int k = 0; k < kPerThread; ++k) above += (tid + k * kThreads < n && v[k] > mean_f) ? 1.f : 0.f;
   const float count_above = block_sum(above, red, parity);
   const bool empty = count_above == 0.f;
-  const float count = empty ? static_cast<float>(n) : count_above;
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int i = tid + k * kThreads;
@@ -451,6 +430,36 @@ __global__ void __launch_bounds__(kThreads, 1) partition_kernel(const T* __restr
       in_fg[i] = fg ? 1.f : 0.f;
     }
   }
+  return empty ? static_cast<float>(n) : count_above;
+}
+
+// finish_partition for one sample per block from the features: split_sample, then score_i = cos(f_i, m),
+// m the sum of f_j / |f_j| over the foreground (the cosine to the foreground's mean normalised feature):
+// warp w takes rows w, w + 8, ... in order, so every sum has a fixed order. Pass 1 reads each row for its
+// norm and adds the foreground rows, scaled, into the warp's own partial of m (each lane owns the same
+// columns of every row: no races, no atomics); the eight partials are summed in warp order; pass 2 reads
+// the rows again for their dot products with m. Shared memory: kWarps * d partials, m (d), the rows'
+// inverse norms and foreground flags (n each). VEC > 1: rows read as 16-byte packs (contiguous, aligned
+// rows). (kThreads, 1): given only the block size, ptxas held this kernel to 40 registers and spilled a few.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, 1) partition_kernel(const T* __restrict__ feats,
+                                                             const float* __restrict__ v_all,
+                                                             float* __restrict__ fiedler_out,
+                                                             bool* __restrict__ foreground_out,
+                                                             float* __restrict__ score_out, int n, int d,
+                                                             int64_t s_b, int64_t s_n, int64_t s_d,
+                                                             float seed_scale) {
+  extern __shared__ float partition_smem[];
+  float* partial = partition_smem;
+  float* m = partial + kWarps * d;
+  float* inv_norm = m + d;
+  float* in_fg = inv_norm + n;
+  __shared__ float red[2 * kWarps];
+  int parity = 0;
+  const int b = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t base = static_cast<int64_t>(b) * n;
+  const float count = split_sample(v_all, fiedler_out, foreground_out, in_fg, b, n, seed_scale, red, parity);
 
   // --- scores
   const T* f = feats + static_cast<int64_t>(b) * s_b;
@@ -519,6 +528,87 @@ __global__ void __launch_bounds__(kThreads, 1) partition_kernel(const T* __restr
   }
 }
 
+// finish_partition for one sample per block from its Gram matrix G = F F^T ((B, N, N) fp32, as the solver
+// read it) instead of the features: split_sample, then the same scores. With r_j = max(sqrt(G_jj), 1e-12)
+// (F.normalize's norm) and w_j = 1 / r_j on the foreground (0 elsewhere), m = sum_j w_j f_j has
+// f_i . m = s_i = sum_j w_j G_ji and |m|^2 = sum_i w_i s_i, so score_i = s_i / (r_i max(|m|, count 1e-12)).
+// Warp w takes the foreground rows w, w + 8, ... of G in order (a warp-uniform skip of the others), each
+// lane columns lane + 32 c in registers: up to 32 independent loads of one row in flight per warp, no
+// atomics; the eight partials are then summed in warp order. The traffic is the foreground's rows of G,
+// about N^2 / 2 floats for a balanced cut, where the feature path reads 2 N D elements: the host takes
+// this path for 16-bit features with N <= D. Their G holds exact products summed in fp32, so the scores
+// agree with the feature path's to fp32 rounding (a foreground whose normalised features cancel, |m| -> 0,
+// leaves rounding noise in either). Shared memory: kWarps * n partials, w and the flags (n each).
+__global__ void __launch_bounds__(kThreads, 1) partition_gram_kernel(const float* __restrict__ gram,
+                                                                  const float* __restrict__ v_all,
+                                                                  float* __restrict__ fiedler_out,
+                                                                  bool* __restrict__ foreground_out,
+                                                                  float* __restrict__ score_out, int n,
+                                                                  float seed_scale) {
+  constexpr int kCols = kMaxN / 32;
+  extern __shared__ float gram_smem[];
+  float* partial = gram_smem;
+  float* w = partial + kWarps * n;
+  float* in_fg = w + n;
+  __shared__ float red[2 * kWarps];
+  int parity = 0;
+  const int b = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t base = static_cast<int64_t>(b) * n;
+  const float* g = gram + base * n;
+  const float count = split_sample(v_all, fiedler_out, foreground_out, in_fg, b, n, seed_scale, red, parity);
+  float inv_r[kPerThread];
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int i = tid + k * kThreads;
+    inv_r[k] = 0.f;
+    if (i < n) {
+      inv_r[k] = 1.f / fmaxf(sqrtf(g[static_cast<int64_t>(i) * (n + 1)]), 1e-12f);
+      w[i] = in_fg[i] != 0.f ? inv_r[k] : 0.f;  // in_fg[i] is this thread's own write
+    }
+  }
+  __syncthreads();  // w, in_fg
+  float acc[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+  for (int j = warp; j < n; j += kWarps) {
+    if (in_fg[j] == 0.f) continue;  // the same for the whole warp
+    const float wj = w[j];
+    const float* row = g + static_cast<int64_t>(j) * n + lane;
+    // every load of the row issued before the first use (interleaved, ptxas waited on each in turn), at
+    // constant offsets from one address
+    float x[kCols];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) x[c] = lane + 32 * c < n ? row[32 * c] : 0.f;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[c] += x[c] * wj;
+  }
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+    const int i = lane + 32 * c;
+    if (i < n) partial[warp * n + i] = acc[c];
+  }
+  __syncthreads();
+  float s[kPerThread], part = 0.f;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int i = tid + k * kThreads;
+    s[k] = 0.f;
+    if (i < n) {
+#pragma unroll
+      for (int q = 0; q < kWarps; ++q) s[k] += partial[q * n + i];
+      part += w[i] * s[k];
+    }
+  }
+  // |m|^2 is a sum of squares: rounding may take it a little below 0 where m cancels
+  const float inv_m = 1.f / fmaxf(sqrtf(fmaxf(block_sum(part, red, parity), 0.f)), count * 1e-12f);
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int i = tid + k * kThreads;
+    if (i < n) score_out[base + i] = fminf(fmaxf(s[k] * inv_r[k] * inv_m, -1.f), 1.f);
+  }
+}
+
 // The most dynamic shared memory (A on chip) lanczos_kernel<true> can take on `device`: the opt-in limit
 // per block less the kernel's static arrays, as the runtime reports them. The function's limit is raised
 // to exactly that, once per device and never lowered, so concurrent calls cannot undo each other.
@@ -551,16 +641,16 @@ at::Tensor gram_matrix(const at::Tensor& feats) {
   return at::bmm(hi, hi.transpose(1, 2), at::kFloat).add_(cross).add_(cross.transpose(1, 2));
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> ncut_fiedler_cuda(const at::Tensor& feats, std::optional<double> tau,
-                                                     double eps, bool count_products) {
-  TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, "ncut_fiedler_cuda: feats must be a 3-D CUDA tensor");
+// The solver behind ncut_fiedler_cuda and ncut_bipartition_cuda: v (B, N) float32 and, when count_products,
+// the products each sample took; `gram` receives the Gram matrix it solved on.
+std::tuple<at::Tensor, at::Tensor> fiedler(const at::Tensor& feats, std::optional<double> tau, double eps,
+                                           bool count_products, at::Tensor& gram, const char* op) {
+  TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, op, ": feats must be a 3-D CUDA tensor");
   TORCH_CHECK(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kHalf ||
                   feats.scalar_type() == at::kBFloat16,
-              "ncut_fiedler_cuda: feats must be float32, float16 or bfloat16");
+              op, ": feats must be float32, float16 or bfloat16");
   const int64_t bsz = feats.size(0), n = feats.size(1);
-  TORCH_CHECK(n >= 2 && n <= kMaxN, "ncut_fiedler_cuda: N must be in [2, ", kMaxN, "], got ", n);
+  TORCH_CHECK(n >= 2 && n <= kMaxN, op, ": N must be in [2, ", kMaxN, "], got ", n);
   c10::cuda::CUDAGuard guard(feats.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = feats.options().dtype(at::kFloat);
@@ -568,7 +658,7 @@ std::tuple<at::Tensor, at::Tensor> ncut_fiedler_cuda(const at::Tensor& feats, st
   // the products each sample's solve took (a diagnostic), or an empty tensor when not asked for
   at::Tensor products = empty_output({count_products ? bsz : 0}, feats.options().dtype(at::kInt));
   if (bsz == 0) return {out, products};
-  const at::Tensor gram = gram_matrix(feats).contiguous();
+  gram = gram_matrix(feats).contiguous();
   at::Tensor basis = at::empty({bsz, kSteps, n}, f32);
 
   const int64_t a_bytes = static_cast<int64_t>(sizeof(float)) * n * n;
@@ -587,6 +677,45 @@ std::tuple<at::Tensor, at::Tensor> ncut_fiedler_cuda(const at::Tensor& feats, st
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, products};
+}
+
+// The partition step from the Gram matrix reads the foreground's rows of G (4 N^2 / 2 bytes for a
+// balanced cut) where the feature path reads the features twice (2 N D elements): used for 16-bit
+// features with N <= D (fp32 features' G, from bf16 halves, is accurate to ~1e-5 only).
+bool partition_from_gram(const at::Tensor& feats) {
+  return feats.scalar_type() != at::kFloat && feats.size(1) <= feats.size(2);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> ncut_fiedler_cuda(const at::Tensor& feats, std::optional<double> tau,
+                                                     double eps, bool count_products) {
+  at::Tensor gram;
+  return fiedler(feats, tau, eps, count_products, gram, "ncut_fiedler_cuda");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_gram_cuda(const at::Tensor& gram,
+                                                                      const at::Tensor& v, double seed_tie) {
+  TORCH_CHECK(gram.is_cuda() && gram.dim() == 3 && gram.scalar_type() == at::kFloat &&
+                  gram.size(1) == gram.size(2),
+              "ncut_partition_gram_cuda: gram must be a (B, N, N) float32 CUDA tensor");
+  const int64_t bsz = gram.size(0), n = gram.size(1);
+  TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 2 && v.size(0) == bsz && v.size(1) == n &&
+                  v.device() == gram.device(),
+              "ncut_partition_gram_cuda: v must be a (B, N) float32 tensor on gram's device");
+  TORCH_CHECK(n >= 1 && n <= kMaxN, "ncut_partition_gram_cuda: N must be in [1, ", kMaxN, "], got ", n);
+  c10::cuda::CUDAGuard guard(gram.device());
+  const auto f32 = gram.options().dtype(at::kFloat);
+  at::Tensor fiedler = empty_output({bsz, n}, f32), score = empty_output({bsz, n}, f32);
+  at::Tensor foreground = empty_output({bsz, n}, gram.options().dtype(at::kBool));
+  if (bsz == 0) return {fiedler, foreground, score};
+  const at::Tensor gc = gram.contiguous(), vc = v.contiguous();
+  const int smem = static_cast<int>(sizeof(float) * (kWarps + 2) * n);  // <= 40 KB: no opt-in
+  partition_gram_kernel<<<static_cast<unsigned int>(bsz), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      gc.data_ptr<float>(), vc.data_ptr<float>(), fiedler.data_ptr<float>(), foreground.data_ptr<bool>(),
+      score.data_ptr<float>(), static_cast<int>(n), static_cast<float>(1.0 - seed_tie));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {fiedler, foreground, score};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_cuda(const at::Tensor& feats,
@@ -624,9 +753,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_cuda(const at::Ten
   return {fiedler, foreground, score};
 }
 
+// The whole op in one call (no Python between its launches): the solver, then the partition step from G
+// (partition_from_gram) or from the features (D <= kPartitionMaxD; the caller takes wider fp32 features to
+// the reference rules).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_bipartition_cuda(const at::Tensor& feats,
+                                                                   std::optional<double> tau, double eps,
+                                                                   double seed_tie) {
+  at::Tensor gram;
+  const at::Tensor v = std::get<0>(fiedler(feats, tau, eps, false, gram, "ncut_bipartition_cuda"));
+  if (partition_from_gram(feats)) {
+    if (feats.size(0) == 0) gram = at::empty({0, feats.size(1), feats.size(1)}, v.options());
+    return ncut_partition_gram_cuda(gram, v, seed_tie);
+  }
+  return ncut_partition_cuda(feats, v, seed_tie);
+}
+
 }  // namespace maskedssl
 
 TORCH_LIBRARY_IMPL(maskedssl, CUDA, m) {
   m.impl("ncut_fiedler_cuda", &maskedssl::ncut_fiedler_cuda);
   m.impl("ncut_partition_cuda", &maskedssl::ncut_partition_cuda);
+  m.impl("ncut_partition_gram_cuda", &maskedssl::ncut_partition_gram_cuda);
+  m.impl("ncut_bipartition_cuda", &maskedssl::ncut_bipartition_cuda);
 }

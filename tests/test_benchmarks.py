@@ -390,5 +390,6 @@ def test_op_benchmarks_time_only_results_that_match_the_reference(broken, monkey
     assert products == [(8.0, 8)]
     rows = bench_ncut.measure_partition(2, 24, 16, PEAKS, quick=True)
     kernel_backends = [b for b in ("triton", "cuda") if b in available_backends("cpu")]
+    kernel_backends += ["cuda_gram"] if "cuda" in kernel_backends else []
     assert [r["impl"] for r in rows] == ["torch", *kernel_backends]
     assert all(r["extra"]["max_abs_err"] <= 1e-5 for r in rows[1:])

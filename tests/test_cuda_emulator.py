@@ -119,8 +119,10 @@ def _kernel_runs(case: str) -> list[torch.Tensor]:
     if case == "partition":
         feats = torch.randn(3, 300, 64, generator=g).to(torch.bfloat16)
         v = torch.randn(3, 300, generator=g)
+        gram = torch.randn(3, 300, 300, generator=g)
         return [*cuda_ops.ncut_partition_cuda(feats, v, 1e-4),
-                *cuda_ops.ncut_partition_cuda(feats[..., 1:], v, 1e-4)]
+                *cuda_ops.ncut_partition_cuda(feats[..., 1:], v, 1e-4),
+                *cuda_ops.ncut_partition_gram_cuda(gram @ gram.transpose(1, 2), v, 1e-4)]
     if case.startswith("ncut"):
         n = int(case[4:])
         feats = torch.randn(2, n, 24, generator=g)

@@ -171,7 +171,7 @@ def _cuda_kernel_usage() -> list[tuple[str, str, dict]]:
         elif m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line):
             kernel = next((k for k in ("gather_rows_kernel", "invert_index_kernel", "segment_sum_kernel",
                                        "masked_sum_kernel", "mix_patchify_kernel", "lanczos_kernel",
-                                       "partition_kernel")
+                                       "partition_gram_kernel", "partition_kernel")
                            if k in name), name)
             rows.append((arch, kernel, dict(zip(("regs", "stack", "shared", "local"), map(int, m.groups())))))
     return rows
@@ -182,7 +182,8 @@ def test_cuda_kernels_keep_to_registers():
     archs = {arch for arch, _, _ in rows}
     assert {"sm_80", "sm_90"} <= archs or os.environ.get("TORCH_CUDA_ARCH_LIST"), archs
     kernels = {kernel for _, kernel, _ in rows}
-    expected = {"gather_rows_kernel", "mix_patchify_kernel", "lanczos_kernel", "partition_kernel"}
+    expected = {"gather_rows_kernel", "mix_patchify_kernel", "lanczos_kernel", "partition_kernel",
+                "partition_gram_kernel"}
     assert expected <= kernels, kernels
     for arch, kernel, use in rows:
         assert use["stack"] <= CUDA_ALLOWED_STACK.get(kernel, 0), (arch, kernel, use)

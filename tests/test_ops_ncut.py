@@ -10,7 +10,8 @@ from conftest import CUDA_EMULATED, cpu_kernel_backends, gpu_kernel_backends
 
 from maskedssl.kernels.ncut import CHECK, STEPS
 from maskedssl.ops import available_backends, ncut_bipartition
-from maskedssl.ops.ncut import CUDA_PARTITION_MAX_D, SEED_TIE, affinity, finish_partition, lanczos_products
+from maskedssl.ops.ncut import (CUDA_PARTITION_MAX_D, SEED_TIE, NCut, affinity, finish_partition,
+                                lanczos_products)
 
 
 def planted(batch, n, d, frac, noise, dtype=torch.float32, device="cpu", seed=0, with_labels=False):
@@ -362,6 +363,88 @@ def test_partition_cuda_entry_point_emulated():
         torch.ops.maskedssl.ncut_partition_cuda(feats, v.double(), 1e-4)
     with pytest.raises(RuntimeError, match="D in"):
         torch.ops.maskedssl.ncut_partition_cuda(torch.zeros(1, 2, CUDA_PARTITION_MAX_D + 1), v[:1, :2], 1e-4)
+
+
+def _gram(feats):
+    """F F^T in float32 as the solver hands it on (16-bit products are exact in fp32)."""
+    return torch.bmm(feats.float(), feats.float().transpose(1, 2))
+
+
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cuda_partition_from_the_gram_matrix_matches_the_reference_rules(dtype):
+    """ncut_partition_gram_cuda (the partition step from G = F F^T, which the CUDA path takes for 16-bit
+    features with N <= D) against the reference on the same v: N from 2 to the kernel's 1024, a zero row,
+    a non-contiguous G and v."""
+    shapes = [(2, 5, 16), (3, 49, 100), (2, 64, 768), (1, 2, 3), (2, 300, 24), (1, 1024, 8)]
+    for b, n, d in shapes:
+        feats, v = _partition_inputs(b, n, d, dtype)
+        want = finish_partition(feats, v)
+        gram = _gram(feats)
+        _check_partition(NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(gram, v, SEED_TIE)), want)
+        strided = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(gram.transpose(1, 2), v.t().contiguous().t(),
+                                                                     SEED_TIE))
+        _check_partition(strided, want)
+
+
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
+def test_cuda_partition_from_the_gram_matrix_takes_the_reference_ties():
+    """The cases of test_partition_kernels_take_the_reference_ties, from G: seed ties, a constant v, v = 0,
+    N = 2 with |v_0| = |v_1|, a foreground of zero rows (scores 0), and rows that cancel exactly (f and -f
+    in the foreground: m = 0 up to their pairing, scores 0 as the reference gives)."""
+    feats, _ = _partition_inputs(6, 8, 16, torch.float32)
+    v = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    v[0] = 0.5
+    v[1] = 0
+    v[2, 3], v[2, 6] = 4.0, -4.0 * (1 - 0.5 * SEED_TIE)
+    v[3, :2], v[3, 2:] = 1.0, -1.0
+    v[4] = torch.tensor([7.0, -1, -1, -1, -1, -1, -1, -1])
+    feats[4, 0] = 0
+    v[5] = torch.tensor([2.0, 2, -1, -1, -1, -1, -1, -1])  # the foreground: rows 0 and 1
+    feats[5, 1] = -feats[5, 0]
+    for f, vv in ((feats, v), (torch.randn(2, 2, 4), torch.tensor([[1.0, -1.0], [-2.0, 2.0]]))):
+        got = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(_gram(f), vv, SEED_TIE))
+        _check_partition(got, finish_partition(f, vv))
+        if f is feats:
+            assert torch.equal(got.score[4], torch.zeros(8)) and torch.equal(got.score[5], torch.zeros(8))
+
+
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cuda_op_in_one_call_equals_solver_then_partition(dtype):
+    """ncut_bipartition_cuda (what the op runs on the cuda backend) against the two-call path it replaced,
+    ncut_fiedler_cuda then the feature partition: the same Fiedler vector and cut (bit for bit), scores
+    within fp32 rounding where it reads them from G (16-bit, N <= D) and bit for bit where it reads the
+    features (N > D, or fp32)."""
+    for b, n, d, tau in ((3, 49, 100, None), (2, 64, 64, 0.2), (2, 100, 24, None), (1, 2, 3, 0.0)):
+        feats = planted(b, n, d, 0.3, 0.5, dtype, seed=n)
+        v = torch.ops.maskedssl.ncut_fiedler_cuda(feats, tau, 1e-5)[0]
+        want = finish_partition(feats, v, "cuda")
+        got = NCut(*torch.ops.maskedssl.ncut_bipartition_cuda(feats, tau, 1e-5, SEED_TIE))
+        assert torch.equal(got.fiedler, want.fiedler) and torch.equal(got.foreground, want.foreground)
+        if dtype != torch.float32 and n <= d:
+            torch.testing.assert_close(got.score, want.score, atol=2e-6, rtol=0)
+        else:
+            assert torch.equal(got.score, want.score)
+        ops_out = ncut_bipartition(feats, tau, 1e-5, backend="cuda")
+        assert all(torch.equal(x, y) for x, y in zip(ops_out, got))
+
+
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
+def test_cuda_gram_and_one_call_entry_points_emulated():
+    feats, v = _partition_inputs(2, 9, 16, torch.bfloat16)
+    gram = _gram(feats)
+    torch.library.opcheck(torch.ops.maskedssl.ncut_partition_gram_cuda.default, (gram, v, 1e-4))
+    for tau in (None, 0.2):
+        torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition_cuda.default, (feats, tau, 1e-5, 1e-4))
+    with pytest.raises(RuntimeError, match="gram must be"):
+        torch.ops.maskedssl.ncut_partition_gram_cuda(gram[:, :, :8], v, 1e-4)
+    with pytest.raises(RuntimeError, match="gram must be"):
+        torch.ops.maskedssl.ncut_partition_gram_cuda(gram.double(), v, 1e-4)
+    with pytest.raises(RuntimeError, match="v must be"):
+        torch.ops.maskedssl.ncut_partition_gram_cuda(gram, v[:, :8], 1e-4)
+    empty = torch.ops.maskedssl.ncut_bipartition_cuda(feats[:0], None, 1e-5, 1e-4)
+    assert [t.shape for t in empty] == [(0, 9)] * 3
 
 
 # ----------------------------------------------------------------------------- work per sample

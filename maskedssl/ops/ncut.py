@@ -98,7 +98,11 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor, backend: str = "torch
     1.3 GB of float32 traffic at B = 256, N = 196, D = 768). The kernel backends apply the same rules in
     one launch (one program or block per sample) that reads the features twice in their own dtype; only
     the float32 summation order differs. Features wider than the kernels take (Triton's PARTITION_MAX_D,
-    8192; CUDA_PARTITION_MAX_D, 2048) use the reference.
+    8192; CUDA_PARTITION_MAX_D, 2048) use the reference. (``ncut_bipartition`` on the cuda backend does
+    not come here: ``ncut_bipartition_cuda`` runs solver and partition in one C++ call, and for 16-bit
+    features with N <= D takes the scores from the solver's Gram matrix, N^2 / 2 floats for a balanced
+    cut where the features are 2 N D elements: about 20 MB (half of G) instead of 154 MB at that shape in
+    bf16.)
     """
     d = feats.shape[-1]
     if backend == "triton":
@@ -167,6 +171,10 @@ def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "torch":
         return tuple(_ncut_torch(feats, tau, eps))
+    if backend == "cuda" and (feats.dtype != torch.float32 or feats.shape[-1] <= CUDA_PARTITION_MAX_D):
+        # solver and partition step in one C++ call (16-bit features with N <= D: the partition from the
+        # solver's Gram matrix, fewer bytes than the features)
+        return torch.ops.maskedssl.ncut_bipartition_cuda(feats, tau, max(eps, KERNEL_MIN_EPS), SEED_TIE)
     return tuple(finish_partition(feats, _fiedler_kernel(feats, tau, eps, backend)[0], backend))
 
 
@@ -184,11 +192,13 @@ if cuda_extension_loaded():
         return (feats.new_empty(b, n, dtype=torch.float32),
                 feats.new_empty(b if count_products else 0, dtype=torch.int32))
 
-    @torch.library.register_fake("maskedssl::ncut_partition_cuda")
-    def _(feats, v, seed_tie):
+    def _partition_fake(feats, *_):
         b, n = feats.shape[:2]
         return (feats.new_empty(b, n, dtype=torch.float32), feats.new_empty(b, n, dtype=torch.bool),
                 feats.new_empty(b, n, dtype=torch.float32))
+
+    for _name in ("ncut_partition_cuda", "ncut_partition_gram_cuda", "ncut_bipartition_cuda"):
+        torch.library.register_fake(f"maskedssl::{_name}")(_partition_fake)
 
 
 def _scale_rows(feats: torch.Tensor, row_peak: torch.Tensor) -> torch.Tensor:
