@@ -643,8 +643,9 @@ at::Tensor gram_matrix(const at::Tensor& feats) {
 
 // The solver behind ncut_fiedler_cuda and ncut_bipartition_cuda: v (B, N) float32 and, when count_products,
 // the products each sample took; `gram` receives the Gram matrix it solved on.
-std::tuple<at::Tensor, at::Tensor> fiedler(const at::Tensor& feats, std::optional<double> tau, double eps,
-                                           bool count_products, at::Tensor& gram, const char* op) {
+std::tuple<at::Tensor, at::Tensor> solve_fiedler(const at::Tensor& feats, std::optional<double> tau,
+                                                 double eps, bool count_products, at::Tensor& gram,
+                                                 const char* op) {
   TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, op, ": feats must be a 3-D CUDA tensor");
   TORCH_CHECK(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kHalf ||
                   feats.scalar_type() == at::kBFloat16,
@@ -691,7 +692,7 @@ bool partition_from_gram(const at::Tensor& feats) {
 std::tuple<at::Tensor, at::Tensor> ncut_fiedler_cuda(const at::Tensor& feats, std::optional<double> tau,
                                                      double eps, bool count_products) {
   at::Tensor gram;
-  return fiedler(feats, tau, eps, count_products, gram, "ncut_fiedler_cuda");
+  return solve_fiedler(feats, tau, eps, count_products, gram, "ncut_fiedler_cuda");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_gram_cuda(const at::Tensor& gram,
@@ -760,7 +761,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_bipartition_cuda(const at::T
                                                                    std::optional<double> tau, double eps,
                                                                    double seed_tie) {
   at::Tensor gram;
-  const at::Tensor v = std::get<0>(fiedler(feats, tau, eps, false, gram, "ncut_bipartition_cuda"));
+  const at::Tensor v = std::get<0>(solve_fiedler(feats, tau, eps, false, gram, "ncut_bipartition_cuda"));
   if (partition_from_gram(feats)) {
     if (feats.size(0) == 0) gram = at::empty({0, feats.size(1), feats.size(1)}, v.options());
     return ncut_partition_gram_cuda(gram, v, seed_tie);
