@@ -370,15 +370,24 @@ def _gram(feats):
     return torch.bmm(feats.float(), feats.float().transpose(1, 2))
 
 
-@pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
+CUDA_KERNEL_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only "
+                                                                           "under tests/cuda_emu")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_cuda_partition_from_the_gram_matrix_matches_the_reference_rules(dtype):
+def test_cuda_partition_from_the_gram_matrix_matches_the_reference_rules(dtype, device):
     """ncut_partition_gram_cuda (the partition step from G = F F^T, which the CUDA path takes for 16-bit
     features with N <= D) against the reference on the same v: N from 2 to the kernel's 1024, a zero row,
     a non-contiguous G and v."""
     shapes = [(2, 5, 16), (3, 49, 100), (2, 64, 768), (1, 2, 3), (2, 300, 24), (1, 1024, 8)]
+    if device == "cuda":
+        shapes.append((256, 196, 768))
     for b, n, d in shapes:
-        feats, v = _partition_inputs(b, n, d, dtype)
+        feats, v = (t.to(device) for t in _partition_inputs(b, n, d, dtype))
         want = finish_partition(feats, v)
         gram = _gram(feats)
         _check_partition(NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(gram, v, SEED_TIE)), want)
@@ -409,15 +418,18 @@ def test_cuda_partition_from_the_gram_matrix_takes_the_reference_ties():
             assert torch.equal(got.score[4], torch.zeros(8)) and torch.equal(got.score[5], torch.zeros(8))
 
 
-@pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_cuda_op_in_one_call_equals_solver_then_partition(dtype):
+def test_cuda_op_in_one_call_equals_solver_then_partition(dtype, device):
     """ncut_bipartition_cuda (what the op runs on the cuda backend) against the two-call path it replaced,
     ncut_fiedler_cuda then the feature partition: the same Fiedler vector and cut (bit for bit), scores
     within fp32 rounding where it reads them from G (16-bit, N <= D) and bit for bit where it reads the
     features (N > D, or fp32)."""
-    for b, n, d, tau in ((3, 49, 100, None), (2, 64, 64, 0.2), (2, 100, 24, None), (1, 2, 3, 0.0)):
-        feats = planted(b, n, d, 0.3, 0.5, dtype, seed=n)
+    cases = [(3, 49, 100, None), (2, 64, 64, 0.2), (2, 100, 24, None), (1, 2, 3, 0.0)]
+    if device == "cuda":
+        cases += [(256, 196, 768, None), (16, 576, 384, 0.2), (4, 1024, 192, None)]
+    for b, n, d, tau in cases:
+        feats = planted(b, n, d, 0.3, 0.5, dtype, device=device, seed=n)
         v = torch.ops.maskedssl.ncut_fiedler_cuda(feats, tau, 1e-5)[0]
         want = finish_partition(feats, v, "cuda")
         got = NCut(*torch.ops.maskedssl.ncut_bipartition_cuda(feats, tau, 1e-5, SEED_TIE))
@@ -430,9 +442,9 @@ def test_cuda_op_in_one_call_equals_solver_then_partition(dtype):
         assert all(torch.equal(x, y) for x, y in zip(ops_out, got))
 
 
-@pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
-def test_cuda_gram_and_one_call_entry_points_emulated():
-    feats, v = _partition_inputs(2, 9, 16, torch.bfloat16)
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+def test_cuda_gram_and_one_call_entry_points(device):
+    feats, v = (t.to(device) for t in _partition_inputs(2, 9, 16, torch.bfloat16))
     gram = _gram(feats)
     torch.library.opcheck(torch.ops.maskedssl.ncut_partition_gram_cuda.default, (gram, v, 1e-4))
     for tau in (None, 0.2):
