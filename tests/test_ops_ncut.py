@@ -219,6 +219,29 @@ def test_disconnected_clusters_with_a_tiny_eps(backend, n, first):
         assert torch.equal(out[1], cluster) or torch.equal(out[1], ~cluster)
 
 
+@pytest.mark.parametrize("backend", cpu_kernel_backends())
+def test_zero_rows_with_a_tiny_eps_keep_the_cut(backend):
+    """A zero row has degree N eps, and v = D^-1/2 u divides the solver's ~1e-6 error in u by sqrt(N eps):
+    with the kernels' eps floored at 1e-30, eps = 1e-16 gave a wrong cut and 1e-20 a foreground of one zero
+    row. Floored at KERNEL_MIN_EPS they give the float64 reference's cut at every eps. And an all-zero sample
+    with N^2 eps below 1e-24 once left the reference's deflated vector unscaled (normalize's 1e-12 floor):
+    it must give the start vector's projection, as at larger eps and as the kernels do."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(2, 40, generator=g)
+    feats = centers[torch.tensor([0] * 4 + [1] * 8)] + 0.5 * torch.randn(12, 40, generator=g)
+    feats[[0, 5]] = 0
+    for eps in (1e-5, 1e-12, 1e-16, 1e-20):
+        want = ncut_bipartition(feats[None], None, eps, backend="torch")
+        got = ncut_bipartition(feats[None], None, eps, backend=backend)
+        assert torch.equal(got.foreground, want.foreground), eps
+        assert (got.fiedler * want.fiedler).sum().abs() >= 0.999
+    zeros = torch.zeros(1, 12, 40)
+    alternate = torch.arange(12) % 2 == 0
+    for eps in (1e-5, 1e-27):
+        for b in ("torch", backend):
+            assert torch.equal(ncut_bipartition(zeros, None, eps, backend=b).foreground[0], alternate), (b, eps)
+
+
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
 def test_tiny_eps_stays_finite(backend):
     # eps underflows fp32 (and D^-1/2 ~ 1/sqrt(N eps) overflows it): zero rows must not give NaN

@@ -18,6 +18,7 @@ mean normalised feature of the foreground.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -34,9 +35,14 @@ CUDA_PARTITION_MAX_D = 2048
 # power of two (exact, cosines unchanged) so that the kernels' fp32 squared norms neither overflow
 # (D * 2^100 < 2^128 for any D < 2^28) nor underflow (a row of entries below ~1e-19 would read as zero).
 PEAK_EXP = 50
-# The kernels take the affinity floor in fp32; a smaller eps would underflow (zero degrees, NaN). The
-# normalised graph only sees eps relative to the cosines, so any eps this small gives the same result.
-KERNEL_MIN_EPS = 1e-30
+# The kernels take the affinity floor in fp32 and no lower than this. A zero feature row has degree N eps,
+# and v = D^-1/2 u divides its entry of u, which the fp32 solver knows to its ~1e-6 tolerance, by
+# sqrt(N eps): far below 1e-10 that noise decided the cut (at eps = 1e-20 a zero row alone became the
+# foreground). The exact v of a zero row does not depend on eps (A v = theta D v gives it
+# sum(v) / (N theta), the same for every eps), and every other row has degree >= 1 (its own affinity is
+# 1), which a smaller eps changes by less than the solver's tolerance: so any eps below this gives the
+# kernels' result at this one, which agrees with the float64 reference's at the smaller eps.
+KERNEL_MIN_EPS = 1e-10
 # Entries of |v| within this fraction of max |v| count as tied for the seed (the lowest index wins): exact
 # ties (N = 2, two equal clusters of a binary graph) must not be decided by each backend's rounding.
 SEED_TIE = 1e-4
@@ -138,7 +144,8 @@ def _ncut_torch(feats, tau, eps):
     # left is the Fiedler vector, as the kernels deflate it. Taking eigh's second vector of M instead is
     # the same where the graph is connected, but where it falls apart (eps -> 0 between clusters) 1 is a
     # double eigenvalue and eigh returns any mix of the two vectors.
-    u1 = torch.nn.functional.normalize(degree.sqrt(), dim=-1)
+    # (sqrt(d) / |sqrt(d)| written out: normalize's 1e-12 floor left a zero sample's tiny sqrt(N eps 1) unscaled)
+    u1 = degree.sqrt() / degree.sum(-1, keepdim=True).sqrt()
     m = m - 2.0 * u1.unsqueeze(-1) * u1.unsqueeze(-2)
     vals, vecs = torch.linalg.eigh(m)  # ascending
     # the start vector's part in the top eigenspace: eigh's top vector where that space is a line (up to
@@ -217,11 +224,11 @@ def _scale_rows(feats: torch.Tensor, row_peak: torch.Tensor) -> torch.Tensor:
 def check_graph_args(tau, eps) -> None:
     """tau None or in (-1, 1), eps in (0, 1] (shared with ``InformedMasking``, which checks them early)."""
     if tau is not None:
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
             raise TypeError(f"tau must be a float or None, got {type(tau).__name__}")
         if not -1.0 < tau < 1.0:
             raise ValueError(f"tau must be in (-1, 1), got {tau}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"eps must be in (0, 1], got {eps}")
@@ -257,7 +264,8 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
 
     feats: float32/bfloat16/float16 (float64 runs the torch backend), finite, N >= 2 (B = 0 gives empty
     results); tau: TokenCut's binary-graph threshold in (-1, 1) or None for the clamped cosine graph;
-    eps in (0, 1]: the affinity floor. No gradient flows through the result. The finiteness check costs one
+    eps in (0, 1]: the affinity floor (the kernels take at least ``KERNEL_MIN_EPS`` = 1e-10, which gives
+    the result of any smaller eps to the solver's tolerance). No gradient flows through the result. The finiteness check costs one
     reduction and one device->host sync, like the ops' index checks (``MASKEDSSL_CHECK_INDICES=0`` skips it);
     the same reduction finds rows whose entries are all below 2^-50 or any above 2^50; each such row is
     scaled by a power of two first (without the check, their fp32 norms underflow or overflow).
