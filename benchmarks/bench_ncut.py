@@ -151,13 +151,15 @@ def measure_partition(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[
         # what the op's cuda path runs for 16-bit features with N <= D: the same step from the solver's
         # Gram matrix (made here as the solver makes it), reading its foreground rows instead of the features
         gram = torch.bmm(feats.float(), feats.float().transpose(1, 2))
-        impls["cuda_gram"] = lambda: NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(gram, v, SEED_TIE))
+        impls["cuda_gram"] = lambda: NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v,
+                                                                                          SEED_TIE))
     for impl, fn in impls.items():
         got = fn()
         err = max((got.fiedler - want.fiedler).abs().max().item(),
                   (got.score - want.score).abs().max().item())
         if not (torch.equal(got.foreground, want.foreground) and err <= 1e-5):
-            raise AssertionError(f"{impl} partition differs from the reference (max error {err:.3g}) at {case}")
+            raise AssertionError(f"{impl} partition differs from the reference (max error {err:.3g}) "
+                                 f"at {case}")
         if impl == "cuda_gram":  # G's diagonal and the foreground's rows of G instead of the features
             moved = 4 * (b * n + int(want.foreground.sum()) * n) + b * n * (4 + 4 + 1 + 4)
             row = make_row("ncut_partition", case, impl, time_ms(fn, warmup, rep), moved, 0, peaks)

@@ -55,6 +55,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxN = 1024;
 constexpr int kPartitionMaxD = 2048;  // partition_kernel's shared memory, 9 D + 2 N floats, stays <= 80 KB
 constexpr int kPerThread = kMaxN / kThreads;
+constexpr float kGramMinMeanSq = 1e-2f;  // partition_gram_kernel: |foreground's mean unit row|^2 it trusts
 
 struct Sum {
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
@@ -448,7 +449,8 @@ __global__ void __launch_bounds__(kThreads, 1) partition_kernel(const T* __restr
                                                              bool* __restrict__ foreground_out,
                                                              float* __restrict__ score_out, int n, int d,
                                                              int64_t s_b, int64_t s_n, int64_t s_d,
-                                                             float seed_scale) {
+                                                             float seed_scale, const bool* __restrict__ only) {
+  if (only != nullptr && !only[blockIdx.x]) return;  // a sample partition_gram_kernel has done
   extern __shared__ float partition_smem[];
   float* partial = partition_smem;
   float* m = partial + kWarps * d;
@@ -537,13 +539,15 @@ __global__ void __launch_bounds__(kThreads, 1) partition_kernel(const T* __restr
 // atomics; the eight partials are then summed in warp order. The traffic is the foreground's rows of G,
 // about N^2 / 2 floats for a balanced cut, where the feature path reads 2 N D elements: the host takes
 // this path for 16-bit features with N <= D. Their G holds exact products summed in fp32, so the scores
-// agree with the feature path's to fp32 rounding (a foreground whose normalised features cancel, |m| -> 0,
-// leaves rounding noise in either). Shared memory: kWarps * n partials, w and the flags (n each).
+// agree with the feature path's to fp32 rounding, except where the foreground's unit rows nearly cancel:
+// such a sample is flagged in redo_out, scores unwritten, for partition_kernel to redo from the features.
+// Shared memory: kWarps * n partials, w and the flags (n each).
 __global__ void __launch_bounds__(kThreads, 1) partition_gram_kernel(const float* __restrict__ gram,
                                                                   const float* __restrict__ v_all,
                                                                   float* __restrict__ fiedler_out,
                                                                   bool* __restrict__ foreground_out,
-                                                                  float* __restrict__ score_out, int n,
+                                                                  float* __restrict__ score_out,
+                                                                  bool* __restrict__ redo_out, int n,
                                                                   float seed_scale) {
   constexpr int kCols = kMaxN / 32;
   extern __shared__ float gram_smem[];
@@ -600,8 +604,15 @@ __global__ void __launch_bounds__(kThreads, 1) partition_gram_kernel(const float
       part += w[i] * s[k];
     }
   }
-  // |m|^2 is a sum of squares: rounding may take it a little below 0 where m cancels
-  const float inv_m = 1.f / fmaxf(sqrtf(fmaxf(block_sum(part, red, parity), 0.f)), count * 1e-12f);
+  // |m|^2 as a quadratic form in G carries G's rounding relative to the row norms: its error is about
+  // eps_G count^2, so the scores' error grows as 1 / |m / count|^2 (the feature path's as 1 / |m / count|).
+  // Where the foreground's unit rows cancel that far (|mean| < 0.1; exact cancellation left |m|^2 <= 0 and
+  // scores of +-1 where the reference gives 0), partition_kernel redoes the sample from the features.
+  const float m_sq = block_sum(part, red, parity);
+  const bool redo = !(m_sq >= kGramMinMeanSq * count * count);
+  if (tid == 0) redo_out[b] = redo;
+  if (redo) return;  // the whole block: m_sq and count are the same in every thread
+  const float inv_m = 1.f / fmaxf(sqrtf(m_sq), count * 1e-12f);
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int i = tid + k * kThreads;
@@ -695,47 +706,31 @@ std::tuple<at::Tensor, at::Tensor> ncut_fiedler_cuda(const at::Tensor& feats, st
   return solve_fiedler(feats, tau, eps, count_products, gram, "ncut_fiedler_cuda");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_gram_cuda(const at::Tensor& gram,
-                                                                      const at::Tensor& v, double seed_tie) {
-  TORCH_CHECK(gram.is_cuda() && gram.dim() == 3 && gram.scalar_type() == at::kFloat &&
-                  gram.size(1) == gram.size(2),
-              "ncut_partition_gram_cuda: gram must be a (B, N, N) float32 CUDA tensor");
-  const int64_t bsz = gram.size(0), n = gram.size(1);
-  TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 2 && v.size(0) == bsz && v.size(1) == n &&
-                  v.device() == gram.device(),
-              "ncut_partition_gram_cuda: v must be a (B, N) float32 tensor on gram's device");
-  TORCH_CHECK(n >= 1 && n <= kMaxN, "ncut_partition_gram_cuda: N must be in [1, ", kMaxN, "], got ", n);
-  c10::cuda::CUDAGuard guard(gram.device());
-  const auto f32 = gram.options().dtype(at::kFloat);
-  at::Tensor fiedler = empty_output({bsz, n}, f32), score = empty_output({bsz, n}, f32);
-  at::Tensor foreground = empty_output({bsz, n}, gram.options().dtype(at::kBool));
-  if (bsz == 0) return {fiedler, foreground, score};
-  const at::Tensor gc = gram.contiguous(), vc = v.contiguous();
-  const int smem = static_cast<int>(sizeof(float) * (kWarps + 2) * n);  // <= 40 KB: no opt-in
-  partition_gram_kernel<<<static_cast<unsigned int>(bsz), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      gc.data_ptr<float>(), vc.data_ptr<float>(), fiedler.data_ptr<float>(), foreground.data_ptr<bool>(),
-      score.data_ptr<float>(), static_cast<int>(n), static_cast<float>(1.0 - seed_tie));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {fiedler, foreground, score};
-}
+namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_cuda(const at::Tensor& feats,
-                                                                 const at::Tensor& v, double seed_tie) {
-  TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, "ncut_partition_cuda: feats must be a 3-D CUDA tensor");
+// Checks and outputs shared by both partition entry points: (fiedler, foreground, score) for (B, N).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partition_outputs(const at::Tensor& feats, const at::Tensor& v,
+                                                                 const char* op) {
+  TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, op, ": feats must be a 3-D CUDA tensor");
+  TORCH_CHECK(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kHalf ||
+                  feats.scalar_type() == at::kBFloat16,
+              op, ": feats must be float32, float16 or bfloat16");
   const int64_t bsz = feats.size(0), n = feats.size(1), d = feats.size(2);
   TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 2 && v.size(0) == bsz && v.size(1) == n &&
                   v.device() == feats.device(),
-              "ncut_partition_cuda: v must be a (B, N) float32 tensor on feats' device");
-  TORCH_CHECK(n >= 1 && n <= kMaxN && d >= 1 && d <= kPartitionMaxD, "ncut_partition_cuda: N must be in [1, ",
-              kMaxN, "] and D in [1, ", kPartitionMaxD, "], got ", n, " and ", d);
-  c10::cuda::CUDAGuard guard(feats.device());
+              op, ": v must be a (B, N) float32 tensor on feats' device");
+  TORCH_CHECK(n >= 1 && n <= kMaxN && d >= 1 && d <= kPartitionMaxD, op, ": N must be in [1, ", kMaxN,
+              "] and D in [1, ", kPartitionMaxD, "], got ", n, " and ", d);
   const auto f32 = feats.options().dtype(at::kFloat);
-  at::Tensor fiedler = empty_output({bsz, n}, f32), score = empty_output({bsz, n}, f32);
-  at::Tensor foreground = empty_output({bsz, n}, feats.options().dtype(at::kBool));
-  if (bsz == 0) return {fiedler, foreground, score};
-  const at::Tensor vc = v.contiguous();
+  return {empty_output({bsz, n}, f32), empty_output({bsz, n}, feats.options().dtype(at::kBool)),
+          empty_output({bsz, n}, f32)};
+}
+
+// partition_kernel over the batch (only the samples flagged in `only`, when given).
+void launch_partition(const at::Tensor& feats, const at::Tensor& vc, at::Tensor& fiedler, at::Tensor& foreground,
+                      at::Tensor& score, float seed_scale, const bool* only) {
+  const int64_t bsz = feats.size(0), n = feats.size(1), d = feats.size(2);
   const int smem = static_cast<int>(sizeof(float) * ((kWarps + 1) * d + 2 * n));
-  const float seed_scale = static_cast<float>(1.0 - seed_tie);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   MASKEDSSL_DISPATCH_FLOAT_TYPES(feats.scalar_type(), "ncut_partition_cuda", [&] {
     const bool vectorized =
@@ -747,16 +742,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_cuda(const at::Ten
       kernel<<<static_cast<unsigned int>(bsz), kThreads, smem, stream>>>(
           feats.data_ptr<scalar_t>(), vc.data_ptr<float>(), fiedler.data_ptr<float>(),
           foreground.data_ptr<bool>(), score.data_ptr<float>(), static_cast<int>(n), static_cast<int>(d),
-          feats.stride(0), feats.stride(1), feats.stride(2), seed_scale);
+          feats.stride(0), feats.stride(1), feats.stride(2), seed_scale, only);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_cuda(const at::Tensor& feats,
+                                                                 const at::Tensor& v, double seed_tie) {
+  auto [fiedler, foreground, score] = partition_outputs(feats, v, "ncut_partition_cuda");
+  if (feats.size(0) == 0) return {fiedler, foreground, score};
+  c10::cuda::CUDAGuard guard(feats.device());
+  launch_partition(feats, v.contiguous(), fiedler, foreground, score, static_cast<float>(1.0 - seed_tie), nullptr);
+  return {fiedler, foreground, score};
+}
+
+// From G = F F^T where that is accurate (partition_gram_kernel), then from the features for the samples it
+// flags (a second launch whose other blocks return at once: no host sync).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_gram_cuda(const at::Tensor& feats,
+                                                                      const at::Tensor& gram,
+                                                                      const at::Tensor& v, double seed_tie) {
+  auto [fiedler, foreground, score] = partition_outputs(feats, v, "ncut_partition_gram_cuda");
+  const int64_t bsz = feats.size(0), n = feats.size(1);
+  TORCH_CHECK(gram.scalar_type() == at::kFloat && gram.dim() == 3 && gram.size(0) == bsz && gram.size(1) == n &&
+                  gram.size(2) == n && gram.device() == feats.device(),
+              "ncut_partition_gram_cuda: gram must be a (B, N, N) float32 tensor on feats' device");
+  if (bsz == 0) return {fiedler, foreground, score};
+  c10::cuda::CUDAGuard guard(feats.device());
+  const at::Tensor gc = gram.contiguous(), vc = v.contiguous();
+  at::Tensor redo = at::empty({bsz}, feats.options().dtype(at::kBool));
+  const float seed_scale = static_cast<float>(1.0 - seed_tie);
+  const int smem = static_cast<int>(sizeof(float) * (kWarps + 2) * n);  // <= 40 KB: no opt-in
+  partition_gram_kernel<<<static_cast<unsigned int>(bsz), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      gc.data_ptr<float>(), vc.data_ptr<float>(), fiedler.data_ptr<float>(), foreground.data_ptr<bool>(),
+      score.data_ptr<float>(), redo.data_ptr<bool>(), static_cast<int>(n), seed_scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_partition(feats, vc, fiedler, foreground, score, seed_scale, redo.data_ptr<bool>());
   return {fiedler, foreground, score};
 }
 
 // The whole op in one call (no Python between its launches): the solver, then the partition step from G
-// (partition_from_gram) or from the features (D <= kPartitionMaxD; the caller takes wider fp32 features to
-// the reference rules).
+// (partition_from_gram) or from the features (D <= kPartitionMaxD; the caller takes wider features to the
+// reference rules).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_bipartition_cuda(const at::Tensor& feats,
                                                                    std::optional<double> tau, double eps,
                                                                    double seed_tie) {
@@ -764,7 +793,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_bipartition_cuda(const at::T
   const at::Tensor v = std::get<0>(solve_fiedler(feats, tau, eps, false, gram, "ncut_bipartition_cuda"));
   if (partition_from_gram(feats)) {
     if (feats.size(0) == 0) gram = at::empty({0, feats.size(1), feats.size(1)}, v.options());
-    return ncut_partition_gram_cuda(gram, v, seed_tie);
+    return ncut_partition_gram_cuda(feats, gram, v, seed_tie);
   }
   return ncut_partition_cuda(feats, v, seed_tie);
 }

@@ -20,8 +20,8 @@ TORCH_LIBRARY(maskedssl, m) {
         "-> (Tensor, Tensor)");
   // sign, split, seed and scores from each sample's vector v: (fiedler, foreground, score)
   m.def("ncut_partition_cuda(Tensor feats, Tensor v, float seed_tie) -> (Tensor, Tensor, Tensor)");
-  // the same from the (B, N, N) float32 Gram matrix F F^T instead of the features
-  m.def("ncut_partition_gram_cuda(Tensor gram, Tensor v, float seed_tie) -> (Tensor, Tensor, Tensor)");
+  // the same from the (B, N, N) float32 Gram matrix F F^T, the features read only for samples it flags
+  m.def("ncut_partition_gram_cuda(Tensor feats, Tensor gram, Tensor v, float seed_tie) -> (Tensor, Tensor, Tensor)");
   // solver and partition step in one call: (fiedler, foreground, score)
   m.def("ncut_bipartition_cuda(Tensor feats, float? tau, float eps, float seed_tie) -> (Tensor, Tensor, Tensor)");
   // --- end ncut bi-partition ---

@@ -119,10 +119,15 @@ def _kernel_runs(case: str) -> list[torch.Tensor]:
     if case == "partition":
         feats = torch.randn(3, 300, 64, generator=g).to(torch.bfloat16)
         v = torch.randn(3, 300, generator=g)
-        gram = torch.randn(3, 300, 300, generator=g)
+        wide = torch.randn(3, 300, 320, generator=g).to(torch.bfloat16)
+        wide[0, :, :8] = 0
+        wide[0, 1::2] = -wide[0, ::2]
+        split = v.clone()
+        split[0] = torch.where(torch.arange(300) < 100, 1.0, -1.0)  # sample 0's foreground cancels in pairs:
+        gram = torch.bmm(wide.float(), wide.float().transpose(1, 2))  # partition_kernel redoes it
         return [*cuda_ops.ncut_partition_cuda(feats, v, 1e-4),
                 *cuda_ops.ncut_partition_cuda(feats[..., 1:], v, 1e-4),
-                *cuda_ops.ncut_partition_gram_cuda(gram @ gram.transpose(1, 2), v, 1e-4)]
+                *cuda_ops.ncut_partition_gram_cuda(wide, gram, split, 1e-4)]
     if case.startswith("ncut"):
         n = int(case[4:])
         feats = torch.randn(2, n, 24, generator=g)

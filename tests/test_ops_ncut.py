@@ -239,7 +239,8 @@ def test_zero_rows_with_a_tiny_eps_keep_the_cut(backend):
     alternate = torch.arange(12) % 2 == 0
     for eps in (1e-5, 1e-27):
         for b in ("torch", backend):
-            assert torch.equal(ncut_bipartition(zeros, None, eps, backend=b).foreground[0], alternate), (b, eps)
+            cut = ncut_bipartition(zeros, None, eps, backend=b)
+            assert torch.equal(cut.foreground[0], alternate), (b, eps)
 
 
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
@@ -413,10 +414,11 @@ def test_cuda_partition_from_the_gram_matrix_matches_the_reference_rules(dtype, 
         feats, v = (t.to(device) for t in _partition_inputs(b, n, d, dtype))
         want = finish_partition(feats, v)
         gram = _gram(feats)
-        _check_partition(NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(gram, v, SEED_TIE)), want)
-        strided = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(gram.transpose(1, 2), v.t().contiguous().t(),
-                                                                     SEED_TIE))
-        _check_partition(strided, want)
+        _check_partition(NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v, SEED_TIE)), want)
+        strided = torch.ops.maskedssl.ncut_partition_gram_cuda(feats.transpose(1, 2).contiguous().transpose(1, 2),
+                                                               gram.transpose(1, 2), v.t().contiguous().t(),
+                                                               SEED_TIE)
+        _check_partition(NCut(*strided), want)
 
 
 @pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
@@ -435,10 +437,38 @@ def test_cuda_partition_from_the_gram_matrix_takes_the_reference_ties():
     v[5] = torch.tensor([2.0, 2, -1, -1, -1, -1, -1, -1])  # the foreground: rows 0 and 1
     feats[5, 1] = -feats[5, 0]
     for f, vv in ((feats, v), (torch.randn(2, 2, 4), torch.tensor([[1.0, -1.0], [-2.0, 2.0]]))):
-        got = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(_gram(f), vv, SEED_TIE))
+        got = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(f, _gram(f), vv, SEED_TIE))
         _check_partition(got, finish_partition(f, vv))
         if f is feats:
             assert torch.equal(got.score[4], torch.zeros(8)) and torch.equal(got.score[5], torch.zeros(8))
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_gram_partition_redoes_a_cancelling_foreground_from_the_features(dtype, device):
+    """|m|^2 from G carries G's rounding relative to the row norms, so the scores' error grows as
+    1 / |mean unit row|^2: exact cancellation (f and -f of different norms in the foreground) gave scores of
+    +-1 where the reference gives 0, and pairs f, -f + 0.01 noise (|mean| ~ 1e-3) 3.5e-4 off. Those samples
+    are redone from the features (a random sample beside each in the batch is not)."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.zeros(4, 4)
+    exact[:, 0] = torch.tensor([0.375, 3.375, -0.875, -0.25])
+    base = torch.randn(32, 96, generator=g)
+    pairs = torch.stack([base, -base + 0.01 * torch.randn(32, 96, generator=g)], 1).reshape(64, 96)
+    for feats, v in ((exact[None], torch.tensor([[1.0, -1, 1, -1]])),  # foreground rows 0, 2: +e1, -e1
+                     (pairs[None], torch.ones(1, 64)),  # everything foreground
+                     (pairs[None], torch.linspace(1, -1, 64)[None])):  # the first half
+        feats = torch.cat([feats, torch.randn(feats.shape, generator=g)]).to(device=device, dtype=dtype)
+        v = torch.cat([v, v]).to(device)
+        want = finish_partition(feats, v)
+        got = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, _gram(feats), v, SEED_TIE))
+        assert torch.equal(got.foreground, want.foreground)
+        torch.testing.assert_close(got.fiedler, want.fiedler, atol=1e-6, rtol=0)
+        # |mean| ~ 1e-3: the float32 reference and the feature kernel are each ~3e-6 off the exact scores
+        torch.testing.assert_close(got.score, want.score, atol=1e-5, rtol=0)
+    exact_got = torch.ops.maskedssl.ncut_partition_gram_cuda(*(t.to(device) for t in (
+        exact[None].to(dtype), _gram(exact[None].to(dtype)), torch.tensor([[1.0, -1, 1, -1]]))), SEED_TIE)
+    assert torch.equal(exact_got[2].cpu(), torch.zeros(1, 4))
 
 
 @pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
@@ -469,15 +499,15 @@ def test_cuda_op_in_one_call_equals_solver_then_partition(dtype, device):
 def test_cuda_gram_and_one_call_entry_points(device):
     feats, v = (t.to(device) for t in _partition_inputs(2, 9, 16, torch.bfloat16))
     gram = _gram(feats)
-    torch.library.opcheck(torch.ops.maskedssl.ncut_partition_gram_cuda.default, (gram, v, 1e-4))
+    torch.library.opcheck(torch.ops.maskedssl.ncut_partition_gram_cuda.default, (feats, gram, v, 1e-4))
     for tau in (None, 0.2):
         torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition_cuda.default, (feats, tau, 1e-5, 1e-4))
     with pytest.raises(RuntimeError, match="gram must be"):
-        torch.ops.maskedssl.ncut_partition_gram_cuda(gram[:, :, :8], v, 1e-4)
+        torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram[:, :, :8], v, 1e-4)
     with pytest.raises(RuntimeError, match="gram must be"):
-        torch.ops.maskedssl.ncut_partition_gram_cuda(gram.double(), v, 1e-4)
+        torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram.double(), v, 1e-4)
     with pytest.raises(RuntimeError, match="v must be"):
-        torch.ops.maskedssl.ncut_partition_gram_cuda(gram, v[:, :8], 1e-4)
+        torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v[:, :8], 1e-4)
     empty = torch.ops.maskedssl.ncut_bipartition_cuda(feats[:0], None, 1e-5, 1e-4)
     assert [t.shape for t in empty] == [(0, 9)] * 3
 

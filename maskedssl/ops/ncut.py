@@ -108,7 +108,8 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor, backend: str = "torch
     not come here: ``ncut_bipartition_cuda`` runs solver and partition in one C++ call, and for 16-bit
     features with N <= D takes the scores from the solver's Gram matrix, N^2 / 2 floats for a balanced
     cut where the features are 2 N D elements: about 20 MB (half of G) instead of 154 MB at that shape in
-    bf16.)
+    bf16. A sample whose foreground's unit features nearly cancel, where G's rounding would show, is
+    redone from the features in a second launch.)
     """
     d = feats.shape[-1]
     if backend == "triton":
@@ -144,7 +145,8 @@ def _ncut_torch(feats, tau, eps):
     # left is the Fiedler vector, as the kernels deflate it. Taking eigh's second vector of M instead is
     # the same where the graph is connected, but where it falls apart (eps -> 0 between clusters) 1 is a
     # double eigenvalue and eigh returns any mix of the two vectors.
-    # (sqrt(d) / |sqrt(d)| written out: normalize's 1e-12 floor left a zero sample's tiny sqrt(N eps 1) unscaled)
+    # sqrt(d) / |sqrt(d)| written out: normalize's 1e-12 floor left a zero sample's tiny sqrt(N eps 1)
+    # unscaled
     u1 = degree.sqrt() / degree.sum(-1, keepdim=True).sqrt()
     m = m - 2.0 * u1.unsqueeze(-1) * u1.unsqueeze(-2)
     vals, vecs = torch.linalg.eigh(m)  # ascending
@@ -178,7 +180,7 @@ def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "torch":
         return tuple(_ncut_torch(feats, tau, eps))
-    if backend == "cuda" and (feats.dtype != torch.float32 or feats.shape[-1] <= CUDA_PARTITION_MAX_D):
+    if backend == "cuda" and feats.shape[-1] <= CUDA_PARTITION_MAX_D:
         # solver and partition step in one C++ call (16-bit features with N <= D: the partition from the
         # solver's Gram matrix, fewer bytes than the features)
         return torch.ops.maskedssl.ncut_bipartition_cuda(feats, tau, max(eps, KERNEL_MIN_EPS), SEED_TIE)
@@ -265,10 +267,11 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
     feats: float32/bfloat16/float16 (float64 runs the torch backend), finite, N >= 2 (B = 0 gives empty
     results); tau: TokenCut's binary-graph threshold in (-1, 1) or None for the clamped cosine graph;
     eps in (0, 1]: the affinity floor (the kernels take at least ``KERNEL_MIN_EPS`` = 1e-10, which gives
-    the result of any smaller eps to the solver's tolerance). No gradient flows through the result. The finiteness check costs one
-    reduction and one device->host sync, like the ops' index checks (``MASKEDSSL_CHECK_INDICES=0`` skips it);
-    the same reduction finds rows whose entries are all below 2^-50 or any above 2^50; each such row is
-    scaled by a power of two first (without the check, their fp32 norms underflow or overflow).
+    the result of any smaller eps to the solver's tolerance). No gradient flows through the result. The
+    finiteness check costs one reduction and one device->host sync, like the ops' index checks
+    (``MASKEDSSL_CHECK_INDICES=0`` skips it); the same reduction finds rows whose entries are all below
+    2^-50 or any above 2^50; each such row is scaled by a power of two first (without the check, their fp32
+    norms underflow or overflow).
     """
     feats, name = _prepare(feats, tau, eps, backend, "ncut_bipartition")
     if feats.shape[0] == 0:
