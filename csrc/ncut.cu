@@ -639,6 +639,14 @@ int lanczos_dynamic_smem(int device) {
   return value;
 }
 
+// Every entry point's features: a 3-D CUDA tensor of a float type the kernels read.
+void check_feats(const at::Tensor& feats, const char* op) {
+  TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, op, ": feats must be a 3-D CUDA tensor");
+  TORCH_CHECK(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kHalf ||
+                  feats.scalar_type() == at::kBFloat16,
+              op, ": feats must be float32, float16 or bfloat16");
+}
+
 // G = F F^T per sample in fp32 from cuBLAS. fp16/bf16 features go to the tensor cores as they are (exact
 // products, fp32 accumulation). fp32 features are split as f = hi + lo with both halves bf16 (f - hi is
 // exact, lo keeps its top 8 bits: |f - hi - lo| <= 2^-17 |f|) and G = hi hi^T + hi lo^T + lo hi^T, two
@@ -657,10 +665,7 @@ at::Tensor gram_matrix(const at::Tensor& feats) {
 std::tuple<at::Tensor, at::Tensor> solve_fiedler(const at::Tensor& feats, std::optional<double> tau,
                                                  double eps, bool count_products, at::Tensor& gram,
                                                  const char* op) {
-  TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, op, ": feats must be a 3-D CUDA tensor");
-  TORCH_CHECK(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kHalf ||
-                  feats.scalar_type() == at::kBFloat16,
-              op, ": feats must be float32, float16 or bfloat16");
+  check_feats(feats, op);
   const int64_t bsz = feats.size(0), n = feats.size(1);
   TORCH_CHECK(n >= 2 && n <= kMaxN, op, ": N must be in [2, ", kMaxN, "], got ", n);
   c10::cuda::CUDAGuard guard(feats.device());
@@ -711,10 +716,7 @@ namespace {
 // Checks and outputs shared by both partition entry points: (fiedler, foreground, score) for (B, N).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partition_outputs(const at::Tensor& feats, const at::Tensor& v,
                                                                  const char* op) {
-  TORCH_CHECK(feats.is_cuda() && feats.dim() == 3, op, ": feats must be a 3-D CUDA tensor");
-  TORCH_CHECK(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kHalf ||
-                  feats.scalar_type() == at::kBFloat16,
-              op, ": feats must be float32, float16 or bfloat16");
+  check_feats(feats, op);
   const int64_t bsz = feats.size(0), n = feats.size(1), d = feats.size(2);
   TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 2 && v.size(0) == bsz && v.size(1) == n &&
                   v.device() == feats.device(),
