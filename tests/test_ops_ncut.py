@@ -415,9 +415,9 @@ def test_cuda_partition_from_the_gram_matrix_matches_the_reference_rules(dtype, 
         want = finish_partition(feats, v)
         gram = _gram(feats)
         _check_partition(NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v, SEED_TIE)), want)
-        strided = torch.ops.maskedssl.ncut_partition_gram_cuda(feats.transpose(1, 2).contiguous().transpose(1, 2),
-                                                               gram.transpose(1, 2), v.t().contiguous().t(),
-                                                               SEED_TIE)
+        feats_t = feats.transpose(1, 2).contiguous().transpose(1, 2)
+        strided = torch.ops.maskedssl.ncut_partition_gram_cuda(feats_t, gram.transpose(1, 2),
+                                                               v.t().contiguous().t(), SEED_TIE)
         _check_partition(NCut(*strided), want)
 
 
