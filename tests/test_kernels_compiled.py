@@ -211,3 +211,22 @@ def test_cuda_vector_kernels_move_16_bytes_per_access():
         # masked_sum's outputs are fp32 partial sums, one per column; partition writes a few values per row
         if kernel not in ("masked_sum", "partition"):
             assert all(stores > 0 for _, stores in counts), (kernel, counts)
+
+
+def test_cuda_gram_partition_issues_a_rows_loads_before_its_fmas():
+    """partition_gram_kernel reads each foreground row of G as 32 loads per lane (columns lane + 32 c): all
+    of them must be in flight before the first FMA uses one. Written as load-then-FMA per column, ptxas
+    interleaved them and each FMA waited for its load: one load in flight per warp."""
+    import re
+
+    text = _cuobjdump("-sass")
+    bodies = re.split(r"\n\s*Function : (\S+)\s*\n", text)
+    found = 0
+    for name, body in zip(bodies[1::2], bodies[2::2]):
+        if "partition_gram_kernel" not in name:
+            continue
+        ops = "".join("L" if "LDG" in line else "F" for line in body.splitlines()
+                      if re.search(r"\b(LDG|FFMA)\b", line))
+        assert "L" * 32 in ops, ops
+        found += 1
+    assert found >= 2, found  # sm_80 and sm_90
