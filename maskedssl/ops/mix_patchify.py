@@ -16,7 +16,7 @@ import numbers
 import torch
 
 from ._backend import cuda_extension_loaded, refuse_cuda, resolve_backend
-from ._validate import (FLOAT_DTYPES, INDEX_DTYPES, REFERENCE_DTYPES, check_index_range, check_same_device,
+from ._validate import (INDEX_DTYPES, REFERENCE_DTYPES, check_index_range, check_same_device,
                         check_tensor, index_checks_enabled)
 from .patchify import grid_size, patchify
 
