@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty_output
+from ._utils import empty_output, round_to, to_fp32
 
 # A program's block holds about this many elements: ~8 per thread at 4 warps.
 BLOCK_ELEMENTS = 1024
@@ -42,7 +42,7 @@ def _load_patches(imgs, sample, patch, grid_w, stride_b, stride_h, stride_w, lan
                   std_c, P: tl.constexpr, NORMALIZE: tl.constexpr):
     """Patch ``patch[r]`` of image ``sample[r]`` for each row r of the block, as float32."""
     base = sample * stride_b + (patch // grid_w) * (P * stride_h) + (patch % grid_w) * (P * stride_w)
-    x = tl.load(imgs + base[:, None] + lane_offset[None, :], mask=valid, other=0).to(tl.float32)
+    x = to_fp32(tl.load(imgs + base[:, None] + lane_offset[None, :], mask=valid, other=0))
     if imgs.dtype.element_ty == tl.uint8:
         x = x / 255.0
     if NORMALIZE:
@@ -101,7 +101,7 @@ def _mix_patchify_kernel(imgs, partner, lam, ids_keep, ids_masked, mean, std, in
             delta = x - y
             x = tl.where(weight < 0.5, y + weight * delta, x - delta * (1.0 - weight))
         out = row[:, None] * R + lane[None, :]
-        tl.store(inputs + out, x.to(inputs.dtype.element_ty), mask=valid)
+        tl.store(inputs + out, round_to(x, inputs.dtype.element_ty), mask=valid)
     else:
         row = (pid - input_programs).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_ok = row < target_rows
@@ -117,14 +117,14 @@ def _mix_patchify_kernel(imgs, partner, lam, ids_keep, ids_masked, mean, std, in
                           mean_c, std_c, P, NORMALIZE)
         if NORM_PIX:
             x = _normalize_rows(x, valid, first, R)
-        tl.store(target + out, x.to(target.dtype.element_ty), mask=valid)
+        tl.store(target + out, round_to(x, target.dtype.element_ty), mask=valid)
         if MIX:
             mate = tl.load(partner + sample, mask=row_ok, other=0).to(tl.int64)
             y = _load_patches(imgs, mate, patch, grid_w, stride_b, stride_h, stride_w, lane_offset, valid,
                               mean_c, std_c, P, NORMALIZE)
             if NORM_PIX:
                 y = _normalize_rows(y, valid, first, R)
-            tl.store(other + out, y.to(other.dtype.element_ty), mask=valid)
+            tl.store(other + out, round_to(y, other.dtype.element_ty), mask=valid)
 
 
 def launch_config(patch_size: int, channels: int) -> dict:

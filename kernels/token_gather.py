@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty_output
+from ._utils import empty_output, round_to, to_fp32
 
 # Elements per program tile: 4096 = 8 KB of bf16, 32 per thread at 4 warps (four 16-byte vectors).
 _TILE_ELEMENTS = 4096
@@ -85,28 +85,6 @@ def _batch_chunk(batch: int, main_bytes: int, partial_elements_per_chunk: int) -
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _round_to(val, dtype: tl.constexpr):
-    """fp32 -> dtype, round to nearest even, as torch rounds. bf16 is rounded with integer ops (NaN kept
-    NaN): the same bits on a GPU and in the Triton interpreter, whose own bf16 cast truncates."""
-    if dtype == tl.bfloat16:
-        bits = val.to(tl.uint32, bitcast=True)
-        bits = tl.where(val != val, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))  # noqa: PLR0124 (NaN)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return val.to(dtype)
-
-
-@triton.jit
-def _to_fp32(val):
-    """dtype -> fp32, exactly. bf16 is widened with integer ops (its bits are fp32's top half): the Triton
-    interpreter's own bf16 -> fp32 cast loses subnormals, a GPU widens exactly either way."""
-    if val.dtype == tl.bfloat16:
-        return (val.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return val.to(tl.float32)
-
-
-@triton.jit
 def _gather_rows_kernel(src_ptr, ids_ptr, fill_ptr, pos_ptr, out_ptr,
                         rows_out, rows_src, D,
                         src_stride_b, src_stride_r, ids_stride_b, ids_stride_r, pos_stride,
@@ -135,7 +113,7 @@ def _gather_rows_kernel(src_ptr, ids_ptr, fill_ptr, pos_ptr, out_ptr,
     if HAS_POS:
         pos_rows = r if POS_AT_INDEX else i
         p = tl.load(pos_ptr + pos_rows[:, None] * pos_stride + cols[None, :], mask=tile_ok)
-        val = _round_to(_to_fp32(val) + _to_fp32(p), out_ptr.dtype.element_ty)
+        val = round_to(to_fp32(val) + to_fp32(p), out_ptr.dtype.element_ty)
     tl.store(out_ptr + (flat * D)[:, None] + cols[None, :], val, mask=tile_ok)
 
 
@@ -245,9 +223,9 @@ def _segment_sum_kernel(grad_ptr, perm_ptr, starts_ptr, out_ptr, pos_part_ptr,
             n = tl.load(perm_ptr + b * N + start + j, mask=take, other=0).to(tl.int64)
             g = tl.load(grad_ptr + ((b * N + n) * D)[:, None] + cols[None, :],
                         mask=take[:, None] & col_ok[None, :], other=0.0)
-            acc += _to_fp32(g)
+            acc += to_fp32(g)
         out_rows = (b * M + m) * D
-        tl.store(out_ptr + out_rows[:, None] + cols[None, :], _round_to(acc, out_ptr.dtype.element_ty),
+        tl.store(out_ptr + out_rows[:, None] + cols[None, :], round_to(acc, out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
         if HAS_POS:
             pos_acc += acc
@@ -283,7 +261,7 @@ def _masked_sum_kernel(grad_ptr, ids_ptr, mask_part_ptr, pos_part_ptr,
         r = tl.load(ids_ptr + b * ids_stride_b + l * ids_stride_l, mask=row_ok, other=0)
         masked = row_ok & (r >= K)
         read = row_ok if HAS_POS else masked
-        g = _to_fp32(tl.load(grad_ptr + ((b * L + l) * D)[:, None] + cols[None, :],
+        g = to_fp32(tl.load(grad_ptr + ((b * L + l) * D)[:, None] + cols[None, :],
                              mask=read[:, None] & col_ok[None, :], other=0.0))
         mask_acc += tl.where(masked[:, None], g, 0.0)
         if HAS_POS:

@@ -109,6 +109,28 @@ def test_batch_one_partner_self_and_exact_ends(backend):
         assert torch.equal(inputs, want)
 
 
+@pytest.mark.parametrize("backend", cpu_kernel_backends())
+def test_casts_round_as_torch(backend):
+    # Without mixing or normalising, each output is one cast of one pixel: bit-identical to torch's casts.
+    # fp32 -> bf16 rounds to nearest even (1 + 2^-8 + 2^-10 rounds up; the Triton interpreter's own cast
+    # truncates it), and bf16 subnormal pixels widen exactly (its own widening does not).
+    ulp = 2.0 ** -7
+    values = torch.tensor([1 + 2**-8 + 2**-10, 1 + ulp / 2, 1 + ulp * 1.5, -(1 + ulp * 0.75), 3e-39, -1e-40,
+                           float("inf"), 0.0, 2.0 ** -130, 1.7e38])
+    imgs = values.repeat(8)[:64].view(1, 1, 8, 8)
+    cases = [(imgs, torch.bfloat16), (imgs, torch.float16), (imgs.bfloat16(), torch.float32),
+             (imgs.bfloat16(), torch.bfloat16), (imgs.half(), torch.float32)]
+    for src, out_dtype in cases:
+        ids = dict(ids_keep=torch.tensor([[3, 0]]), ids_masked=torch.tensor([[1, 2, 0]]))
+        got_inputs, (got_target,) = ops.mix_patchify(src, 4, norm_pix=False, out_dtype=out_dtype, **ids,
+                                                     backend=backend)
+        want_inputs, (want_target,) = ops.mix_patchify(src, 4, norm_pix=False, out_dtype=out_dtype, **ids,
+                                                       backend="torch")
+        for got, want in ((got_inputs, want_inputs), (got_target, want_target)):
+            bits = [t.float().view(torch.int32) for t in (got, want)]
+            assert torch.equal(*bits), (src.dtype, out_dtype, got.view(-1)[:10], want.view(-1)[:10])
+
+
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
 def test_uint8_equals_normalising_first(backend):
     imgs, kwargs = make_case("uint8+meanstd", mix=True)
