@@ -34,7 +34,10 @@ KERNEL_TARGETS = [
 FORWARD_SHAPES = [(2, 196, 49, 100), (1, 50, 50, 64), (3, 1, 1, 1), (2, 197, 1, 24), (1, 64, 16, 768),
                   (2, 49, 12, 192)]
 # B = 7: past the emulated build's gridDim.y limit of 3 (tests/cuda_emu/build.py), so the CUDA kernels chunk the batch
-BACKWARD_SHAPES = [(2, 50, 12, 24), (1, 49, 49, 100), (3, 1, 1, 1), (7, 9, 5, 40)]
+# (130, 3, 2, 4): the Triton backward's deterministic sums over several batch chunks; (2, 150, 100, 8): its
+# counting sort over more than one 64-entry block
+BACKWARD_SHAPES = [(2, 50, 12, 24), (1, 49, 49, 100), (3, 1, 1, 1), (7, 9, 5, 40), (130, 3, 2, 4),
+                   (2, 150, 100, 8)]
 INDEX_DTYPES = [torch.int64, torch.int32]
 
 
