@@ -131,6 +131,21 @@ def test_casts_round_as_torch(backend):
             assert torch.equal(*bits), (src.dtype, out_dtype, got.view(-1)[:10], want.view(-1)[:10])
 
 
+@pytest.mark.skipif("cuda" not in cpu_kernel_backends(), reason="the CUDA emulator is off")
+def test_cuda_hands_patches_it_cannot_hold_to_the_next_backend(caplog):
+    # p = 27 at C = 3: 2187 values, past 8 per thread of the 255 threads a multiple of 3 gives; C = 300: more
+    # channels than threads. Each says its own reason, and the result is the torch backend's.
+    for p, c, reason in ((27, 3, "p*p*C = 2187 values are too long"), (1, 300, "C = 300 channels exceed")):
+        imgs = torch.randn(2, c, 2 * p, p)
+        with caplog.at_level("WARNING"):
+            got = ops.mix_patchify(imgs, p, partner=torch.tensor([1, 0]), lam=0.3, backend="cuda")
+        assert reason in caplog.text, caplog.text
+        want = ops.mix_patchify(imgs, p, partner=torch.tensor([1, 0]), lam=0.3, backend="torch")
+        assert_close(got[0], want[0])
+        for got_t, want_t in zip(got[1], want[1], strict=True):
+            assert_close(got_t, want_t)
+
+
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
 def test_uint8_equals_normalising_first(backend):
     imgs, kwargs = make_case("uint8+meanstd", mix=True)

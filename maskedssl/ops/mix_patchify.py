@@ -213,9 +213,10 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
         _check_values(b, length, partner, lam, ids_keep, ids_masked, mean, std, check_indices)
     name = resolve_backend("mix_patchify", backend, device, AUTO_ORDER, dtype=compute)
     row = patch_size * patch_size * c
-    name = refuse_cuda("mix_patchify", name, device,
-                       None if cuda_takes(row, c) else
-                       f"patch rows of p*p*C = {row} values are too long for the CUDA kernel", AUTO_ORDER)
+    refusal = (None if cuda_takes(row, c) else
+               f"C = {c} channels exceed the CUDA kernel's 256" if c > 256 else
+               f"patch rows of p*p*C = {row} values are too long for the CUDA kernel")
+    name = refuse_cuda("mix_patchify", name, device, refusal, AUTO_ORDER)
     inputs, target, other = torch.ops.maskedssl.mix_patchify(
         imgs.detach(), patch_size, partner, lam, ids_keep, ids_masked, bool(norm_pix), mean, std, out_dtype,
         name)
