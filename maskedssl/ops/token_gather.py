@@ -7,11 +7,12 @@ below; ``triton``: ``maskedssl.kernels.token_gather``; ``cuda``: ``torch.ops.mas
 kernels; each backward is a custom op too, so ``torch.compile(fullgraph=True)`` traces through both, and
 is itself differentiable (double backward) through the other direction's forward op.
 
-Every backend computes the forward bit-identically (x + pos in fp32, rounded once, as torch does). The
-backward accepts any valid index: repeated entries in ``ids_keep`` and an ``ids_restore`` that is not a
-permutation sum their gradient rows in fp32. The kernels' sums over the batch (grad_pos, grad_mask_token)
-use no float atomics, bitwise reproducible, when ``torch.are_deterministic_algorithms_enabled()`` at
-forward time; otherwise grad_pos is accumulated with fp32 atomics (no partials round trip).
+Every backend computes the forward bit-identically (x + pos in fp32, rounded once, as torch does; a NaN stays
+NaN, its sign and payload bits may differ). The backward accepts any valid index: repeated entries in
+``ids_keep`` and an ``ids_restore`` that is not a permutation sum their gradient rows in fp32. The kernels'
+sums over the batch (grad_pos, grad_mask_token) use no float atomics, bitwise reproducible, when
+``torch.are_deterministic_algorithms_enabled()`` at forward time; otherwise grad_pos is accumulated with fp32
+atomics (no partials round trip).
 
 Index checks (``check_index_range``) cost one ``aminmax`` over the index and one device->host sync per
 call; ``MASKEDSSL_CHECK_INDICES=0`` turns them off, and ``torch.compile`` skips them.
