@@ -6,7 +6,8 @@
 //   v = D^-1/2 u2 with u2 the second eigenvector of M -> (B, N) float32; then partition_kernel (below)
 //   applies the sign, split and seed rules of maskedssl.ops.ncut.split_partition and scores every patch
 //   against the foreground's mean feature, or partition_gram_kernel does the same from the Gram matrix
-//   (fewer bytes for 16-bit features with N <= D). ncut_bipartition_cuda runs it all in one call.
+//   (fewer bytes for 16-bit features with N <= D). ncut_bipartition_cuda runs it all in one call, on the
+//   Gram matrix ncut_gram_cuda computed where the caller checked the features through G's diagonal.
 //
 // Gram matrix: G = F F^T per sample by cuBLAS (at::bmm on tensor cores with fp32 output and accumulation;
 //   fp32 features as a bf16 hi/lo split, see gram_matrix): 2 B N^2 D FLOPs (twice that for fp32), B N D
@@ -660,14 +661,29 @@ at::Tensor gram_matrix(const at::Tensor& feats) {
   return at::bmm(hi, hi.transpose(1, 2), at::kFloat).add_(cross).add_(cross.transpose(1, 2));
 }
 
-// The solver behind ncut_fiedler_cuda and ncut_bipartition_cuda: v (B, N) float32 and, when count_products,
-// the products each sample took; `gram` receives the Gram matrix it solved on.
-std::tuple<at::Tensor, at::Tensor> solve_fiedler(const at::Tensor& feats, std::optional<double> tau,
-                                                 double eps, bool count_products, at::Tensor& gram,
-                                                 const char* op) {
+// The solver's checks and its Gram matrix: the caller's `given` one ((B, N, N) float32, as ncut_gram_cuda
+// computes it) or a new one.
+at::Tensor solver_gram(const at::Tensor& feats, const std::optional<at::Tensor>& given, const char* op) {
   check_feats(feats, op);
   const int64_t bsz = feats.size(0), n = feats.size(1);
   TORCH_CHECK(n >= 2 && n <= kMaxN, op, ": N must be in [2, ", kMaxN, "], got ", n);
+  if (given.has_value()) {
+    const at::Tensor& gram = *given;
+    TORCH_CHECK(gram.scalar_type() == at::kFloat && gram.dim() == 3 && gram.size(0) == bsz && gram.size(1) == n &&
+                    gram.size(2) == n && gram.device() == feats.device(),
+                op, ": gram must be a (B, N, N) float32 tensor on feats' device");
+    return gram.contiguous();
+  }
+  if (bsz == 0) return at::empty({0, n, n}, feats.options().dtype(at::kFloat));
+  c10::cuda::CUDAGuard guard(feats.device());
+  return gram_matrix(feats).contiguous();
+}
+
+// The solver behind ncut_fiedler_cuda and ncut_bipartition_cuda on the Gram matrix from solver_gram: v (B, N)
+// float32 and, when count_products, the products each sample took.
+std::tuple<at::Tensor, at::Tensor> solve_fiedler(const at::Tensor& feats, const at::Tensor& gram,
+                                                 std::optional<double> tau, double eps, bool count_products) {
+  const int64_t bsz = feats.size(0), n = feats.size(1);
   c10::cuda::CUDAGuard guard(feats.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = feats.options().dtype(at::kFloat);
@@ -675,7 +691,6 @@ std::tuple<at::Tensor, at::Tensor> solve_fiedler(const at::Tensor& feats, std::o
   // the products each sample's solve took (a diagnostic), or an empty tensor when not asked for
   at::Tensor products = empty_output({count_products ? bsz : 0}, feats.options().dtype(at::kInt));
   if (bsz == 0) return {out, products};
-  gram = gram_matrix(feats).contiguous();
   at::Tensor basis = at::empty({bsz, kSteps, n}, f32);
 
   const int64_t a_bytes = static_cast<int64_t>(sizeof(float)) * n * n;
@@ -705,10 +720,13 @@ bool partition_from_gram(const at::Tensor& feats) {
 
 }  // namespace
 
+at::Tensor ncut_gram_cuda(const at::Tensor& feats) {
+  return solver_gram(feats, std::nullopt, "ncut_gram_cuda");
+}
+
 std::tuple<at::Tensor, at::Tensor> ncut_fiedler_cuda(const at::Tensor& feats, std::optional<double> tau,
                                                      double eps, bool count_products) {
-  at::Tensor gram;
-  return solve_fiedler(feats, tau, eps, count_products, gram, "ncut_fiedler_cuda");
+  return solve_fiedler(feats, solver_gram(feats, std::nullopt, "ncut_fiedler_cuda"), tau, eps, count_products);
 }
 
 namespace {
@@ -785,24 +803,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_gram_cuda(const at
   return {fiedler, foreground, score};
 }
 
-// The whole op in one call (no Python between its launches): the solver, then the partition step from G
+// The whole op in one call (no Python between its launches): the solver on the caller's Gram matrix (from
+// ncut_gram_cuda, whose diagonal the caller checked) or on a new one, then the partition step from G
 // (partition_from_gram) or from the features (D <= kPartitionMaxD; the caller takes wider features to the
 // reference rules).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_bipartition_cuda(const at::Tensor& feats,
+                                                                   const std::optional<at::Tensor>& gram,
                                                                    std::optional<double> tau, double eps,
                                                                    double seed_tie) {
-  at::Tensor gram;
-  const at::Tensor v = std::get<0>(solve_fiedler(feats, tau, eps, false, gram, "ncut_bipartition_cuda"));
-  if (partition_from_gram(feats)) {
-    if (feats.size(0) == 0) gram = at::empty({0, feats.size(1), feats.size(1)}, v.options());
-    return ncut_partition_gram_cuda(feats, gram, v, seed_tie);
-  }
+  const at::Tensor g = solver_gram(feats, gram, "ncut_bipartition_cuda");
+  const at::Tensor v = std::get<0>(solve_fiedler(feats, g, tau, eps, false));
+  if (partition_from_gram(feats)) return ncut_partition_gram_cuda(feats, g, v, seed_tie);
   return ncut_partition_cuda(feats, v, seed_tie);
 }
 
 }  // namespace maskedssl
 
 TORCH_LIBRARY_IMPL(maskedssl, CUDA, m) {
+  m.impl("ncut_gram_cuda", &maskedssl::ncut_gram_cuda);
   m.impl("ncut_fiedler_cuda", &maskedssl::ncut_fiedler_cuda);
   m.impl("ncut_partition_cuda", &maskedssl::ncut_partition_cuda);
   m.impl("ncut_partition_gram_cuda", &maskedssl::ncut_partition_gram_cuda);

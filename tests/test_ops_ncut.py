@@ -485,7 +485,7 @@ def test_cuda_op_in_one_call_equals_solver_then_partition(dtype, device):
         feats = planted(b, n, d, 0.3, 0.5, dtype, device=device, seed=n)
         v = torch.ops.maskedssl.ncut_fiedler_cuda(feats, tau, 1e-5)[0]
         want = finish_partition(feats, v, "cuda")
-        got = NCut(*torch.ops.maskedssl.ncut_bipartition_cuda(feats, tau, 1e-5, SEED_TIE))
+        got = NCut(*torch.ops.maskedssl.ncut_bipartition_cuda(feats, None, tau, 1e-5, SEED_TIE))
         assert torch.equal(got.fiedler, want.fiedler) and torch.equal(got.foreground, want.foreground)
         if dtype != torch.float32 and n <= d:
             torch.testing.assert_close(got.score, want.score, atol=2e-6, rtol=0)
@@ -501,15 +501,63 @@ def test_cuda_gram_and_one_call_entry_points(device):
     gram = _gram(feats)
     torch.library.opcheck(torch.ops.maskedssl.ncut_partition_gram_cuda.default, (feats, gram, v, 1e-4))
     for tau in (None, 0.2):
-        torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition_cuda.default, (feats, tau, 1e-5, 1e-4))
+        torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition_cuda.default, (feats, None, tau, 1e-5, 1e-4))
+        torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition_cuda.default, (feats, gram, tau, 1e-5, 1e-4))
     with pytest.raises(RuntimeError, match="gram must be"):
         torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram[:, :, :8], v, 1e-4)
     with pytest.raises(RuntimeError, match="gram must be"):
         torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram.double(), v, 1e-4)
     with pytest.raises(RuntimeError, match="v must be"):
         torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v[:, :8], 1e-4)
-    empty = torch.ops.maskedssl.ncut_bipartition_cuda(feats[:0], None, 1e-5, 1e-4)
+    empty = torch.ops.maskedssl.ncut_bipartition_cuda(feats[:0], None, None, 1e-5, 1e-4)
     assert [t.shape for t in empty] == [(0, 9)] * 3
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+def test_cuda_check_reads_the_gram_diagonal_not_the_features(device, monkeypatch):
+    """On the cuda backend the input check reads the diagonal of the Gram matrix the solver then uses: the
+    features are read a second time (``_checked_features``) only for a row whose squared norm is outside
+    [2^-80, 2^100) (zero, NaN and inf rows included), and the result is bit for bit the unchecked op's."""
+    from maskedssl.ops import ncut as ncut_module
+
+    calls = []
+    checked = ncut_module._checked_features
+    monkeypatch.setattr(ncut_module, "_checked_features", lambda f: calls.append(1) or checked(f))
+
+    def run(feats, checks=True):
+        monkeypatch.setenv("MASKEDSSL_CHECK_INDICES", "1" if checks else "0")
+        calls.clear()
+        return ncut_bipartition(feats, backend="cuda"), len(calls)
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for n, d in ((12, 16), (20, 8)):  # the partition from G (N <= D) and from the features
+            feats = planted(2, n, d, 0.3, 0.5, dtype, device=device, seed=n)
+            got, reads = run(feats)
+            want, _ = run(feats, checks=False)
+            assert reads == 0 and all(torch.equal(x, y) for x, y in zip(got, want)), (dtype, n, d)
+    base = planted(2, 12, 16, 0.3, 0.5, device=device)
+    row = torch.zeros(16, device=device)
+    # (row 3 of sample 1, whether the features are read again): a squared norm of 2^-80 or just under 2^100
+    # is in range; 2^100, a zero row, a norm of 2^-41 or an inf entry is not
+    for value, dtype, again in ((2.0 ** -40, torch.bfloat16, False), (2.0 ** 50 - 2.0 ** 42, torch.float32, False),
+                                (2.0 ** 50, torch.float32, True), (0.0, torch.bfloat16, True),
+                                (2.0 ** -41, torch.bfloat16, True), (float("inf"), torch.float32, True)):
+        feats = base.clone()
+        feats[1, 3] = row.index_fill(0, torch.tensor([5], device=device), value)
+        feats = feats.to(dtype)
+        if value == float("inf"):
+            with pytest.raises(ValueError, match="finite"):
+                run(feats)
+            assert calls == [1]
+            continue
+        got, reads = run(feats)
+        assert reads == int(again), value
+        want = ncut_bipartition(feats.double(), backend="torch")
+        assert torch.equal(got.foreground.cpu(), want.foreground.cpu()), value
+    nan = base.clone()
+    nan[0, 2, 7] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        run(nan)
 
 
 # ----------------------------------------------------------------------------- work per sample
