@@ -501,8 +501,9 @@ def test_cuda_gram_and_one_call_entry_points(device):
     gram = _gram(feats)
     torch.library.opcheck(torch.ops.maskedssl.ncut_partition_gram_cuda.default, (feats, gram, v, 1e-4))
     for tau in (None, 0.2):
-        torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition_cuda.default, (feats, None, tau, 1e-5, 1e-4))
-        torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition_cuda.default, (feats, gram, tau, 1e-5, 1e-4))
+        for given in (None, gram):
+            torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition_cuda.default,
+                                  (feats, given, tau, 1e-5, 1e-4))
     with pytest.raises(RuntimeError, match="gram must be"):
         torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram[:, :, :8], v, 1e-4)
     with pytest.raises(RuntimeError, match="gram must be"):
@@ -539,9 +540,10 @@ def test_cuda_check_reads_the_gram_diagonal_not_the_features(device, monkeypatch
     row = torch.zeros(16, device=device)
     # (row 3 of sample 1, whether the features are read again): a squared norm of 2^-80 or just under 2^100
     # is in range; 2^100, a zero row, a norm of 2^-41 or an inf entry is not
-    for value, dtype, again in ((2.0 ** -40, torch.bfloat16, False), (2.0 ** 50 - 2.0 ** 42, torch.float32, False),
-                                (2.0 ** 50, torch.float32, True), (0.0, torch.bfloat16, True),
-                                (2.0 ** -41, torch.bfloat16, True), (float("inf"), torch.float32, True)):
+    cases = [(2.0 ** -40, torch.bfloat16, False), (2.0 ** 50 - 2.0 ** 42, torch.float32, False),
+             (2.0 ** 50, torch.float32, True), (0.0, torch.bfloat16, True),
+             (2.0 ** -41, torch.bfloat16, True), (float("inf"), torch.float32, True)]
+    for value, dtype, again in cases:
         feats = base.clone()
         feats[1, 3] = row.index_fill(0, torch.tensor([5], device=device), value)
         feats = feats.to(dtype)

@@ -176,8 +176,8 @@ def _fiedler_kernel(feats, tau, eps, backend, count_products=False):
 
 
 @torch.library.custom_op("maskedssl::ncut_bipartition", mutates_args=())
-def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str, gram: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str,
+             gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``gram``: the cuda backend's (B, N, N) G = F F^T from ``ncut_gram_cuda`` when the input check
     computed it (``_gram_in_range``), else None; the other backends take None."""
     if backend == "torch":
