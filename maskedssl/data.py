@@ -10,8 +10,10 @@ bytes (a quarter of float32) and are cropped, flipped and normalised there, batc
 - ``imagefolder:PATH``: one sub-folder per class (ImageNet, Tiny-ImageNet); uses ``PATH/train`` and
   ``PATH/val`` when present. Decoding dominates here, so the random crop runs on the CPU workers.
 
-i-MAE's semantic pairing lives here too: ``sample_partners`` (same class with probability ``same_prob``)
-and ``kmeans`` (cluster ids standing in for labels when the data has none).
+i-MAE's semantic pairing lives here too: ``sample_partners`` (same class with probability ``same_prob``,
+within the batch), ``EpochSampler(pair_labels=...)`` (batches made of same-class pairs, so that the batch
+holds a same-class partner for every sample whatever the number of classes) and ``kmeans`` (cluster ids
+standing in for labels when the data has none).
 """
 
 from __future__ import annotations
@@ -332,14 +334,45 @@ def build_dataset(spec: str, train: bool = True, img_size: int | None = None, se
 # ----------------------------------------------------------------------------------------------------
 # Batching
 
+def dataset_labels(dataset) -> torch.Tensor:
+    """(N,) int64 class ids of a ``build_dataset`` dataset: its ``labels`` or an ImageFolder's ``targets``."""
+    labels = getattr(dataset, "labels", None)
+    return torch.as_tensor(dataset.targets if labels is None else labels, dtype=torch.long)
+
+
+def class_paired_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of ``range(len(labels))`` read as consecutive pairs of the same class: each class
+    shuffled and cut into pairs, the pairs shuffled. A class with an odd count leaves one index, paired with
+    the next such class's (at most one pair per two odd classes crosses classes); an odd total puts the
+    last one alone at the end."""
+    perm = torch.randperm(labels.shape[0], generator=generator)
+    sorted_labels, order = torch.sort(labels[perm], stable=True)
+    by_class = perm[order]  # each class in random order
+    # odd ones out (the last of each odd-count class) to the end, so the rest pairs within its class
+    _, inverse, counts = torch.unique_consecutive(sorted_labels, return_inverse=True, return_counts=True)
+    rank_in_class = torch.arange(labels.shape[0]) - torch.searchsorted(sorted_labels, sorted_labels)
+    count = counts[inverse]
+    odd_one = (count % 2 == 1) & (rank_in_class == count - 1)
+    by_class = torch.cat([by_class[~odd_one], by_class[odd_one]])
+    pairs = by_class[: labels.shape[0] // 2 * 2].view(-1, 2)
+    pairs = pairs[torch.randperm(pairs.shape[0], generator=generator)]
+    return torch.cat([pairs.flatten(), by_class[pairs.numel():]])
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's share of a per-epoch shuffle, starting ``skip`` samples in (exact mid-epoch resume).
 
     The order is a pure function of (seed, epoch), as ``DistributedSampler``'s, so resuming needs no
     sampler state; the tail that does not fill a whole global batch is dropped (MAE's drop_last).
+
+    ``pair_labels`` (N,) integer class ids: the shuffle is ``class_paired_order`` instead, and each rank
+    takes whole consecutive runs of ``batch_size``, so an even batch is made of same-class pairs: i-MAE's
+    ``sample_partners`` then finds a same-class partner for every sample in the batch (with 1000 classes
+    and batches of 256 drawn uniformly, only about a fifth of the samples would have one).
     """
 
-    def __init__(self, length: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(self, length: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 pair_labels: torch.Tensor | None = None):
         self.length, self.batch_size = length, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.skip = 0, 0
@@ -347,6 +380,13 @@ class EpochSampler(torch.utils.data.Sampler):
         if self.num_batches == 0:
             raise DatasetError(f"the dataset has {length} images, fewer than one global batch "
                                f"({batch_size} x {world_size} processes)")
+        if pair_labels is not None:
+            pair_labels = torch.as_tensor(pair_labels)
+            if pair_labels.shape != (length,) or pair_labels.is_floating_point() or pair_labels.is_complex():
+                raise DatasetError(f"pair_labels must be ({length},) integer class ids, got "
+                                   f"{tuple(pair_labels.shape)} {pair_labels.dtype}")
+            pair_labels = pair_labels.long()
+        self.pair_labels = pair_labels
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches * self.batch_size
@@ -354,8 +394,14 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         used = self.num_batches * self.batch_size * self.world_size
-        order = torch.randperm(self.length, generator=g)[:used]
-        return iter(order[self.rank::self.world_size][self.skip:].tolist())
+        if self.pair_labels is None:
+            order = torch.randperm(self.length, generator=g)[:used]
+            mine = order[self.rank::self.world_size]
+        else:
+            # global batch i is [i W B, (i + 1) W B); this rank's part of it, B consecutive entries
+            order = class_paired_order(self.pair_labels, g)[:used]
+            mine = order.view(self.num_batches, self.world_size, self.batch_size)[:, self.rank].flatten()
+        return iter(mine[self.skip:].tolist())
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size - self.skip

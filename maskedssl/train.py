@@ -53,7 +53,9 @@ class DataConfig:
     num_workers: int = opt(-1, "DataLoader workers (ImageFolder only); -1: one per CPU core, at most 8")
     crop_scale_min: float = opt(0.2, "RandomResizedCrop's smallest area fraction (MAE: 0.2)")
     pairing: str = opt("labels", "i-MAE partners by: labels | kmeans (cluster ids of the current features)")
-    same_prob: float = opt(1.0, "i-MAE: probability that a partner shares the sample's class (or cluster)")
+    same_prob: float = opt(1.0, "i-MAE: probability that a partner shares the sample's class (or cluster); "
+                                "with labels, batches are made of same-class pairs so that one is there "
+                                "(the log's partner_same_class is the share reached)")
     kmeans_k: int = opt(10, "i-MAE with --pairing kmeans: clusters per batch")
 
 
@@ -475,7 +477,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
     if channels != getattr(model, "in_chans", channels):
         raise ConfigError(f"{cfg.data.data} has {channels}-channel images but the model takes "
                           f"in_chans={model.in_chans}")
-    sampler = data_lib.EpochSampler(len(train_set), o.batch_size, d.rank, d.world_size, seed=r.seed)
+    # i-MAE draws partners from the batch: batches of same-class pairs hold a same-class one for every sample
+    pairs = cfg.method.method == "imae" and cfg.data.pairing == "labels" and cfg.data.same_prob > 0
+    sampler = data_lib.EpochSampler(len(train_set), o.batch_size, d.rank, d.world_size, seed=r.seed,
+                                    pair_labels=data_lib.dataset_labels(train_set) if pairs else None)
     workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else data_lib.default_workers(d.world_size)
     loader = data_lib.make_loader(train_set, sampler, workers, device, seed=seed)
     steps_per_epoch = sampler.num_batches // o.accum_iter
@@ -621,7 +626,12 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
                                                mean=stats[0], std=stats[1])
                 partner = None
                 if cfg.method.method == "imae":
-                    partner = partners_for(cfg.data, raw_model, x, labels, aug_gen).to(device)
+                    partner = partners_for(cfg.data, raw_model, x, labels, aug_gen)
+                    # the share of partners of the sample's class, as the log reports it
+                    same_class = (labels[partner.to(labels.device)] == labels).float().mean().to(device)
+                    losses_sum["partner_same_class"] = (losses_sum.get("partner_same_class", 0.0)
+                                                        + same_class / o.accum_iter)
+                    partner = partner.to(device)
                 # gradients are all-reduced only on the last micro-batch of a step
                 last_micro = micro == o.accum_iter - 1
                 sync = model.no_sync() if d.enabled and not last_micro else contextlib.nullcontext()

@@ -69,7 +69,7 @@ def loss_curve(metrics: Path, path: Path) -> Path | None:
     epochs = [r["epoch"] for r in records]
     fig = Figure(figsize=(8, 3.2), dpi=100)
     ax_loss, ax_lr = fig.subplots(1, 2)
-    skip = {"kind", "epoch", "step", "lr", "img_per_s"}
+    skip = {"kind", "epoch", "step", "lr", "img_per_s", "partner_same_class"}
     for key in [k for k in records[-1] if k not in skip]:
         ax_loss.plot(epochs, [r.get(key, float("nan")) for r in records], label=key, lw=1.2)
     ax_loss.set_yscale("log")

@@ -203,6 +203,53 @@ def test_epoch_sampler_shards_and_skips():
         data.EpochSampler(5, batch_size=4, world_size=2)
 
 
+def test_class_paired_order_pairs_each_class_within_itself():
+    g = torch.Generator().manual_seed(0)
+    for labels in (torch.randint(0, 7, (101,), generator=g), torch.arange(40) % 10, torch.tensor([3, 3, 5]),
+                   torch.tensor([2]), torch.randint(-3, 10**9, (3000,), generator=g) // 10**6):
+        order = data.class_paired_order(labels, torch.Generator().manual_seed(1))
+        assert sorted(order.tolist()) == list(range(len(labels)))
+        pairs = labels[order[: len(labels) // 2 * 2]].view(-1, 2)
+        # only the odd ones out of odd-count classes pair across classes: one pair per two of them
+        odd_classes = (torch.unique(labels, return_counts=True)[1] % 2 == 1).sum().item()
+        assert (pairs[:, 0] != pairs[:, 1]).sum().item() == odd_classes // 2
+    again = data.class_paired_order(labels, torch.Generator().manual_seed(1))
+    assert torch.equal(again, order)
+    assert not torch.equal(data.class_paired_order(labels, torch.Generator().manual_seed(2)), order)
+
+
+def test_paired_sampler_gives_every_sample_a_same_class_partner():
+    """With 1000 classes and batches of 64 drawn uniformly, about 6% of the samples find one of their class
+    in the batch (i-MAE's same_prob = 1 would pair the rest across classes); made of same-class pairs, every
+    batch holds one for all but the few odd ones out."""
+    labels = torch.randint(0, 1000, (8000,), generator=torch.Generator().manual_seed(0))
+    shares = {}
+    for paired in (False, True):
+        shards = []
+        for rank in range(2):
+            s = data.EpochSampler(8000, 64, rank=rank, world_size=2, seed=3,
+                                  pair_labels=labels if paired else None)
+            s.set_epoch(1)
+            shards.append(list(s))
+            assert len(shards[-1]) == len(s) == 62 * 64
+        assert not set(shards[0]) & set(shards[1])
+        same = []
+        for shard in shards:
+            for batch in torch.tensor(shard).split(64):
+                partner = data.sample_partners(labels[batch], 1.0, torch.Generator().manual_seed(0))
+                same.append((labels[batch][partner] == labels[batch]).float().mean())
+        shares[paired] = torch.stack(same).mean().item()
+    assert shares[False] < 0.1
+    odd = (torch.bincount(labels) % 2 == 1).sum().item()
+    assert shares[True] >= 1 - odd / 8000 and shares[True] > 0.9, shares
+    s = data.EpochSampler(8000, 64, rank=1, world_size=2, seed=3, pair_labels=labels)
+    s.set_epoch(1, skip_batches=5)
+    assert list(s) == shards[1][5 * 64:]
+    for bad in (labels[:10], labels.float(), labels.view(80, 100)):
+        with pytest.raises(DatasetError, match="pair_labels"):
+            data.EpochSampler(8000, 64, pair_labels=bad)
+
+
 def test_tensor_batches_follow_the_sampler():
     ds = build_dataset("synthetic:40", img_size=8)
     sampler = data.EpochSampler(40, 8, seed=0)

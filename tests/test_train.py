@@ -284,6 +284,18 @@ def test_imae_teacher_from_an_mae_checkpoint(tmp_path):
         T.load_model(tmp_path / "mae" / T.CHECKPOINT_NAME, method="sgmae")
 
 
+def test_imae_reaches_its_same_class_share(tmp_path):
+    # synthetic:80 holds 8 images of each of 10 classes: batches of same-class pairs give every sample a
+    # same-class partner at same_prob = 1; at 0 none shares the class
+    for same_prob in (1.0, 0.0):
+        cfg = tiny_config(tmp_path / str(same_prob), "imae", epochs=1)
+        cfg.data.data, cfg.data.same_prob = "synthetic:80", same_prob
+        T.train(cfg)
+        lines = (tmp_path / str(same_prob) / "metrics.jsonl").read_text().splitlines()
+        shares = [r["partner_same_class"] for r in map(json.loads, lines) if r["kind"] == "train"]
+        assert shares and all(share == same_prob for share in shares), shares
+
+
 def test_kmeans_pairing_runs(tmp_path):
     cfg = tiny_config(tmp_path, "imae", epochs=1)
     cfg.data.pairing, cfg.data.kmeans_k = "kmeans", 3
