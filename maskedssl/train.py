@@ -32,9 +32,6 @@ from . import data as data_lib
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 # Parameters that get no weight decay besides biases and norm weights (every 1-D tensor).
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Configuration: one small dataclass per concern; the CLI exposes every field
 
@@ -80,7 +77,7 @@ class OptimConfig:
     blr: float = opt(1.5e-4, "base learning rate: lr = blr * effective batch / 256")
     lr: float | None = opt(None, "absolute learning rate (overrides --blr)")
     min_lr: float = opt(0.0, "learning rate at the end of the cosine")
-    weight_decay: float = opt(0.05, "AdamW weight decay (none on biases, norms, position embeddings, tokens)")
+    weight_decay: float = opt(0.05, "AdamW weight decay (none on biases and norms, as MAE)")
     warmup_epochs: float = opt(2.0, "linear warm-up, in epochs")
     clip_grad: float | None = opt(None, "max gradient norm (MAE pretraining clips none)")
 
@@ -208,12 +205,14 @@ def build_model(cfg: MethodConfig, img_size: int | None = None) -> torch.nn.Modu
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: not on biases, norms, position embeddings or tokens."""
+    """Weight decay on every trained tensor but biases and other 1-D ones (norms), as facebookresearch/mae
+    groups them (timm's ``param_groups_weight_decay`` with no exceptions): the cls and mask tokens are
+    decayed; the sin-cos position embeddings are not trained."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES):
+        if p.ndim <= 1 or name.endswith(".bias"):
             no_decay.append(p)
         else:
             decay.append(p)
