@@ -336,6 +336,12 @@ def test_imae_config_and_teacher_are_checked():
         build_model("imae", "micro", rec_dom_weight=-1.0)
     with pytest.raises(TypeError, match="teacher"):
         build_model("imae", "micro", teacher="runs/mae/checkpoint.pt")
+    # the teacher's rows are normalised with the student's statistics: a teacher trained on others is refused
+    for stats in (dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)), dict(std=(0.2, 0.2, 0.2))):
+        with pytest.raises(ValueError, match="teacher normalises pixels"):
+            build_model("imae", "micro", teacher=build_model("mae", "micro", **stats))
+    same = build_model("mae", "micro", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    assert build_model("imae", "micro", teacher=same).teacher is same  # the default statistics, spelt out
 
 
 # ----------------------------------------------------------------------------- Self-guided MAE

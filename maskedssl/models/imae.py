@@ -91,6 +91,11 @@ class IMAE(MaskedViT):
                                                       config.arch.in_chans):
             raise ValueError("the teacher must see the same images: img_size, patch_size and in_chans "
                              "must match")
+        if (t.pixel_mean, t.pixel_std) != (config.arch.pixel_mean, config.arch.pixel_std):
+            # its input rows are normalised with the student's statistics
+            raise ValueError(f"the teacher normalises pixels with mean={t.pixel_mean}, std={t.pixel_std}; "
+                             f"the student with mean={config.arch.pixel_mean}, std={config.arch.pixel_std}: "
+                             "they must match")
         if teacher.decoder_embed.in_features != d:
             raise ValueError(f"the teacher's width {teacher.decoder_embed.in_features} differs from "
                              f"embed_dim={d}: its decoder_embed cannot initialise the heads")
