@@ -796,7 +796,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-images", type=int, default=64,
                         help="clustering: test images (default: 64)")
     parser.add_argument("--layer", type=int, default=-1, help="clustering: encoder block whose patch "
-                        "features are bi-partitioned (default: -1, the last)")
+                        "features are bi-partitioned, counted from 0 (the model's --sg-layer counts the "
+                        "embeddings as 0: --layer L is --sg-layer L + 1; default: -1, the last)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward (default: 256)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--seed", type=int, default=0)
