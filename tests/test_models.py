@@ -350,6 +350,14 @@ def test_sgmae_option_types_are_checked():
     for option, value in (("warmup_frac", "0.1"), ("sg_layer", 1.0), ("center_features", "no")):
         with pytest.raises(TypeError, match=option):
             build_model("sgmae", "micro", **{option: value})
+    # the masking options are checked when the config is made, not only when a model is built from it
+    from maskedssl.models.sgmae import SGMAEConfig
+    from maskedssl.models.vit import make_config
+
+    for option, value, error in (("hint_ratio", 5.0, ValueError), ("eps", 0.0, ValueError),
+                                 ("tau", "0.2", TypeError), ("tau", 1.0, ValueError)):
+        with pytest.raises(error, match=option):
+            make_config(SGMAEConfig, "micro", **{option: value})
 
 
 @pytest.mark.parametrize("warmup_frac, informed_from", [(0.0, 0.0), (0.25, 0.25), (1.0, 1.0)])

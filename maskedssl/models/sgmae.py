@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..masking import InformedMasking, Masks
+from ..ops._validate import check_probability
+from ..ops.ncut import check_graph_args
 from .mae import MAE
 from .vit import MAEConfig
 
@@ -47,6 +49,9 @@ class SGMAEConfig(MAEConfig):
                 raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
         if not 0.0 <= self.warmup_frac <= 1.0:
             raise ValueError(f"warmup_frac must be in [0, 1], got {self.warmup_frac}")
+        # as InformedMasking checks them, but when the config is made rather than when a model is built
+        check_probability("hint_ratio", self.hint_ratio)
+        check_graph_args(self.tau, self.eps)
         depth = self.arch.depth
         if not -depth - 1 <= self.sg_layer <= depth:
             raise ValueError(f"sg_layer must be in [{-depth - 1}, {depth}] for depth {depth}, "
