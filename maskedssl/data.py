@@ -582,7 +582,8 @@ def sample_partners(labels: torch.Tensor, same_prob: float, generator: torch.Gen
         raise TypeError(f"same_prob must be a number in [0, 1], got {type(same_prob).__name__}")
     if not 0.0 <= same_prob <= 1.0:
         raise ValueError(f"same_prob must be in [0, 1], got {same_prob}")
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+    if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex()
+            or labels.dtype == torch.bool):
         raise TypeError(f"labels must be an integer tensor of class ids, got "
                         f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     if labels.dim() != 1 or labels.numel() == 0:
@@ -609,8 +610,13 @@ def kmeans(feats: torch.Tensor, k: int, iters: int = 10, generator: torch.Genera
     stand-in labels for semantic pairing on unlabelled data."""
     if feats.dim() != 2 or feats.shape[0] == 0:
         raise ValueError(f"feats must be a non-empty (N, D) tensor, got shape {tuple(feats.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    for name, value, low in (("k", k, 1), ("iters", iters, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not bool(torch.isfinite(feats).all()):  # NaN cosines would put every row in cluster 0
+        raise ValueError("feats must be finite: found NaN or inf")
     x = F.normalize(feats.float(), dim=1)
     n = x.shape[0]
     k = min(k, n)

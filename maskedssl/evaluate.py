@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .ops._validate import check_positive_int
+
 MIX_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5)
 METRICS = ("probe", "knn", "finetune", "separability", "clustering")
 
@@ -40,6 +42,15 @@ def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -
     return [(t - mean) / std for t in (train, *others)]
 
 
+def _check_positive(name: str, value, allow_zero: bool = False) -> float:
+    """A finite real number > 0 (>= 0 with ``allow_zero``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (0 <= value if allow_zero else 0 < value) or not math.isfinite(value):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else 'positive'} and finite, got {value}")
+    return float(value)
+
+
 def _check_features(name: str, feats: torch.Tensor, labels: torch.Tensor | None = None) -> None:
     if not isinstance(feats, torch.Tensor):
         raise TypeError(f"{name}_feats must be a float (N, D) tensor, got {type(feats).__name__}")
@@ -55,6 +66,8 @@ def _check_features(name: str, feats: torch.Tensor, labels: torch.Tensor | None 
         raise ValueError(f"{name}_labels must be an integer (N,) tensor matching {name}_feats")
     if labels is not None and int(labels.min()) < 0:  # class ids index the logits / vote columns
         raise ValueError(f"{name}_labels must be class ids >= 0, found {int(labels.min())}")
+    if not bool(torch.isfinite(feats).all()):
+        raise ValueError(f"{name}_feats must be finite: found NaN or inf")
 
 
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
@@ -69,6 +82,10 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     _check_features("test", test_feats, test_labels)
     if train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError("train_feats and test_feats must have the same width D")
+    check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
+    _check_positive("lr", lr)
+    _check_positive("weight_decay", weight_decay, allow_zero=True)
     gen = torch.Generator().manual_seed(seed)
     x_train, x_test = standardize(train_feats.float().cpu(), test_feats.float().cpu())
     y_train, y_test = train_labels.long().cpu(), test_labels.long().cpu()
@@ -107,10 +124,9 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     _check_features("test", test_feats, test_labels)
     if train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError("train_feats and test_feats must have the same width D")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if not 0 < temperature < math.inf:  # exp(cos / 0) is inf for every neighbour: the votes tie
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    check_positive_int("k", k)
+    check_positive_int("chunk", chunk)
+    _check_positive("temperature", temperature)  # exp(cos / 0) is inf for every neighbour: the votes tie
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
     train_labels = train_labels.long().to(train.device)
@@ -300,7 +316,7 @@ def intra_inter_gap(similarity: torch.Tensor, partition: torch.Tensor) -> dict:
 def token_relations(feats: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """(B, N, D) -> (B, N, N) row-stochastic token relations: row i is softmax_j(cos(f_i, f_j) / T) over
     the other tokens j != i (a token's similarity to itself is always 1 and would swamp the row)."""
-    sim = cosine_similarity_matrix(feats) / temperature
+    sim = cosine_similarity_matrix(feats) / _check_positive("temperature", temperature)
     sim = sim.masked_fill(~_off_diagonal(sim.shape[1], sim.device), float("-inf"))
     return sim.softmax(-1)
 
@@ -322,19 +338,21 @@ def exploitation_rates(attn: torch.Tensor, mask: torch.Tensor, num_prefix: int =
     followed by the L patch tokens in image order; mask: (B, L), 1 = masked. Returns floats
     dict(visible, mask, prefix): the attention mass of a mask-token query on visible patch keys, on
     mask-token keys and on the prefix tokens, averaged over mask-token queries, heads and images
-    (the three sum to 1).
+    (the three sum to 1; NaN when no patch is masked).
     """
     b, h, t, _ = attn.shape
     if mask.shape != (b, t - num_prefix):
         raise ValueError(f"mask must be (B, L) = ({b}, {t - num_prefix}), got {tuple(mask.shape)}")
     masked = mask.bool()
+    if not bool(masked.any()):  # no mask-token query to measure (a model with mask_ratio 0)
+        return dict(visible=math.nan, mask=math.nan, prefix=math.nan)
     patch_attn = attn[:, :, num_prefix:, :].float()  # queries: patch tokens only
     prefix = patch_attn[..., :num_prefix].sum(-1)
     keys = patch_attn[..., num_prefix:]
     on_mask = (keys * masked[:, None, None, :]).sum(-1)
     on_visible = keys.sum(-1) - on_mask
     weight = masked[:, None, :].float().expand(b, h, -1)
-    count = weight.sum().clamp_min(1)
+    count = weight.sum()
     def rate(mass):
         return float((mass * weight).sum() / count)
 
@@ -347,6 +365,7 @@ def attention_distance(attn: torch.Tensor, grid: tuple[int, int], patch_size: in
     queries i and images, where p are patch centres and a is the attention among patch tokens only
     (the prefix row and columns dropped, each row renormalised to sum 1)."""
     h_grid, w_grid = grid
+    _check_positive("patch_size", patch_size)
     patch_attn = attn[:, :, num_prefix:, num_prefix:].float()
     if patch_attn.shape[-1] != h_grid * w_grid:
         raise ValueError(f"attn has {patch_attn.shape[-1]} patch tokens, grid {grid} needs {h_grid * w_grid}")
@@ -359,7 +378,12 @@ def attention_distance(attn: torch.Tensor, grid: tuple[int, int], patch_size: in
 
 def patch_object_mask(object_mask: torch.Tensor, patch_size: int, threshold: float = 0.5) -> torch.Tensor:
     """Pixel object masks (B, H, W) or (H, W) -> (B, L) bool: a patch is object when more than
-    ``threshold`` of its pixels are."""
+    ``threshold`` of its pixels are (``threshold`` in [0, 1))."""
+    check_positive_int("patch_size", patch_size)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+    if not 0 <= threshold < 1:  # "more than 1" of the pixels: no patch could be object
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     m = object_mask.float()
     if m.ndim == 2:
         m = m.unsqueeze(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import numpy as np
@@ -325,6 +326,14 @@ def test_sample_partners_and_kmeans_argument_errors():
         data.kmeans(torch.randn(0, 4), 2)
     with pytest.raises(ValueError, match="k must"):
         data.kmeans(torch.randn(5, 4), 0)
+    for kwargs, error, name in ((dict(k=2.0), TypeError, "k must"),
+                                (dict(k=2, iters=-5), ValueError, "iters"), (dict(k=2, iters=1.5), TypeError, "iters")):
+        with pytest.raises(error, match=name):
+            data.kmeans(torch.randn(5, 4), **kwargs)
+    with pytest.raises(ValueError, match="finite"):
+        data.kmeans(torch.tensor([[1.0, 0.0], [math.nan, 1.0]]), 2)
+    with pytest.raises(TypeError, match="labels"):  # bools were paired as classes 0 and 1
+        data.sample_partners(torch.tensor([True, False, True]), 1.0)
     # one class for all, or classes of one member each: no self-pairs, whatever same_prob asks
     for labels in (torch.zeros(5, dtype=torch.long), torch.arange(5)):
         for same_prob in (0.0, 1.0):

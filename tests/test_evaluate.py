@@ -82,6 +82,42 @@ def test_probe_bad_inputs():
         ev.knn_accuracy(feats, labels, feats, labels, temperature=0.0)
 
 
+def test_metric_arguments_are_checked():
+    """Each was accepted (an untrained probe's accuracy, NaN relations, no object patch at all) or failed
+    deep inside torch with a message that did not name it."""
+    feats, labels = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
+    probe_cases = [(dict(epochs=0), ValueError, "epochs"), (dict(epochs=2.0), TypeError, "epochs"),
+                   (dict(batch_size=0), ValueError, "batch_size"), (dict(lr=-1.0), ValueError, "lr"),
+                   (dict(weight_decay=math.nan), ValueError, "weight_decay")]
+    for kwargs, error, name in probe_cases:
+        with pytest.raises(error, match=name):
+            ev.linear_probe(feats, labels, feats, labels, **kwargs)
+    for kwargs, error, name in [(dict(k=True), TypeError, "k"), (dict(k=2.5), TypeError, "k"),
+                                (dict(chunk=0), ValueError, "chunk"), (dict(temperature=-1.0), ValueError,
+                                                                       "temperature")]:
+        with pytest.raises(error, match=name):
+            ev.knn_accuracy(feats, labels, feats, labels, **kwargs)
+    nan = feats.clone()
+    nan[2, 1] = math.nan
+    for metric in (ev.linear_probe, ev.knn_accuracy):
+        with pytest.raises(ValueError, match="test_feats must be finite"):
+            metric(feats, labels, nan, labels)
+    for temperature in (0.0, -0.1, math.inf):
+        with pytest.raises(ValueError, match="temperature"):
+            ev.token_relations(torch.randn(1, 4, 3), temperature)
+    with pytest.raises(ValueError, match="patch_size"):
+        ev.attention_distance(torch.eye(5).view(1, 1, 5, 5), (2, 2), patch_size=-4)
+    obj = torch.ones(4, 4, dtype=torch.bool)
+    for threshold, error in ((1.0, ValueError), (2.0, ValueError), (-0.5, ValueError), ("half", TypeError)):
+        with pytest.raises(error, match="threshold"):
+            ev.patch_object_mask(obj, 2, threshold)
+    with pytest.raises(ValueError, match="patch_size"):
+        ev.patch_object_mask(obj, 0)
+    # no masked patch: no mask-token query, so no rates (they were 0, 0 and 0, which do not sum to 1)
+    rates = ev.exploitation_rates(torch.full((1, 1, 5, 5), 0.2), torch.zeros(1, 4))
+    assert all(math.isnan(v) for v in rates.values())
+
+
 def test_knn_small_temperature_does_not_overflow():
     """exp(cos / 1e-3) overflowed to inf for every neighbour: the votes tied and argmax took class 0."""
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])

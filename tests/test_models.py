@@ -296,6 +296,8 @@ def test_imae_lam_sampling_modes_and_no_teacher():
     torch.testing.assert_close(pics["sub"], batch.to_pixels(patchify(imgs, 4)))
     with pytest.raises(ValueError, match="lam_mode"):
         build_model("imae", "micro", lam_mode="epoch")
+    with pytest.raises(TypeError, match="lam_mode"):
+        build_model("imae", "micro", lam_mode=1)
     with pytest.raises(ValueError, match="decoder_embed_dim"):
         build_model("imae", "micro", teacher=build_model("mae", "micro", decoder_embed_dim=128))
     assert isinstance(batch, IMAE) and isinstance(batch.config, IMAEConfig)

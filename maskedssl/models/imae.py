@@ -42,6 +42,8 @@ class IMAEConfig(MAEConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.lam_mode, str):
+            raise TypeError(f"lam_mode must be 'batch' or 'sample', got {type(self.lam_mode).__name__}")
         if self.lam_mode not in ("batch", "sample"):
             raise ValueError(f"lam_mode must be 'batch' or 'sample', got {self.lam_mode!r}")
         weights = ("rec_sub_weight", "rec_dom_weight", "distill_sub_weight", "distill_dom_weight")
