@@ -326,8 +326,9 @@ def test_sample_partners_and_kmeans_argument_errors():
         data.kmeans(torch.randn(0, 4), 2)
     with pytest.raises(ValueError, match="k must"):
         data.kmeans(torch.randn(5, 4), 0)
-    for kwargs, error, name in ((dict(k=2.0), TypeError, "k must"),
-                                (dict(k=2, iters=-5), ValueError, "iters"), (dict(k=2, iters=1.5), TypeError, "iters")):
+    bad = [(dict(k=2.0), TypeError, "k must"), (dict(k=2, iters=-5), ValueError, "iters"),
+           (dict(k=2, iters=1.5), TypeError, "iters")]
+    for kwargs, error, name in bad:
         with pytest.raises(error, match=name):
             data.kmeans(torch.randn(5, 4), **kwargs)
     with pytest.raises(ValueError, match="finite"):
