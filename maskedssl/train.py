@@ -424,6 +424,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"pairing must be labels or kmeans, got {d.pairing!r}")
     if not 0 <= d.same_prob <= 1:
         raise ConfigError(f"same_prob must be in [0, 1], got {d.same_prob}")
+    # as a model option of another method is refused: a partner option would change nothing
+    set_options = [f.name for f in dataclasses.fields(DataConfig)
+                   if f.name in ("pairing", "same_prob", "kmeans_k") and getattr(d, f.name) != f.default]
+    if set_options and m.method != "imae":
+        raise ConfigError(f"{', '.join(set_options)} choose i-MAE's partners: they apply to method imae only")
     if not 0 < d.crop_scale_min <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
     try:

@@ -139,6 +139,18 @@ def test_config_values_are_checked_before_the_run(section, name, value, message)
         T.validate(cfg)
 
 
+def test_partner_options_apply_to_imae_only():
+    for name, value in (("same_prob", 0.5), ("pairing", "kmeans"), ("kmeans_k", 3)):
+        for method in ("mae", "sgmae"):
+            cfg = tiny_config("x", method)
+            setattr(cfg.data, name, value)
+            with pytest.raises(T.ConfigError, match=f"{name} choose i-MAE's partners"):
+                T.validate(cfg)
+        cfg = tiny_config("x", "imae")
+        setattr(cfg.data, name, value)
+        T.validate(cfg)
+
+
 def test_model_option_types_are_checked():
     cfg = tiny_config("x")
     cfg.method.options["mask_ratio"] = "0.5"
