@@ -518,48 +518,53 @@ def test_cuda_gram_and_one_call_entry_points(device):
 def test_cuda_check_reads_the_gram_diagonal_not_the_features(device, monkeypatch):
     """On the cuda backend the input check reads the diagonal of the Gram matrix the solver then uses: the
     features are read a second time (``_checked_features``) only for a row whose squared norm is outside
-    [2^-80, 2^100) (zero, NaN and inf rows included), and the result is bit for bit the unchecked op's."""
+    [2^-80, 2^100) (zero, NaN and inf rows included), G goes to the solver unless rows were rescaled, and
+    the result is bit for bit the unchecked op's."""
     from maskedssl.ops import ncut as ncut_module
 
-    calls = []
-    checked = ncut_module._checked_features
-    monkeypatch.setattr(ncut_module, "_checked_features", lambda f: calls.append(1) or checked(f))
+    reads, grams = [], []
+    checked, one_call = ncut_module._checked_features, torch.ops.maskedssl.ncut_bipartition_cuda
+    monkeypatch.setattr(ncut_module, "_checked_features", lambda f: reads.append(1) or checked(f))
+    monkeypatch.setattr(torch.ops.maskedssl, "ncut_bipartition_cuda",
+                        lambda f, gram, *rest: grams.append(gram is not None) or one_call(f, gram, *rest))
 
     def run(feats, checks=True):
         monkeypatch.setenv("MASKEDSSL_CHECK_INDICES", "1" if checks else "0")
-        calls.clear()
-        return ncut_bipartition(feats, backend="cuda"), len(calls)
+        reads.clear()
+        grams.clear()
+        return ncut_bipartition(feats, backend="cuda"), len(reads), grams == [True]
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for n, d in ((12, 16), (20, 8)):  # the partition from G (N <= D) and from the features
             feats = planted(2, n, d, 0.3, 0.5, dtype, device=device, seed=n)
-            got, reads = run(feats)
-            want, _ = run(feats, checks=False)
-            assert reads == 0 and all(torch.equal(x, y) for x, y in zip(got, want)), (dtype, n, d)
+            got, read, reused = run(feats)
+            want, _, _ = run(feats, checks=False)
+            assert (read, reused) == (0, True), (dtype, n, d)
+            assert all(torch.equal(x, y) for x, y in zip(got, want)), (dtype, n, d)
     base = planted(2, 12, 16, 0.3, 0.5, device=device)
     row = torch.zeros(16, device=device)
-    # (row 3 of sample 1, whether the features are read again): a squared norm of 2^-80 or just under 2^100
-    # is in range; 2^100, a zero row, a norm of 2^-41 or an inf entry is not
-    cases = [(2.0 ** -40, torch.bfloat16, False), (2.0 ** 50 - 2.0 ** 42, torch.float32, False),
-             (2.0 ** 50, torch.float32, True), (0.0, torch.bfloat16, True),
-             (2.0 ** -41, torch.bfloat16, True), (float("inf"), torch.float32, True)]
-    for value, dtype, again in cases:
+    # (row 3 of sample 1, features read again, rows rescaled): a squared norm of 2^-80 or just under 2^100
+    # is in range; 2^100 (rescaled), a zero row, a norm of 2^-41 (not rescaled) or an inf entry is not
+    cases = [(2.0 ** -40, torch.bfloat16, False, False), (2.0 ** 50 - 2.0 ** 42, torch.float32, False, False),
+             (2.0 ** 50, torch.float32, True, True), (0.0, torch.bfloat16, True, False),
+             (2.0 ** -41, torch.bfloat16, True, False)]
+    for value, dtype, again, rescaled in cases:
         feats = base.clone()
         feats[1, 3] = row.index_fill(0, torch.tensor([5], device=device), value)
         feats = feats.to(dtype)
-        if value == float("inf"):
-            with pytest.raises(ValueError, match="finite"):
-                run(feats)
-            assert calls == [1]
-            continue
-        got, reads = run(feats)
-        assert reads == int(again), value
+        got, read, reused = run(feats)
+        assert (read, reused) == (int(again), not rescaled), value
+        if not rescaled:
+            want, _, _ = run(feats, checks=False)
+            assert all(torch.equal(x, y) for x, y in zip(got, want)), value
         want = ncut_bipartition(feats.double(), backend="torch")
         assert torch.equal(got.foreground.cpu(), want.foreground.cpu()), value
-    nan = base.clone()
-    nan[0, 2, 7] = float("nan")
-    with pytest.raises(ValueError, match="finite"):
-        run(nan)
+    for where in ((1, 3, 5), (0, 2, 7)):
+        for value in (float("inf"), float("nan")):
+            bad = base.clone()
+            bad[where] = value
+            with pytest.raises(ValueError, match="finite"):
+                run(bad)
 
 
 # ----------------------------------------------------------------------------- work per sample

@@ -179,7 +179,7 @@ def _fiedler_kernel(feats, tau, eps, backend, count_products=False):
 def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str,
              gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``gram``: the cuda backend's (B, N, N) G = F F^T from ``ncut_gram_cuda`` when the input check
-    computed it (``_gram_in_range``), else None; the other backends take None."""
+    computed it, else None; the other backends take None."""
     if backend == "torch":
         return tuple(_ncut_torch(feats, tau, eps))
     if backend == "cuda" and feats.shape[-1] <= CUDA_PARTITION_MAX_D:
@@ -256,26 +256,25 @@ def _checked_features(feats: torch.Tensor) -> torch.Tensor:
     return feats
 
 
-def _gram_in_range(feats: torch.Tensor) -> torch.Tensor | None:
-    """The cuda backend's input check from the Gram matrix its solver needs anyway: G = F F^T
-    (``ncut_gram_cuda``, handed on to the op) when every row's squared norm, G's diagonal, lies in
-    [2^-80, 2^100); else None, and ``_checked_features`` decides (NaN, inf and zero rows land there).
+def _gram_in_range(gram: torch.Tensor) -> bool:
+    """The cuda backend's input check from the Gram matrix G = F F^T its solver needs anyway
+    (``ncut_gram_cuda``): whether every row's squared norm, G's diagonal, lies in [2^-80, 2^100). If not,
+    ``_checked_features`` decides (NaN, inf and zero rows land there).
 
     In that range the rows are finite and need no scaling (max |entry| <= norm < 2^PEAK_EXP; norm >= 2^-40
     keeps every entry the fp32 sums lose, below 2^-126 each, under D 2^-46 of the row's squared norm;
     ``_checked_features`` would scale a row only for D > 2^20, by a power of two), and the features are
     not read a second time: 77 MB less than ``_checked_features`` at B = 256, N = 196, D = 768 in bf16,
     for a diagonal of 0.2 MB. One sync, as before."""
-    gram = torch.ops.maskedssl.ncut_gram_cuda(feats)
     low, high = torch.stack(torch.aminmax(gram.diagonal(dim1=1, dim2=2))).tolist()
-    return gram if 2.0 ** -80 <= low and high < 2.0 ** 100 else None
+    return 2.0 ** -80 <= low and high < 2.0 ** 100
 
 
 def _prepare(feats: torch.Tensor, tau, eps, backend: str | None, op: str, want_gram: bool = False
              ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
     """Checks ``ncut_bipartition``'s arguments; returns the features as the kernels take them (rows out of
     fp32 range rescaled), the resolved backend and, when ``want_gram`` and the one-call cuda op will run,
-    the Gram matrix the check computed (``_gram_in_range``; None otherwise)."""
+    the Gram matrix of those features that the check computed (None otherwise)."""
     check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, D)")
     b, n, d = feats.shape
     if n < 2 or d < 1:
@@ -289,9 +288,11 @@ def _prepare(feats: torch.Tensor, tau, eps, backend: str | None, op: str, want_g
     gram = None
     if b > 0 and index_checks_enabled() and feats.device.type != "meta":
         if want_gram and name == "cuda" and d <= CUDA_PARTITION_MAX_D:
-            gram = _gram_in_range(feats)
-        if gram is None:
-            feats = _checked_features(feats)
+            gram = torch.ops.maskedssl.ncut_gram_cuda(feats)
+        if gram is None or not _gram_in_range(gram):
+            checked = _checked_features(feats)
+            gram = gram if checked is feats else None  # rescaled rows need a new G
+            feats = checked
     return feats, name, gram
 
 
