@@ -31,7 +31,8 @@ from . import data as data_lib
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-# Parameters that get no weight decay besides biases and norm weights (every 1-D tensor).
+
+
 # ----------------------------------------------------------------------------------------------------
 # Configuration: one small dataclass per concern; the CLI exposes every field
 
