@@ -57,8 +57,8 @@ def measure(device: torch.device, calls: int) -> list[tuple[str, str, float]]:
     for op, (bare, custom, public) in cases.items():
         rows.append((op, "torch function (no dispatch)", _us_per_call(bare, calls, device)))
         rows.append((op, f"custom op ({backend})", _us_per_call(custom, calls, device)))
-        rows.append((op, "public op, check_indices=False", _us_per_call(lambda: public(False), calls, device)))
-        rows.append((op, "public op, index check on", _us_per_call(lambda: public(True), calls, device)))
+        for label, check in (("public op, check_indices=False", False), ("public op, index check on", True)):
+            rows.append((op, label, _us_per_call(lambda: public(check), calls, device)))
     return rows
 
 
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     info = device_info()
-    print(f"host overhead per call on {info.get('device')} ({device.type} tensors), torch {torch.__version__}, "
-          f"{os.cpu_count()} CPU cores")
+    print(f"host overhead per call on {info.get('device')} ({device.type} tensors), "
+          f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
     for op, path, us in measure(device, args.calls):
         print(f"{op:15s} {path:32s} {us:8.1f} us")
 

@@ -114,8 +114,8 @@ def measure_case(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[dict]
         same = (ncut_bipartition(sub, TAU, EPS, backend=backend).foreground == want_foreground).float()
         agreement, worst = same.mean().item(), same.mean(1).min().item()
         if agreement < MIN_AGREEMENT:
-            raise AssertionError(f"{backend}: foreground agrees with torch.linalg.eigh on only {agreement:.2%} "
-                                 f"of the patches at {case}")
+            raise AssertionError(f"{backend}: foreground agrees with torch.linalg.eigh on only "
+                                 f"{agreement:.2%} of the patches at {case}")
         products = lanczos_products(feats, TAU, EPS, backend=backend).float()
         # the op with its input check (one reduction and one device->host sync) is a row of its own
         for check in (False, True) if (b, n, d) == HEADLINE else (False,):

@@ -128,9 +128,10 @@ def compare(got, want, name: str, case: dict) -> dict:
     another order, within the bf16 tolerance. A wrong result gets no timing: this raises."""
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
-    err = max(((g.float() - w.float()).abs().max().item() for g, w in zip(got, want, strict=True)), default=0.0)
-    identical = all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    close = all(torch.allclose(g.float(), w.float(), atol=2e-2, rtol=2e-2) for g, w in zip(got, want, strict=True))
+    pairs = list(zip(got, want, strict=True))
+    err = max(((g.float() - w.float()).abs().max().item() for g, w in pairs), default=0.0)
+    identical = all(torch.equal(g, w) for g, w in pairs)
+    close = all(torch.allclose(g.float(), w.float(), atol=2e-2, rtol=2e-2) for g, w in pairs)
     forward_kernel = case["pass"] == "fwd" and name in ("triton", "cuda")
     if not close or (forward_kernel and not identical):
         raise AssertionError(f"{name} differs from the reference path at {case}: max abs error {err:g}"

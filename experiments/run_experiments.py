@@ -1,6 +1,6 @@
 """Train MAE, i-MAE and Self-guided MAE on the same budget and compare them with maskedssl.evaluate.
 
-    .venv/bin/python experiments/run_experiments.py --epochs 8     # embedded synthetic data, CPU scale (9 min)
+    .venv/bin/python experiments/run_experiments.py --epochs 8   # embedded synthetic data, CPU scale (9 min)
     .venv/bin/python experiments/run_experiments.py --data cifar10:PATH --out experiments/results/cifar10
 
 Every method gets the same preset, data, epochs, batch size and learning-rate schedule, through the

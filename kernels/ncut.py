@@ -285,7 +285,8 @@ def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b,
         for c in range(0, j, Q_CHUNK):
             basis = tl.load(q_ptr + (c + rows_c)[:, None] * N_PAD + offs[None, :],
                             mask=(c + rows_c < j)[:, None], other=0.0)
-            zc = tl.sum(tl.where(tl.arange(0, STEPS)[None, :] == (c + rows_c)[:, None], z[None, :], 0.0), axis=1)
+            picked = tl.arange(0, STEPS)[None, :] == (c + rows_c)[:, None]
+            zc = tl.sum(tl.where(picked, z[None, :], 0.0), axis=1)
             x += tl.sum(basis * zc[:, None], axis=0)
         tl.debug_barrier()
         cycle += 1

@@ -801,7 +801,8 @@ def evaluate_model(model: torch.nn.Module, train_set, test_set, metrics: Sequenc
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``maskedssl evaluate``."""
     parser.add_argument("--ckpt", required=True,
-                        help="a maskedssl checkpoint (OUT/checkpoint.pt) or an official facebookresearch/mae one")
+                        help="a maskedssl checkpoint (OUT/checkpoint.pt) or an official "
+                        "facebookresearch/mae one")
     parser.add_argument("--data", default="synthetic", help="synthetic[:N] | cifar10:PATH | cifar100:PATH | "
                         "imagefolder:PATH (default: synthetic)")
     parser.add_argument("--metrics", default="probe,knn",

@@ -99,8 +99,8 @@ class InformedMasking(nn.Module):
         self.center_features = bool(center_features)
 
     def extra_repr(self) -> str:
-        return (f"mask_ratio={self.mask_ratio}, hint_ratio={self.hint_ratio}, tau={self.tau}, eps={self.eps}, "
-                f"center_features={self.center_features}")
+        return (f"mask_ratio={self.mask_ratio}, hint_ratio={self.hint_ratio}, tau={self.tau}, "
+                f"eps={self.eps}, center_features={self.center_features}")
 
     def forward(self, feats: torch.Tensor, generator: torch.Generator | None = None) -> InformedMask:
         """feats: (B, L, D) features of all L patches (no gradient is taken) -> ``InformedMask``."""

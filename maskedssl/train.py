@@ -394,8 +394,9 @@ def validate(cfg: TrainConfig) -> None:
     if m.method not in ("mae", "imae", "sgmae"):
         raise ConfigError(f"method must be mae, imae or sgmae, got {m.method!r}")
     # `not value >= low` rather than `value < low`, so that NaN fails too
-    for section, name, low in ((o, "epochs", 1), (o, "batch_size", 1), (o, "accum_iter", 1), (o, "blr", 0),
-                               (o, "lr", 0), (o, "min_lr", 0), (o, "weight_decay", 0), (o, "warmup_epochs", 0),
+    for section, name, low in ((o, "epochs", 1), (o, "batch_size", 1), (o, "accum_iter", 1),
+                               (o, "blr", 0), (o, "lr", 0), (o, "min_lr", 0), (o, "weight_decay", 0),
+                               (o, "warmup_epochs", 0),
                                (r, "log_every", 1), (r, "save_every_steps", 0), (r, "viz_every", 0),
                                (r, "max_steps", 1), (d, "num_workers", -1), (d, "kmeans_k", 1)):
         value = getattr(section, name)

@@ -99,8 +99,8 @@ def requested_backend(backend: str | None) -> str:
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device,
-                    auto_order: tuple[str, ...] = ("cuda", "triton", "torch"), dtype: torch.dtype | None = None
-                    ) -> str:
+                    auto_order: tuple[str, ...] = ("cuda", "triton", "torch"),
+                    dtype: torch.dtype | None = None) -> str:
     """The concrete backend ``op`` runs with on ``device``.
 
     ``auto_order`` is the op's preference on CUDA tensors, fastest first (from its benchmarks).
