@@ -33,7 +33,8 @@ def _emulate_cuda() -> bool:
     if HAS_CUDA or mode == "0":
         return False
     if mode == "asan" and "libasan" not in os.environ.get("LD_PRELOAD", ""):
-        raise RuntimeError("MASKEDSSL_CUDA_EMULATION=asan needs the ASan runtime preloaded: run `make test-asan`")
+        raise RuntimeError("MASKEDSSL_CUDA_EMULATION=asan needs the ASan runtime preloaded: "
+                           "run `make test-asan`")
     from maskedssl.ops import _backend
 
     if not _backend.cuda_extension_loaded():

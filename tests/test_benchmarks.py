@@ -386,7 +386,8 @@ def test_op_benchmarks_time_only_results_that_match_the_reference(broken, monkey
     triton_rows = [r for r in rows if r["impl"] == "triton"]
     assert [r["extra"]["agreement_vs_eigh"] for r in triton_rows] == [1.0]
     # the planted clusters converge at the solver's first convergence test
-    products = [(r["extra"]["lanczos_products_mean"], r["extra"]["lanczos_products_max"]) for r in triton_rows]
+    products = [(r["extra"]["lanczos_products_mean"], r["extra"]["lanczos_products_max"])
+                for r in triton_rows]
     assert products == [(8.0, 8)]
     rows = bench_ncut.measure_partition(2, 24, 16, PEAKS, quick=True)
     kernel_backends = [b for b in ("triton", "cuda") if b in available_backends("cpu")]

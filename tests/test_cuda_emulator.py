@@ -64,10 +64,12 @@ def test_syncthreads_orders_the_block(block, order, monkeypatch):
 def test_a_race_changes_with_the_thread_order(monkeypatch):
     x = torch.randn(64)
     want = x.roll(-1)
-    monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", "forward")  # thread t reads t + 1's slot before it is written
+    # thread t reads t + 1's slot before it is written
+    monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", "forward")
     forward = torch.ops.cuda_emu_selftest.rotate(x, 64, False)
     assert forward[:-1].isnan().all() and forward[-1] == want[-1]
-    monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", "reverse")  # thread t + 1 has run first, but 63 reads 0 too early
+    # thread t + 1 has run first, but 63 reads 0 too early
+    monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", "reverse")
     reverse = torch.ops.cuda_emu_selftest.rotate(x, 64, False)
     assert reverse[:-1].equal(want[:-1]) and reverse[-1].isnan()
 
@@ -78,7 +80,8 @@ def test_a_race_behind_a_shuffle_shows_when_warps_run_ahead(monkeypatch):
     sums = {}
     for order in ("forward", "reverse", "shuffle", "warps", "warps-reverse"):
         monkeypatch.setenv("MASKEDSSL_EMU_SCHEDULE", order)
-        sums[order] = (torch.ops.cuda_emu_selftest.two_sums(x, False), torch.ops.cuda_emu_selftest.two_sums(x, True))
+        two_sums = torch.ops.cuda_emu_selftest.two_sums
+        sums[order] = (two_sums(x, False), two_sums(x, True))
     want = sums["forward"][1]
     torch.testing.assert_close(want.view(256, 2), torch.stack([x.sum(), 2 * x.sum()]).expand(256, 2))
     for order, (one_buffer, two_buffers) in sums.items():
@@ -141,8 +144,8 @@ def _kernel_runs(case: str) -> list[torch.Tensor]:
     partner = torch.tensor([2, 0, 1])
     lam = torch.tensor([0.3, 0.5, 1.0])
     mean, std = torch.rand(channels, generator=g), torch.rand(channels, generator=g) + 0.5
-    return list(cuda_ops.mix_patchify_cuda(imgs, patch, partner, lam, order[:, :8], order[:, 8:], True, mean, std,
-                                           torch.float32))
+    return list(cuda_ops.mix_patchify_cuda(imgs, patch, partner, lam, order[:, :8], order[:, 8:], True, mean,
+                                           std, torch.float32))
 
 
 @needs_emulator
@@ -161,7 +164,8 @@ def test_csrc_kernels_do_not_depend_on_the_thread_order(case, monkeypatch):
     assert all(not t.is_floating_point() or not t.isnan().any() for t in first)
     for key, outputs in results.items():
         for got, want in zip(outputs, first, strict=True):
-            assert torch.equal(got, want), f"{case}: outputs under the {key} order differ from the forward order"
+            assert torch.equal(got, want), \
+                f"{case}: outputs under the {key} order differ from the forward order"
 
 
 @needs_emulator
@@ -190,7 +194,8 @@ def test_a_larger_dynamic_shared_memory_after_raising_the_limit():
     ("bad_mask", "leaves it out"),
     ("big_shared", "dynamic shared memory"),
     ("big_grid", "invalid grid"),
-    ("grid_y_4", "invalid grid"),  # the emulated build's limit (build.MAX_GRID_Y): batch chunking runs for B >= 4
+    # the emulated build's limit (build.MAX_GRID_Y): batch chunking runs for B >= 4
+    ("grid_y_4", "invalid grid"),
     ("big_block", "invalid block"),
 ])
 def test_broken_cuda_rules_raise(kind, message):
@@ -198,7 +203,8 @@ def test_broken_cuda_rules_raise(kind, message):
         torch.ops.cuda_emu_selftest.misbehave(torch.zeros(32), kind)
 
 
-@pytest.mark.skipif(os.environ.get("MASKEDSSL_CUDA_EMULATION") != "asan", reason="only under `make test-asan`")
+@pytest.mark.skipif(os.environ.get("MASKEDSSL_CUDA_EMULATION") != "asan",
+                    reason="only under `make test-asan`")
 @pytest.mark.parametrize("call,report", [
     # the gather kernel called directly, past the public op's index check: batch row 1 asks for token 4 of 4,
     # the first float after x's memory
@@ -210,8 +216,8 @@ def test_broken_cuda_rules_raise(kind, message):
 def test_sanitizers_report_what_would_fault_on_a_gpu(call, report):
     # in a subprocess: the sanitizers stop the process at their first report
     tests = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-c", f"import conftest, torch\n{call}\n"], cwd=tests, env=os.environ,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", f"import conftest, torch\n{call}\n"], cwd=tests,
+                            env=os.environ, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     for line in report:
         assert line in result.stderr

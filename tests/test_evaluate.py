@@ -154,8 +154,8 @@ def test_separability_argument_errors():
             args[i] = bad
             with pytest.raises(error, match=name):
                 ev.separability_r2(*args)
-    for ridge, error in ((-1.0, ValueError), (0, ValueError), (float("nan"), ValueError), (math.inf, ValueError),
-                         ("foo", ValueError), (None, TypeError), (True, TypeError)):
+    for ridge, error in ((-1.0, ValueError), (0, ValueError), (float("nan"), ValueError),
+                         (math.inf, ValueError), ("foo", ValueError), (None, TypeError), (True, TypeError)):
         with pytest.raises(error, match="ridge"):
             ev.separability_r2(*good, ridge=ridge)
     with pytest.raises(ValueError, match="no pairs"):

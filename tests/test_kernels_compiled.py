@@ -30,8 +30,8 @@ def usage(kernel, pointers, constexprs, num_warps):
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in pointers
              and pointers[n].startswith("*")}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", ARCH, 32),
-                              options={"num_warps": num_warps})
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", ARCH, 32), options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -60,7 +60,8 @@ for n in (49, 128, 196):
 for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32x3")):
     block_k = ncut.launch_config(196, 768, fp32=dtype == "fp32")["affinity_block_k"]
     rows[f"ncut affinity {dtype}"] = usage(
-        ncut._affinity_kernel, dict(f_ptr="*" + dtype, a_ptr="*fp32", deg_ptr="*fp32", tau="fp32", eps="fp32"),
+        ncut._affinity_kernel,
+        dict(f_ptr="*" + dtype, a_ptr="*fp32", deg_ptr="*fp32", tau="fp32", eps="fp32"),
         dict(USE_TAU=True, PRECISION=precision, BLOCK_I=ncut.ROW_BLOCK, BLOCK_J=64, BLOCK_K=block_k), 4)
 for dtype, d in (("bf16", 768), ("fp32", 1024), ("fp16", 8192)):
     d_pad = triton.next_power_of_2(d)

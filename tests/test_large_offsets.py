@@ -58,14 +58,15 @@ def test_mix_patchify_reads_patches_past_2_pow_31_pixels(backend, device, index_
     kwargs = dict(partner=torch.tensor([1, 0], device=device, dtype=index_dtype),
                   lam=torch.tensor([0.7, 0.25], device=device), mean=torch.tensor([0.45], device=device),
                   std=torch.tensor([0.22], device=device))
-    got_inputs, got_targets = ops.mix_patchify(imgs, p, ids_keep=ids_keep, ids_masked=ids_masked, backend=backend,
-                                               **kwargs)
+    got_inputs, got_targets = ops.mix_patchify(imgs, p, ids_keep=ids_keep, ids_masked=ids_masked,
+                                               backend=backend, **kwargs)
 
     def in_corner(ids):  # the same patches' rows in the 2 x 2-patch corner image
         return (ids // grid - (grid - 2)) * 2 + ids % grid - (grid - 2)
 
     want_inputs, want_targets = ops.mix_patchify(corner.contiguous(), p, ids_keep=in_corner(ids_keep.long()),
-                                                 ids_masked=in_corner(ids_masked.long()), backend="torch", **kwargs)
+                                                 ids_masked=in_corner(ids_masked.long()), backend="torch",
+                                                 **kwargs)
     torch.testing.assert_close(got_inputs, want_inputs, rtol=1e-6, atol=1e-6)
     for got, want in zip(got_targets, want_targets, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -96,9 +96,10 @@ def test_progress_must_be_a_fraction(method):
     """NaN compared as past Self-guided MAE's warm-up (informed masks), a string failed in a comparison."""
     model = build_model(method, "micro")
     imgs = torch.randn(2, 3, 32, 32)
-    for progress, error in ((float("nan"), ValueError), (-0.1, ValueError), (1.5, ValueError), ("a", TypeError),
-                            (None, TypeError), (True, TypeError)):
-        for call in (lambda: model(imgs, progress=progress), lambda: model.reconstruct(imgs, progress=progress)):
+    for progress, error in ((float("nan"), ValueError), (-0.1, ValueError), (1.5, ValueError),
+                            ("a", TypeError), (None, TypeError), (True, TypeError)):
+        for call in (lambda: model(imgs, progress=progress),
+                     lambda: model.reconstruct(imgs, progress=progress)):
             with pytest.raises(error, match="progress"):
                 call()
 

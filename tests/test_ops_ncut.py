@@ -21,7 +21,8 @@ def planted(batch, n, d, frac, noise, dtype=torch.float32, device="cpu", seed=0,
     labels = torch.zeros(batch, n, dtype=torch.long)
     labels[:, : max(1, round(frac * n))] = 1
     labels = torch.gather(labels, 1, torch.argsort(torch.rand(batch, n, generator=g), dim=1))
-    feats = centers.gather(1, labels.unsqueeze(-1).expand(-1, -1, d)) + noise * torch.randn(batch, n, d, generator=g)
+    feats = centers.gather(1, labels.unsqueeze(-1).expand(-1, -1, d))
+    feats = feats + noise * torch.randn(batch, n, d, generator=g)
     feats = feats.to(device=device, dtype=dtype)
     return (feats, labels.bool()) if with_labels else feats
 
@@ -80,7 +81,8 @@ def test_planted_clusters_cpu(backend, case):
 # Triton: N > 128 takes the two-kernel path (affinity in a workspace, the solver streaming it). CUDA: A stays
 # in shared memory while N^2 floats fit (N <= ~236 on an H100, 241 in the emulator), then every product
 # streams G; N = 1000 and 1024 give every thread four entries. The interpreter keeps Triton to N <= 300.
-LARGE_N = [(b, n) for b in cpu_kernel_backends() for n in ((196, 300) if b == "triton" else (196, 300, 1000, 1024))]
+LARGE_N = [(b, n) for b in cpu_kernel_backends()
+           for n in ((196, 300) if b == "triton" else (196, 300, 1000, 1024))]
 
 
 @pytest.mark.parametrize("backend,n", LARGE_N)
@@ -722,7 +724,8 @@ def test_huge_and_tiny_features_gpu(backend):
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"])
 def test_cuda_backend_hands_large_n_to_the_next_backend(device, monkeypatch):
-    if device == "cpu":  # the emulated kernels; the torch backend takes over (Triton's interpreter is slow here)
+    # on the CPU: the emulated kernels, and the torch backend takes over (Triton's interpreter is slow here)
+    if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     if "cuda" not in available_backends(device):
         pytest.skip("needs the CUDA kernels (a GPU, or the emulator on CPU)")

@@ -86,7 +86,8 @@ def test_unpatchify_infers_channels(c):
 def test_unpatchify_square_compiles_with_dynamic_shapes():
     # the square side came from math.isqrt, which dynamo cannot trace on a symbolic L: a graph break
     # (an error under fullgraph) as soon as the token count was dynamic
-    compiled = torch.compile(lambda x: ops.unpatchify(x, 2), fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled = torch.compile(lambda x: ops.unpatchify(x, 2), fullgraph=True, dynamic=True,
+                             backend="aot_eager")
     for b, c, side in ((2, 3, 4), (3, 1, 6), (1, 3, 14)):
         imgs = torch.randn(b, c, side, side)
         assert torch.equal(compiled(ops.patchify(imgs, 2)), imgs)

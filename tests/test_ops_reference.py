@@ -67,9 +67,9 @@ def test_random_masks_trace_with_a_symbolic_batch():
             assert torch.equal(mask, (ids_restore >= 4).float())
 
 
-@pytest.mark.parametrize("args,err", [((0, 4, 0.5), ValueError), ((2, 4, 1.0), ValueError), ((2, 4, -0.1), ValueError),
-                                      ((2, 3, 0.9), ValueError), ((2.0, 4, 0.5), TypeError),
-                                      ((2, 4, "0.5"), TypeError)])
+@pytest.mark.parametrize("args,err", [((0, 4, 0.5), ValueError), ((2, 4, 1.0), ValueError),
+                                      ((2, 4, -0.1), ValueError), ((2, 3, 0.9), ValueError),
+                                      ((2.0, 4, 0.5), TypeError), ((2, 4, "0.5"), TypeError)])
 def test_random_masking_rejects(args, err):
     with pytest.raises(err):
         ops.random_masking(*args)
@@ -151,8 +151,8 @@ def test_scatter_tokens_matches_loop(with_pos):
     mask_token = torch.randn(1, 1, 4)
     pos = torch.randn(9, 4) if with_pos else None
     expected = _scatter_loop(x_vis, ids_restore, mask_token.reshape(4), pos)
-    torch.testing.assert_close(ops.scatter_tokens(x_vis, ids_restore, mask_token, pos, backend="torch"), expected,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(ops.scatter_tokens(x_vis, ids_restore, mask_token, pos, backend="torch"),
+                               expected, rtol=0, atol=0)
 
 
 def test_gather_tokens_gradcheck():
@@ -176,25 +176,33 @@ def test_gather_scatter_opcheck():
     ids = torch.tensor([[1, 4], [0, 5]])
     torch.library.opcheck(torch.ops.maskedssl.gather_tokens.default, (x, ids, torch.randn(6, 3), "torch"))
     _, ids_restore, _ = ops.random_masking(2, 6, 0.5)
+    x_vis = torch.randn(2, 3, 3, requires_grad=True)
     torch.library.opcheck(torch.ops.maskedssl.scatter_tokens.default,
-                          (torch.randn(2, 3, 3, requires_grad=True), ids_restore, torch.randn(3), None, "torch"))
+                          (x_vis, ids_restore, torch.randn(3), None, "torch"))
 
 
 @pytest.mark.parametrize("call,err,words", [
-    (lambda: ops.gather_tokens(torch.randn(2, 5), torch.zeros(2, 1, dtype=torch.long)), ValueError, "x must be 3-D"),
-    (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 1)), TypeError, "ids_keep must have dtype"),
-    (lambda: ops.gather_tokens(torch.randn(2, 5, 3).int(), torch.zeros(2, 1, dtype=torch.long)), TypeError, "x must"),
+    (lambda: ops.gather_tokens(torch.randn(2, 5), torch.zeros(2, 1, dtype=torch.long)), ValueError,
+     "x must be 3-D"),
+    (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 1)), TypeError,
+     "ids_keep must have dtype"),
+    (lambda: ops.gather_tokens(torch.randn(2, 5, 3).int(), torch.zeros(2, 1, dtype=torch.long)), TypeError,
+     "x must"),
     (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.full((2, 1), 5)), ValueError, r"\[0, 5\)"),
-    (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.full((2, 1), -1)), ValueError, "ids_keep must hold"),
-    (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.zeros(3, 1, dtype=torch.long)), ValueError, "ids_keep"),
+    (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.full((2, 1), -1)), ValueError,
+     "ids_keep must hold"),
+    (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.zeros(3, 1, dtype=torch.long)), ValueError,
+     "ids_keep"),
     (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 1, dtype=torch.long), torch.randn(4, 3)),
      ValueError, "pos must have shape"),
     (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 1, dtype=torch.long),
                                torch.randn(5, 3, dtype=torch.float64)), TypeError, "pos must"),
-    (lambda: ops.gather_tokens("x", torch.zeros(2, 1, dtype=torch.long)), TypeError, "x must be a torch.Tensor"),
+    (lambda: ops.gather_tokens("x", torch.zeros(2, 1, dtype=torch.long)), TypeError,
+     "x must be a torch.Tensor"),
     (lambda: ops.scatter_tokens(torch.randn(2, 2, 3), torch.zeros(2, 4, dtype=torch.long), torch.randn(4)),
      ValueError, "mask_token must hold"),
-    (lambda: ops.scatter_tokens(torch.randn(2, 2, 3), torch.full((2, 4), 4), torch.randn(3)), ValueError, "ids_restore"),
+    (lambda: ops.scatter_tokens(torch.randn(2, 2, 3), torch.full((2, 4), 4), torch.randn(3)), ValueError,
+     "ids_restore"),
     (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 1, dtype=torch.long), backend="fast"),
      ValueError, "backend must be one of"),
 ])
@@ -257,8 +265,8 @@ def test_mix_patchify_matches_loop(uint8):
     ids_keep, ids_restore, _ = ops.random_masking(b, 6, 0.5)
     ids_masked = torch.argsort(ids_restore, dim=1)[:, 3:]
     mean, std = (torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])) if uint8 else (None, None)
-    inputs, targets = ops.mix_patchify(imgs, p, partner=partner, lam=lam, ids_keep=ids_keep, ids_masked=ids_masked,
-                                       mean=mean, std=std, backend="torch")
+    inputs, targets = ops.mix_patchify(imgs, p, partner=partner, lam=lam, ids_keep=ids_keep,
+                                       ids_masked=ids_masked, mean=mean, std=std, backend="torch")
     exp_inputs, exp_targets = _mix_loop(imgs, p, partner, lam, ids_keep, ids_masked, mean, std)
     assert inputs.dtype == torch.float32 and len(targets) == 2
     torch.testing.assert_close(inputs.double(), exp_inputs, rtol=1e-5, atol=1e-5)
@@ -317,7 +325,8 @@ def _planted(b, n, d, frac, noise, seed=0):
     fg[:, : max(1, int(n * frac))] = True
     perm = torch.stack([torch.randperm(n, generator=g) for _ in range(b)])
     fg = torch.gather(fg, 1, perm)
-    feats = torch.where(fg.unsqueeze(-1), centers[:, :1], centers[:, 1:]) + noise * torch.randn(b, n, d, generator=g)
+    feats = torch.where(fg.unsqueeze(-1), centers[:, :1], centers[:, 1:])
+    feats = feats + noise * torch.randn(b, n, d, generator=g)
     return feats, fg
 
 

@@ -26,14 +26,16 @@ KERNEL_TARGETS = [
     pytest.param("triton", "cpu", id="triton-cpu",
                  marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")),
     pytest.param("cuda", "cpu", id="cuda-emulated",
-                 marks=pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA emulator is off (no maskedssl._C)")),
+                 marks=pytest.mark.skipif(not CUDA_EMULATED,
+                                          reason="the CUDA emulator is off (no maskedssl._C)")),
     pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
     pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
 ]
 # (B, L, K, D): odd D, K = L, K = 1, L = 1, B = 1, L = 197 (with cls), a wide D, L = 49 (MAE's K).
 FORWARD_SHAPES = [(2, 196, 49, 100), (1, 50, 50, 64), (3, 1, 1, 1), (2, 197, 1, 24), (1, 64, 16, 768),
                   (2, 49, 12, 192)]
-# B = 7: past the emulated build's gridDim.y limit of 3 (tests/cuda_emu/build.py), so the CUDA kernels chunk the batch
+# B = 7: past the emulated build's gridDim.y limit of 3 (tests/cuda_emu/build.py), so the CUDA kernels chunk
+# the batch
 # (130, 3, 2, 4): the Triton backward's deterministic sums over several batch chunks; (2, 150, 100, 8): its
 # counting sort over more than one 64-entry block
 BACKWARD_SHAPES = [(2, 50, 12, 24), (1, 49, 49, 100), (3, 1, 1, 1), (7, 9, 5, 40), (130, 3, 2, 4),

@@ -14,8 +14,8 @@ from maskedssl import train as T
 from maskedssl.data import build_dataset
 
 # a network small enough for many short CPU runs: 16 px, patch 4 -> 16 patches, width 32, one block each
-TINY = {"img_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
-        "decoder_num_heads": 2}
+TINY = {"img_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32,
+        "decoder_depth": 1, "decoder_num_heads": 2}
 
 
 def tiny_config(out, method="mae", epochs=2, **run) -> T.TrainConfig:
@@ -373,7 +373,7 @@ def test_seeded_loading_leaves_the_cuda_generators_alone(tmp_path, monkeypatch):
     assert calls == []
 
 
-# ---------------------------------------------------------------------------------------------- resume, teacher, stats
+# ------------------------------------------------------------------------------------ resume, teacher, stats
 
 def test_resume_into_fewer_steps_than_were_taken(tmp_path):
     """4 steps of 3-step epochs, resumed on data with 1-step epochs: step / total_steps is 4 / 3 (a model's

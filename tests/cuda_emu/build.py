@@ -3,7 +3,8 @@
 Each ``csrc/*.cu`` is copied with a few mechanical rewrites, then compiled by the host compiler with
 ``cuda_emu.h`` force-included and ``include/`` (stand-ins for the c10/cuda headers) searched first:
 
-- ``kernel<<<grid, block, shared, stream>>>(args)`` becomes ``cpu_emu::launch(config, kernel, "kernel", args)``;
+- ``kernel<<<grid, block, shared, stream>>>(args)`` becomes
+  ``cpu_emu::launch(config, kernel, "kernel", args)``;
 - ``__shared__`` declarations become function-level statics (one block runs at a time), refilled with 0xFF
   at every block; ``extern __shared__`` arrays point at the launch's dynamic shared memory;
 - ``TORCH_LIBRARY_IMPL(<namespace>, CUDA, m)`` registers for ``CPU``; ``x.is_cuda()`` asks ``x.is_cpu()``;
@@ -149,8 +150,9 @@ def build_and_load(sanitize: bool = False, verbose: bool = False) -> str:
     return cpp_extension.load(
         name=NAME + ("_asan" if sanitize else ""),
         sources=sources,
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", f"-DMASKEDSSL_MAX_GRID_Y={MAX_GRID_Y}",
-                      *debug, *checks, "-include", os.path.join(HERE, "cuda_emu.h")],
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+                      f"-DMASKEDSSL_MAX_GRID_Y={MAX_GRID_Y}", *debug, *checks, "-include",
+                      os.path.join(HERE, "cuda_emu.h")],
         extra_ldflags=checks,
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(ROOT, "csrc")],
         build_directory=build,
