@@ -350,7 +350,7 @@ def class_paired_order(labels: torch.Tensor, generator: torch.Generator) -> torc
     by_class = perm[order]  # each class in random order
     # odd ones out (the last of each odd-count class) to the end, so the rest pairs within its class
     _, inverse, counts = torch.unique_consecutive(sorted_labels, return_inverse=True, return_counts=True)
-    rank_in_class = torch.arange(labels.shape[0]) - torch.searchsorted(sorted_labels, sorted_labels)
+    rank_in_class = torch.arange(labels.shape[0]) - (counts.cumsum(0) - counts)[inverse]
     count = counts[inverse]
     odd_one = (count % 2 == 1) & (rank_in_class == count - 1)
     by_class = torch.cat([by_class[~odd_one], by_class[odd_one]])
