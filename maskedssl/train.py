@@ -634,7 +634,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
                 if cfg.method.method == "imae":
                     partner = partners_for(cfg.data, raw_model, x, labels, aug_gen)
                     # the share of partners of the sample's class, as the log reports it
-                    same_class = (labels[partner.to(labels.device)] == labels).float().mean().to(device)
+                    same_class = (labels[partner] == labels).float().mean().to(device)
                     losses_sum["partner_same_class"] = (losses_sum.get("partner_same_class", 0.0)
                                                         + same_class / o.accum_iter)
                     partner = partner.to(device)
