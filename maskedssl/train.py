@@ -422,6 +422,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"option {name} must be {wanted}, got {value!r}")
     if m.teacher is not None and m.method != "imae":
         raise ConfigError("a teacher applies to method imae only")
+    distill = sorted(k for k in m.options if k.startswith("distill_"))
+    if distill and m.teacher is None:
+        # without a teacher there is no distillation term: a weight set for it would change nothing
+        raise ConfigError(f"option(s) {', '.join(distill)} weight the distillation losses: they need a teacher")
     if d.pairing not in ("labels", "kmeans"):
         raise ConfigError(f"pairing must be labels or kmeans, got {d.pairing!r}")
     if not 0 <= d.same_prob <= 1:

@@ -151,6 +151,19 @@ def test_partner_options_apply_to_imae_only():
         T.validate(cfg)
 
 
+def test_distillation_weights_need_a_teacher(tmp_path):
+    for name in ("distill_sub_weight", "distill_dom_weight"):
+        cfg = tiny_config("x", "imae")
+        cfg.method.options[name] = 2.0
+        with pytest.raises(T.ConfigError, match=f"{name} weight the distillation losses: they need a teacher"):
+            T.validate(cfg)
+        cfg.method.teacher = str(tmp_path / "teacher.pth")  # read later, by the run, not by validate
+        T.validate(cfg)
+    cfg = tiny_config("x", "imae")
+    cfg.method.options["rec_sub_weight"] = 2.0  # the reconstruction weights need no teacher
+    T.validate(cfg)
+
+
 def test_model_option_types_are_checked():
     cfg = tiny_config("x")
     cfg.method.options["mask_ratio"] = "0.5"
