@@ -19,6 +19,14 @@ from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
 DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 for gradcheck
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    # is_autocast_enabled raises for a device type without autocast (meta). torch 2.11's dynamo cannot trace
+    # is_autocast_available (a graph break under fullgraph); the devices it compiles for all have autocast.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
 def embed_patches(inputs: torch.Tensor, proj_weight: torch.Tensor,
                   proj_bias: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K, p*p*C) patch rows -> (B, K, D) tokens, with ``proj_weight`` the (D, C, p, p) Conv2d weight
@@ -33,8 +41,7 @@ def embed_patches(inputs: torch.Tensor, proj_weight: torch.Tensor,
                          f"{tuple(proj_weight.shape)}, got {inputs.shape[-1]}")
     # Under autocast F.linear casts all three to the autocast dtype (as Conv2d does in timm's PatchEmbed),
     # so bf16 rows meet the fp32 weights of mixed-precision training; float64 is never cast.
-    autocast = (torch.amp.is_autocast_available(inputs.device.type)
-                and torch.is_autocast_enabled(inputs.device.type)
+    autocast = (_autocast_enabled(inputs.device.type)
                 and inputs.dtype in FLOAT_DTYPES and proj_weight.dtype in FLOAT_DTYPES)
     if proj_weight.dtype != inputs.dtype and not autocast:
         raise TypeError(f"proj_weight dtype {proj_weight.dtype} must match inputs dtype {inputs.dtype}")
