@@ -46,7 +46,7 @@ rows = {}
 solver_consts = dict(STEPS=ncut.STEPS, CHECK=ncut.CHECK, MAX_CYCLES=ncut.MAX_CYCLES, TOL=ncut.TOL,
                      SHIFTS=ncut.SHIFTS, ROUNDS=ncut.ROUNDS, DELTA=ncut.DELTA, INV_ITERS=ncut.INV_ITERS,
                      PIVMIN=ncut.PIVMIN)
-for n in (49, 128, 196):
+for n in (49, 128, 196, 300, 576):
     for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32x3")):
         cfg = ncut.launch_config(n, 768, fp32=dtype == "fp32")
         pointers = dict(f_ptr="*" + dtype, a_ptr="*fp32", deg_ptr="*fp32", q_ptr="*fp32", t_ptr="*fp32",
@@ -85,7 +85,11 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per bloc
 # Known small spills, in bytes per thread. On sm_80 the on-chip solver with fp32 features at N_PAD = 128
 # keeps 10 floats on the stack (Triton 3.8: 12 LDL + 17 STL, all in the one-off 3xTF32 affinity loop
 # before the Lanczos iterations, by its SASS); at the previous 32-column K block it was 488 bytes.
-ALLOWED_STACK = {(80, "ncut solver N=128 fp32"): 64}
+# On the tiled path Triton 3.8's ptxas holds the solver to 64-80 registers and keeps one value on the stack
+# at N_PAD = 512 (sm_90) and 1024 (sm_80): 8 bytes, one STL and one LDL in the whole kernel, by its SASS.
+ALLOWED_STACK = {(80, "ncut solver N=128 fp32"): 64,
+                 **{(arch, f"ncut solver N={n} {dtype}"): 8 for arch, n in ((90, 300), (80, 576))
+                    for dtype in ("bf16", "fp32")}}
 
 
 @pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
@@ -97,7 +101,7 @@ def test_triton_kernels_compile_within_resources(arch):
     import json
 
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 15
+    assert len(rows) == 19
     for name, use in rows.items():
         assert use["shared"] <= SHARED_LIMIT[arch], (name, use)
         assert use["stack"] <= ALLOWED_STACK.get((arch, name), 0), f"{name} spills registers: {use}"
