@@ -425,7 +425,8 @@ def validate(cfg: TrainConfig) -> None:
     distill = sorted(k for k in m.options if k.startswith("distill_"))
     if distill and m.teacher is None:
         # without a teacher there is no distillation term: a weight set for it would change nothing
-        raise ConfigError(f"option(s) {', '.join(distill)} weight the distillation losses: they need a teacher")
+        raise ConfigError(f"option(s) {', '.join(distill)} weight the distillation losses: "
+                          "they need a teacher")
     if d.pairing not in ("labels", "kmeans"):
         raise ConfigError(f"pairing must be labels or kmeans, got {d.pairing!r}")
     if not 0 <= d.same_prob <= 1:
