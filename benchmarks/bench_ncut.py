@@ -21,8 +21,10 @@ Impls, same inputs (bf16 features of two planted clusters, 30% / 70% of the patc
   matrix-vector products per sample, mean and max, counted by the kernels themselves), which tells a slow
   row's solver from its memory traffic.
 - ``ncut_partition`` rows (headline shape): the step after the eigensolver on its own, the reference's
-  torch ops against each kernel backend's single launch (``measure_partition``), and ``cuda_gram``, the
-  same step from the solver's Gram matrix, which the op's cuda path takes for 16-bit features with N <= D.
+  torch ops against each kernel backend's single launch (``measure_partition``), ``cuda_gram``, the
+  same step from the solver's Gram matrix, which the op's cuda path takes for 16-bit features with N <= D,
+  and ``triton_cos``, the same from the cosine matrix, which the op's triton path takes for 16-bit features
+  with 128 < N <= D.
 
 Floor: bytes = features read once (B N D e) + outputs written once (B N (4 + 1 + 4)); FLOPs = the affinity
 2 B N^2 D plus one Lanczos cycle of products, 2 B N^2 * 32 (more cycles only when an eigengap is unclear).
@@ -37,7 +39,7 @@ import torch
 
 from benchmarks.common import bench_main, index_checks, make_row, time_ms
 from benchmarks.reference import ncut_eigh
-from maskedssl.kernels.ncut import STEPS
+from maskedssl.kernels.ncut import STEPS, partition_from_cos, partition_from_cosines
 from maskedssl.ops import available_backends, ncut_bipartition
 from maskedssl.ops.ncut import SEED_TIE, NCut, finish_partition, lanczos_products
 
@@ -154,6 +156,12 @@ def measure_partition(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[
         gram = torch.bmm(feats.float(), feats.float().transpose(1, 2))
         impls["cuda_gram"] = lambda: NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v,
                                                                                           SEED_TIE))
+    if "triton" in impls and partition_from_cosines(feats):
+        # what the op's triton path runs there: the step from the tiled solver's cosine matrix (made here as
+        # its affinity kernel makes it), reading the foreground's rows instead of the features
+        unit = torch.nn.functional.normalize(feats.float(), dim=-1)
+        cos = torch.bmm(unit, unit.transpose(1, 2))
+        impls["triton_cos"] = lambda: NCut(*partition_from_cos(feats, cos, v, SEED_TIE))
     for impl, fn in impls.items():
         got = fn()
         err = max((got.fiedler - want.fiedler).abs().max().item(),
@@ -161,8 +169,9 @@ def measure_partition(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[
         if not (torch.equal(got.foreground, want.foreground) and err <= 1e-5):
             raise AssertionError(f"{impl} partition differs from the reference (max error {err:.3g}) "
                                  f"at {case}")
-        if impl == "cuda_gram":  # G's diagonal and the foreground's rows of G instead of the features
-            moved = 4 * (b * n + int(want.foreground.sum()) * n) + b * n * (4 + 4 + 1 + 4)
+        if impl in ("cuda_gram", "triton_cos"):  # the foreground's rows of G (and its diagonal) or of C
+            diagonal = b * n if impl == "cuda_gram" else 0
+            moved = 4 * (diagonal + int(want.foreground.sum()) * n) + b * n * (4 + 4 + 1 + 4)
             row = make_row("ncut_partition", case, impl, time_ms(fn, warmup, rep), moved, 0, peaks)
             row["extra"] = {"max_abs_err": err, "floor_bytes_of_the_features_path": bytes_moved}
         else:

@@ -26,17 +26,24 @@ give a valid vector (the start vector, deflated) instead of a division by zero.
 Layout and paths:
   N <= 128 (on chip): one program per sample builds A from feats with ``tl.dot`` in registers and keeps
     M there for the whole solve; nothing but v is written.
-  N > 128 (tiled): ``_affinity_kernel`` (one program per sample and block of 32 rows) writes A (B, N, N)
-    fp32 and d (B, N) to a workspace; the solver program then streams A in row blocks for each product
-    (it stays in L2 for moderate B*N^2).
+  N > 128 (tiled): ``_affinity_kernel`` (one program per sample and block of 32 rows) writes the cosines
+    C (B, N, N) fp32 and the degrees of A, d (B, N), to a workspace; the solver program then streams C in
+    row blocks for each product, applying the affinity rule to each tile (it stays in L2 for moderate
+    B*N^2).
   Scratch: the Lanczos basis (B, STEPS, N_PAD) and the tridiagonal (B, 5 * STEPS) fp32 per sample.
   On request (``count_products``, for ``maskedssl.ops.ncut.lanczos_products``) the solver also writes how
   many products each sample took, int32 (B,): a compile-time switch, so the default kernel is unchanged.
 
+Partition step (``bipartition``): ``_partition_kernel`` from the features (read twice), or, on the tiled
+path for 16-bit features with N <= D, ``_partition_cos_kernel`` from the foreground's rows of C, with the
+samples whose foreground's unit rows nearly cancel redone from the features by a second, masked launch.
+
 Cost: affinity 2 B N^2 D FLOPs (+ reading feats once: B N D elements); each Lanczos step one product
-(2 N^2 FLOPs) and the reorthogonalisation (8 j N FLOPs at step j). Tiled path: A written once and read
-once per step from L2 (4 N^2 bytes). Partition: feats read twice more (B N D elements each), 9 B N bytes
-written.
+(2 N^2 FLOPs) and the reorthogonalisation (8 j N FLOPs at step j). Tiled path: C written once and read
+once per step from L2 (4 N^2 bytes). Partition: feats read twice more (B N D elements each), or the
+foreground's rows of C (about 2 N^2 bytes a sample for a balanced cut), 9 B N bytes written. By count at
+B = 256, N = 196, D = 768 in bf16 (tiled): 77 MB of features, 39 MB of C written and at least once read,
+then about 20 MB of C for the partition where the features path read 154 MB (not measured on a GPU).
 """
 
 from __future__ import annotations
@@ -99,23 +106,24 @@ def _affinity(cos, ok, tau, eps, USE_TAU: tl.constexpr):
 
 
 @triton.jit
-def _affinity_kernel(f_ptr, a_ptr, deg_ptr, N, D, s_b, s_n, s_d, tau, eps,
+def _affinity_kernel(f_ptr, c_ptr, deg_ptr, N, D, s_b, s_n, s_d, tau, eps,
                      USE_TAU: tl.constexpr, PRECISION: tl.constexpr, BLOCK_I: tl.constexpr,
                      BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tiled path's workspace: the cosines C (B, N, N) (the solver applies the affinity rule to each tile
+    it reads, and ``_partition_cos_kernel`` takes the scores from C) and the degrees of A, (B, N)."""
     b = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     row_ok = rows < N
     f_ptr += b.to(tl.int64) * s_b
-    a_ptr += b.to(tl.int64) * N * N
+    c_ptr += b.to(tl.int64) * N * N
     deg = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for j in range(0, N, BLOCK_J):
         cols = j + tl.arange(0, BLOCK_J)
         col_ok = cols < N
         cos = _cosine_tile(f_ptr, rows, cols, row_ok, col_ok, D, s_n, s_d, BLOCK_K, PRECISION)
         ok = row_ok[:, None] & col_ok[None, :]
-        a = _affinity(cos, ok, tau, eps, USE_TAU)
-        deg += tl.sum(a, axis=1)
-        tl.store(a_ptr + rows[:, None] * N + cols[None, :], a, mask=ok)
+        deg += tl.sum(_affinity(cos, ok, tau, eps, USE_TAU), axis=1)
+        tl.store(c_ptr + rows[:, None] * N + cols[None, :], cos, mask=ok)
     tl.store(deg_ptr + b * N + rows, deg, mask=row_ok)
 
 
@@ -198,7 +206,7 @@ def _top_ritz(t_ptr, k, STEPS: tl.constexpr, SHIFTS: tl.constexpr, ROUNDS: tl.co
 
 
 @triton.jit
-def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b, s_n, s_d, tau, eps,
+def _solver_kernel(f_ptr, c_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b, s_n, s_d, tau, eps,
                    USE_TAU: tl.constexpr, COUNT_PRODUCTS: tl.constexpr, PRECISION: tl.constexpr,
                    ON_CHIP: tl.constexpr, N_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                    Q_CHUNK: tl.constexpr,
@@ -217,7 +225,7 @@ def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b,
         d_isqrt = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, deg, 1.0)), 0.0)
         m = a * d_isqrt[:, None] * d_isqrt[None, :]
     else:
-        a_ptr += b * N * N
+        c_ptr += b * N * N
         deg_ptr += b * N
         deg = tl.load(deg_ptr + offs, mask=ok, other=0.0)
     u1 = tl.sqrt(deg)
@@ -250,8 +258,9 @@ def _solver_kernel(f_ptr, a_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b,
                     r_ok = rr < N
                     qr = tl.load(q_ptr + j * N_PAD + rr, mask=r_ok, other=0.0)
                     qr = qr / tl.sqrt(tl.load(deg_ptr + rr, mask=r_ok, other=1.0))
-                    tile = tl.load(a_ptr + rr[:, None] * N + offs[None, :], mask=r_ok[:, None] & ok[None, :],
-                                   other=0.0)
+                    tile_ok = r_ok[:, None] & ok[None, :]
+                    c_tile = tl.load(c_ptr + rr[:, None] * N + offs[None, :], mask=tile_ok, other=0.0)
+                    tile = _affinity(c_tile, tile_ok, tau, eps, USE_TAU)
                     w += tl.sum(tile * qr[:, None], axis=0)
                 w = w / tl.sqrt(tl.where(ok, deg, 1.0))
             alpha = _dot(q, w)
@@ -307,21 +316,15 @@ def _feature_rows(f_ptr, rows, row_ok, cols, col_ok, s_n, s_d):
 
 
 @triton.jit
-def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, N, D, s_b, s_n, s_d, seed_scale,
-                      N_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
-    """One sample per program: the rules of ``maskedssl.ops.ncut.split_partition`` on its vector v (seed =
-    the first index with |v| >= seed_scale max |v|; sign so the seed is above the mean; unit norm; the
-    foreground above the mean, or everything), then score_i = cos(f_i, m), m = the sum of f_j / |f_j| over
-    the foreground, in two passes over the features: row norms and m, then the dot products with m (m in
-    registers, a whole row of D_PAD columns per tile row). A row block's foreground is recomputed from v
-    with the same arithmetic rather than read back."""
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, N_PAD)
-    ok = offs < N
+def _split(v_ptr, fiedler_ptr, fg_ptr, b, N, offs, ok, seed_scale, live):
+    """Sample b's split by the rules of ``maskedssl.ops.ncut.split_partition`` (seed = the first index with
+    |v| >= seed_scale max |v|; sign so the seed is above the mean; unit norm; the foreground above the mean,
+    or everything): stores fiedler and foreground where ``live``; returns the foreground and what
+    ``_row_foreground`` needs to recompute a row block's with the same arithmetic."""
     v = tl.load(v_ptr + b * N + offs, mask=ok, other=0.0)
     magnitude = tl.abs(v)
     near_top = ok & (magnitude >= tl.max(magnitude, axis=0) * seed_scale)
-    seed = tl.min(tl.where(near_top, offs, N_PAD), axis=0)
+    seed = tl.min(tl.where(near_top, offs, offs.shape[0]), axis=0)
     mean_v = tl.sum(v, axis=0) / N
     sign = tl.where(tl.sum(tl.where(offs == seed, v, 0.0), axis=0) > mean_v, 1.0, -1.0)
     norm = tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), 1e-12)  # |v sign| = |v|
@@ -330,33 +333,91 @@ def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, N, D, s_b, s
     fg = ok & (fiedler > mean_f)
     empty = tl.sum(fg.to(tl.int32), axis=0) == 0  # a constant v: everything is foreground
     fg = fg | (ok & empty)
-    tl.store(fiedler_ptr + b * N + offs, fiedler, mask=ok)
-    tl.store(fg_ptr + b * N + offs, fg.to(tl.uint8), mask=ok)
+    tl.store(fiedler_ptr + b * N + offs, fiedler, mask=ok & live)
+    tl.store(fg_ptr + b * N + offs, fg.to(tl.uint8), mask=ok & live)
+    return fg, sign, norm, mean_f, empty
+
+
+@triton.jit
+def _row_foreground(v_ptr, b, N, rows, row_ok, sign, norm, mean_f, empty):
+    v_rows = tl.load(v_ptr + b * N + rows, mask=row_ok, other=0.0)
+    return row_ok & (((v_rows * sign) / norm > mean_f) | empty)
+
+
+@triton.jit
+def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, only_ptr, N, D, s_b, s_n, s_d, seed_scale,
+                      N_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, ONLY: tl.constexpr):
+    """One sample per program: ``_split`` on its vector v, then score_i = cos(f_i, m), m = the sum of
+    f_j / |f_j| over the foreground, in two passes over the features: row norms and m, then the dot products
+    with m (m in registers, a whole row of D_PAD columns per tile row). With ONLY, a program whose sample
+    is not flagged in only_ptr (uint8 (B,)) reads and writes nothing."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, N_PAD)
+    ok = offs < N
+    n_rows = N
+    live = offs == offs  # every program
+    if ONLY:
+        flagged = tl.load(only_ptr + b) != 0
+        n_rows = tl.where(flagged, N, 0)
+        live = live & flagged
+    fg, sign, norm, mean_f, empty = _split(v_ptr, fiedler_ptr, fg_ptr, b, N, offs, ok, seed_scale, live)
 
     f_ptr += b * s_b
     cols = tl.arange(0, D_PAD)
     col_ok = cols < D
     m = tl.zeros((D_PAD,), dtype=tl.float32)
-    for r in range(0, N, BLOCK_N):
+    for r in range(0, n_rows, BLOCK_N):
         rows = r + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         f = _feature_rows(f_ptr, rows, row_ok, cols, col_ok, s_n, s_d)
         # f / max(|f|, 1e-12) as F.normalize divides (a reciprocal's rounding would leave m = 1e-8 where
         # the reference's unit rows cancel exactly, as D = 1 rows of both signs do)
         row_norm = tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), 1e-12)
-        v_rows = tl.load(v_ptr + b * N + rows, mask=row_ok, other=0.0)
-        fg_rows = row_ok & (((v_rows * sign) / norm > mean_f) | empty)
+        fg_rows = _row_foreground(v_ptr, b, N, rows, row_ok, sign, norm, mean_f, empty)
         m += tl.sum(tl.where(fg_rows[:, None], f / row_norm[:, None], 0.0), axis=0)
     count = tl.sum(fg.to(tl.float32), axis=0)
     # |m / count| floored at 1e-12, as F.normalize of the foreground's mean normalised feature
     inv_m = 1.0 / tl.maximum(tl.sqrt(tl.sum(m * m, axis=0)), count * 1e-12)
-    for r in range(0, N, BLOCK_N):
+    for r in range(0, n_rows, BLOCK_N):
         rows = r + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         f = _feature_rows(f_ptr, rows, row_ok, cols, col_ok, s_n, s_d)
         inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), 1e-12)
         score = tl.sum(f * m[None, :], axis=1) * inv_norm * inv_m
         tl.store(score_ptr + b * N + rows, tl.minimum(tl.maximum(score, -1.0), 1.0), mask=row_ok)
+
+
+@triton.jit
+def _partition_cos_kernel(c_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, redo_ptr, N, seed_scale, min_mean_sq,
+                          N_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``_partition_kernel``'s outputs from the tiled path's cosines C (B, N, N) instead of the features:
+    with m the sum of the foreground's unit rows, f_i / |f_i| . m = s_i = the sum of C_ji over the
+    foreground rows j, and |m|^2 = the sum of s_i over the foreground. Only the foreground's rows of C are
+    read (N^2 / 2 floats for a balanced cut, where the features are 2 N D elements). C's rounding, relative
+    to the unit rows, weighs as 1 / |m / count|^2 in the scores: a sample whose foreground's unit rows
+    nearly cancel (|m / count|^2 < min_mean_sq) is flagged in redo_ptr (uint8 (B,)), its scores unwritten,
+    for ``_partition_kernel`` to redo from the features."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, N_PAD)
+    ok = offs < N
+    fg, sign, norm, mean_f, empty = _split(v_ptr, fiedler_ptr, fg_ptr, b, N, offs, ok, seed_scale, ok)
+    c_ptr += b * N * N
+    s = tl.zeros((N_PAD,), dtype=tl.float32)
+    for r in range(0, N, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        fg_rows = _row_foreground(v_ptr, b, N, rows, rows < N, sign, norm, mean_f, empty)
+        # a row outside the foreground is not loaded at all (masked)
+        s += tl.sum(tl.load(c_ptr + rows[:, None] * N + offs[None, :], mask=fg_rows[:, None] & ok[None, :],
+                            other=0.0), axis=0)
+    count = tl.sum(fg.to(tl.float32), axis=0)
+    m_sq = tl.sum(tl.where(fg, s, 0.0), axis=0)
+    trusted = m_sq >= min_mean_sq * count * count
+    tl.store(redo_ptr + b, tl.where(trusted, 0, 1).to(tl.uint8))
+    inv_m = 1.0 / tl.maximum(tl.sqrt(m_sq), count * 1e-12)
+    score = tl.minimum(tl.maximum(s * inv_m, -1.0), 1.0)
+    # the flag as a vector: the interpreter cannot AND a reduction's scalar into a vector mask
+    keep = ok & ((tl.zeros((N_PAD,), dtype=tl.int32) + tl.where(trusted, 1, 0)) != 0)
+    tl.store(score_ptr + b * N + offs, score, mask=keep)
 
 
 def _block_k(d: int) -> int:
@@ -389,29 +450,59 @@ def launch_config(n: int, d: int, fp32: bool = False) -> dict:
 
 PARTITION_MAX_D = 8192  # a tile row holds a whole feature vector; wider features take the torch rules
 PARTITION_TILE = 4096  # elements per tile, 16 a thread at 8 warps (8192 spilled on sm_90 at D = 768)
+# _partition_cos_kernel trusts C for a sample whose foreground's mean unit row has at least this squared
+# norm, and flags the others for the feature path (csrc/ncut.cu's kGramMinMeanSq)
+COS_MIN_MEAN_SQ = 1e-2
+
+
+def _partition_outputs(bsz: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (empty_output((bsz, n), torch.float32, device), empty_output((bsz, n), torch.uint8, device),
+            empty_output((bsz, n), torch.float32, device))
+
+
+def _launch_partition(feats, v, outputs, seed_tie, only=None) -> None:
+    bsz, n, d = feats.shape
+    n_pad, d_pad = triton.next_power_of_2(n), triton.next_power_of_2(d)
+    _partition_kernel[(bsz,)](
+        feats, v, *outputs, v if only is None else only, n, d, *feats.stride(), 1.0 - seed_tie,
+        N_PAD=n_pad, BLOCK_N=max(1, min(n_pad, PARTITION_TILE // d_pad)), D_PAD=d_pad, ONLY=only is not None,
+        num_warps=8)
 
 
 def partition(feats: torch.Tensor, v: torch.Tensor, seed_tie: float) -> tuple[torch.Tensor, ...]:
     """``maskedssl.ops.ncut.finish_partition`` in one kernel launch: from each sample's vector ``v`` (B, N)
     float32, the signed unit ``fiedler`` (B, N) float32, the ``foreground`` (B, N) bool and each patch's
     ``score`` (B, N) float32, reading ``feats`` twice in its own dtype (D <= PARTITION_MAX_D)."""
-    bsz, n, d = feats.shape
-    fiedler = empty_output((bsz, n), torch.float32, feats.device)
-    foreground = empty_output((bsz, n), torch.uint8, feats.device)
-    score = empty_output((bsz, n), torch.float32, feats.device)
+    bsz, n, _ = feats.shape
+    fiedler, foreground, score = _partition_outputs(bsz, n, feats.device)
     if bsz > 0:
-        n_pad, d_pad = triton.next_power_of_2(n), triton.next_power_of_2(d)
-        _partition_kernel[(bsz,)](
-            feats, v.contiguous(), fiedler, foreground, score, n, d, *feats.stride(), 1.0 - seed_tie,
-            N_PAD=n_pad, BLOCK_N=max(1, min(n_pad, PARTITION_TILE // d_pad)), D_PAD=d_pad, num_warps=8)
+        _launch_partition(feats, v.contiguous(), (fiedler, foreground, score), seed_tie)
     return fiedler, foreground.view(torch.bool), score
 
 
-def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N) float32 generalized Fiedler vector D^-1/2 u of each sample's affinity graph (any sign/scale),
-    and the matrix-vector products each sample's solve took: int32 (B,) when ``count_products``, else an
-    empty tensor (as ``torch.ops.maskedssl.ncut_fiedler_cuda``)."""
+def partition_from_cos(feats: torch.Tensor, cos: torch.Tensor, v: torch.Tensor, seed_tie: float
+                       ) -> tuple[torch.Tensor, ...]:
+    """``partition``'s outputs from the cosines ``cos`` (B, N, N) float32 of the features' rows (the tiled
+    solver's workspace): the foreground's rows of ``cos`` instead of the features, then, in a second launch
+    with no host sync, the features for the samples whose foreground's unit rows nearly cancel
+    (``COS_MIN_MEAN_SQ``; the other programs of that launch return at once)."""
+    bsz, n, d = feats.shape
+    fiedler, foreground, score = _partition_outputs(bsz, n, feats.device)
+    if bsz > 0:
+        v = v.contiguous()
+        redo = torch.empty(bsz, dtype=torch.uint8, device=feats.device)
+        n_pad = triton.next_power_of_2(n)
+        _partition_cos_kernel[(bsz,)](
+            cos.contiguous(), v, fiedler, foreground, score, redo, n, 1.0 - seed_tie, COS_MIN_MEAN_SQ,
+            N_PAD=n_pad, BLOCK_R=max(1, PARTITION_TILE // n_pad), num_warps=8)
+        _launch_partition(feats, v, (fiedler, foreground, score), seed_tie, only=redo)
+    return fiedler, foreground.view(torch.bool), score
+
+
+def _solve(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``ncut_fiedler``'s outputs and, on the tiled path (N > ON_CHIP_MAX), its cosine workspace (B, N, N)
+    float32 (None on chip, where nothing but v is written)."""
     bsz, n, d = feats.shape
     dev = feats.device
     cfg = launch_config(n, d, fp32=feats.dtype == torch.float32)
@@ -428,17 +519,47 @@ def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float, count_produ
     products = empty_output((bsz if count_products else 0,), torch.int32, dev)
     s_b, s_n, s_d = feats.stride()
     if on_chip:
-        a = deg = v  # unused on this path
+        cos = None
     else:
-        a = torch.empty(bsz, n, n, device=dev, dtype=torch.float32)
+        cos = torch.empty(bsz, n, n, device=dev, dtype=torch.float32)
         deg = torch.empty(bsz, n, device=dev, dtype=torch.float32)
         _affinity_kernel[(bsz, triton.cdiv(n, ROW_BLOCK))](
-            feats, a, deg, n, d, s_b, s_n, s_d, tau, eps, USE_TAU=use_tau, PRECISION=precision,
+            feats, cos, deg, n, d, s_b, s_n, s_d, tau, eps, USE_TAU=use_tau, PRECISION=precision,
             BLOCK_I=ROW_BLOCK, BLOCK_J=64, BLOCK_K=cfg["affinity_block_k"], num_warps=4)
     _solver_kernel[(bsz,)](
-        feats, a, deg, q, t, v, products if count_products else v, n, d, s_b, s_n, s_d, tau, eps,
+        feats, v if cos is None else cos, v if cos is None else deg, q, t, v,  # v: unused pointers on chip
+        products if count_products else v, n, d, s_b, s_n, s_d, tau, eps,
         USE_TAU=use_tau, COUNT_PRODUCTS=count_products, PRECISION=precision, ON_CHIP=on_chip, N_PAD=n_pad,
         BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"],
         STEPS=STEPS, CHECK=CHECK, MAX_CYCLES=MAX_CYCLES, TOL=TOL, SHIFTS=SHIFTS, ROUNDS=ROUNDS, DELTA=DELTA,
         INV_ITERS=INV_ITERS, PIVMIN=PIVMIN, num_warps=cfg["num_warps"])
+    return v, products, cos
+
+
+def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) float32 generalized Fiedler vector D^-1/2 u of each sample's affinity graph (any sign/scale),
+    and the matrix-vector products each sample's solve took: int32 (B,) when ``count_products``, else an
+    empty tensor (as ``torch.ops.maskedssl.ncut_fiedler_cuda``)."""
+    v, products, _ = _solve(feats, tau, eps, count_products)
     return v, products
+
+
+def partition_from_cosines(feats: torch.Tensor) -> bool:
+    """Whether ``bipartition`` takes the partition step from the tiled solver's cosines: N past the on-chip
+    path and 16-bit features with N <= D (the foreground's rows of C, 4 N^2 / 2 bytes for a balanced cut,
+    against the features read twice, 2 N D elements; fp32 features' C, from 3xTF32 products, is not as
+    exact as 16-bit ones')."""
+    _, n, d = feats.shape
+    return (not launch_config(n, d)["on_chip"] and feats.dtype in (torch.bfloat16, torch.float16)
+            and n <= d <= PARTITION_MAX_D)
+
+
+def bipartition(feats: torch.Tensor, tau: float | None, eps: float, seed_tie: float
+                ) -> tuple[torch.Tensor, ...]:
+    """The whole op on the Triton kernels (D <= PARTITION_MAX_D): solver, then the partition step from the
+    cosines where ``partition_from_cosines``, else from the features."""
+    v, _, cos = _solve(feats, tau, eps, False)
+    if cos is not None and partition_from_cosines(feats):
+        return partition_from_cos(feats, cos, v, seed_tie)
+    return partition(feats, v, seed_tie)

@@ -90,6 +90,15 @@ def test_large_n_paths_cpu(backend, n):
     check_against_reference(planted(1, n, 24, 0.3, 1.0, torch.float16), None, backend)
 
 
+@pytest.mark.parametrize("tau", [None, 0.2])
+def test_triton_tiled_path_with_the_partition_from_the_cosines_cpu(tau):
+    """N > 128 with 16-bit features and N <= D: the solver applies the affinity rule (both graphs) to the
+    cosines it streams, and the partition step reads them too."""
+    if "triton" not in cpu_kernel_backends():
+        pytest.skip("Triton runs on CPU only under TRITON_INTERPRET=1")
+    check_against_reference(planted(2, 150, 160, 0.3, 1.0, torch.bfloat16, seed=3), tau, "triton")
+
+
 def test_reference_finds_planted_clusters():
     for frac, noise in [(0.3, 0.5), (0.1, 1.0), (0.3, 2.0)]:
         feats, labels = planted(4, 64, 96, frac, noise, seed=1, with_labels=True)
@@ -567,6 +576,115 @@ def test_cuda_check_reads_the_gram_diagonal_not_the_features(device, monkeypatch
             bad[where] = value
             with pytest.raises(ValueError, match="finite"):
                 run(bad)
+
+
+TRITON_KERNEL_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif("triton" not in cpu_kernel_backends(),
+                                                 reason="Triton runs on CPU only under TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+
+
+def _cosines(feats):
+    """The tiled Triton solver's workspace: cosines of the rows (zero rows give 0)."""
+    f = torch.nn.functional.normalize(feats.float(), dim=-1)
+    return torch.bmm(f, f.transpose(1, 2))
+
+
+@pytest.mark.parametrize("device", TRITON_KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_triton_partition_from_the_cosines_matches_the_reference_rules(dtype, device):
+    """partition_from_cos (the Triton partition step from the tiled solver's cosines, which the op takes for
+    16-bit features with 128 < N <= D) against the reference on the same v: odd N, a zero row, N = 2, a
+    non-contiguous C and v."""
+    from maskedssl.kernels.ncut import partition_from_cos
+
+    shapes = [(2, 5, 16), (3, 49, 100), (2, 150, 200), (1, 2, 3), (1, 300, 24)]
+    if device == "cuda":
+        shapes += [(256, 196, 768), (8, 576, 768)]
+    for b, n, d in shapes:
+        feats, v = (t.to(device) for t in _partition_inputs(b, n, d, dtype))
+        want = finish_partition(feats, v)
+        cos = _cosines(feats)
+        _check_partition(NCut(*partition_from_cos(feats, cos, v, SEED_TIE)), want)
+        strided = partition_from_cos(feats, cos.transpose(1, 2), v.t().contiguous().t(), SEED_TIE)
+        _check_partition(NCut(*strided), want)
+
+
+@pytest.mark.parametrize("device", TRITON_KERNEL_DEVICES)
+def test_triton_partition_from_the_cosines_takes_the_reference_ties(device):
+    """The cases of test_partition_kernels_take_the_reference_ties, from C: seed ties, a constant v, v = 0,
+    N = 2, a foreground of zero rows and one of rows that cancel exactly (scores 0, as the reference)."""
+    from maskedssl.kernels.ncut import partition_from_cos
+
+    feats, _ = _partition_inputs(6, 8, 16, torch.float32)
+    v = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    v[0] = 0.5
+    v[1] = 0
+    v[2, 3], v[2, 6] = 4.0, -4.0 * (1 - 0.5 * SEED_TIE)
+    v[3, :2], v[3, 2:] = 1.0, -1.0
+    v[4] = torch.tensor([7.0, -1, -1, -1, -1, -1, -1, -1])
+    feats[4, 0] = 0
+    v[5] = torch.tensor([2.0, 2, -1, -1, -1, -1, -1, -1])  # the foreground: rows 0 and 1
+    feats[5, 1] = -feats[5, 0]
+    for f, vv in ((feats, v), (torch.randn(2, 2, 4), torch.tensor([[1.0, -1.0], [-2.0, 2.0]]))):
+        f, vv = f.to(device), vv.to(device)
+        got = NCut(*partition_from_cos(f, _cosines(f), vv, SEED_TIE))
+        _check_partition(got, finish_partition(f, vv))
+        if f.shape[0] == 6:
+            assert torch.equal(got.score[4].cpu(), torch.zeros(8))
+            assert torch.equal(got.score[5].cpu(), torch.zeros(8))
+
+
+@pytest.mark.parametrize("device", TRITON_KERNEL_DEVICES)
+def test_triton_cosine_partition_redoes_a_cancelling_foreground_from_the_features(device):
+    """As the CUDA Gram path: a sample whose foreground's unit rows nearly cancel (|mean|^2 < 1e-2) has its
+    scores from the features (C's rounding would weigh as 1 / |mean|^2), its neighbour in the batch from C.
+    A C that is wrong off the foreground's rows shows which samples read it."""
+    from maskedssl.kernels.ncut import partition_from_cos
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(32, 96, generator=g)
+    pairs = torch.stack([base, -base + 0.01 * torch.randn(32, 96, generator=g)], 1).reshape(64, 96)
+    feats = torch.cat([pairs[None], torch.randn(1, 64, 96, generator=g)]).to(device=device,
+                                                                            dtype=torch.bfloat16)
+    v = torch.ones(2, 64, device=device)  # everything foreground
+    want = finish_partition(feats, v)
+    cos = _cosines(feats)
+    got = NCut(*partition_from_cos(feats, cos, v, SEED_TIE))
+    assert torch.equal(got.foreground, want.foreground)
+    torch.testing.assert_close(got.score, want.score, atol=1e-5, rtol=0)
+    # C scaled by 2: the cancelling sample does not read it (redone from the features), the other does
+    doubled = NCut(*partition_from_cos(feats, 2 * cos, v, SEED_TIE))
+    torch.testing.assert_close(doubled.score[0], want.score[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(doubled.score[1], (want.score[1] * 2 ** 0.5).clamp(-1, 1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", TRITON_KERNEL_DEVICES)
+def test_triton_op_takes_the_partition_from_the_cosines_where_it_should(device, monkeypatch):
+    """ncut_bipartition on the triton backend: the partition step from the solver's cosines for 16-bit
+    features with 128 < N <= D (the same vector and cut as from the features, scores within fp32 rounding),
+    from the features otherwise (fp32, N > D, or N <= 128 where the solver keeps its matrix on chip)."""
+    from maskedssl.kernels import ncut as kernels
+
+    calls = []
+    from_cos, from_feats = kernels.partition_from_cos, kernels.partition
+    monkeypatch.setattr(kernels, "partition_from_cos", lambda *a: calls.append("cos") or from_cos(*a))
+    monkeypatch.setattr(kernels, "partition", lambda *a: calls.append("feats") or from_feats(*a))
+    cases = [(torch.bfloat16, 150, 160, "cos"), (torch.float16, 129, 129, "cos"),
+             (torch.float32, 150, 160, "feats"), (torch.bfloat16, 150, 149, "feats"),
+             (torch.bfloat16, 100, 160, "feats")]
+    for dtype, n, d, path in cases:
+        feats = planted(1, n, d, 0.3, 0.5, dtype, device=device, seed=n)
+        calls.clear()
+        got = ncut_bipartition(feats, backend="triton")
+        assert calls == [path], (dtype, n, d)
+        v = kernels.ncut_fiedler(feats, None, 1e-5)[0]
+        want = NCut(*from_feats(feats, v, SEED_TIE))
+        assert torch.equal(got.fiedler, want.fiedler) and torch.equal(got.foreground, want.foreground)
+        torch.testing.assert_close(got.score, want.score, atol=2e-6, rtol=0)
+    feats = planted(2, 130, 136, 0.3, 0.5, torch.bfloat16, device=device)
+    torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition.default, (feats, None, 1e-5, "triton"))
 
 
 # ----------------------------------------------------------------------------- work per sample

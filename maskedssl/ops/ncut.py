@@ -109,7 +109,8 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor, backend: str = "torch
     features with N <= D takes the scores from the solver's Gram matrix, N^2 / 2 floats for a balanced
     cut where the features are 2 N D elements: about 20 MB (half of G) instead of 154 MB at that shape in
     bf16. A sample whose foreground's unit features nearly cancel, where G's rounding would show, is
-    redone from the features in a second launch.)
+    redone from the features in a second launch. The triton backend's op does the same from its tiled
+    solver's cosine matrix for 16-bit features with 128 < N <= D: ``maskedssl.kernels.ncut.bipartition``.)
     """
     d = feats.shape[-1]
     if backend == "triton":
@@ -186,6 +187,12 @@ def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str,
         # solver and partition step in one C++ call (16-bit features with N <= D: the partition from the
         # solver's Gram matrix, fewer bytes than the features)
         return torch.ops.maskedssl.ncut_bipartition_cuda(feats, gram, tau, max(eps, KERNEL_MIN_EPS), SEED_TIE)
+    if backend == "triton":
+        from maskedssl.kernels import ncut as kernels
+
+        if feats.shape[-1] <= kernels.PARTITION_MAX_D:
+            # N > 128, 16-bit features with N <= D: the partition from the solver's cosines, fewer bytes
+            return kernels.bipartition(feats, tau, max(eps, KERNEL_MIN_EPS), SEED_TIE)
     return tuple(finish_partition(feats, _fiedler_kernel(feats, tau, eps, backend)[0], backend))
 
 
