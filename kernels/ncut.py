@@ -431,7 +431,7 @@ def launch_config(n: int, d: int, fp32: bool = False) -> dict:
     on-chip solver on sm_80 at 64 columns for N_PAD = 64 and at 32 for N_PAD = 128)."""
     n_pad = max(16, triton.next_power_of_2(n))
     on_chip = n_pad <= ON_CHIP_MAX
-    # elements of A or of the basis that a product or a reorthogonalisation pass holds at once. The tiled
+    # elements of C or of the basis that a product or a reorthogonalisation pass holds at once. The tiled
     # path takes 8 a thread: at 16, Triton 3.6's ptxas (the GPU machines' torch 2.11) capped the solver at
     # 128 registers and spilled up to 136 bytes a thread at N_PAD = 256 and 32 at N_PAD = 512.
     tile = 4096 if on_chip else 2048
