@@ -432,11 +432,10 @@ def test_cuda_partition_from_the_gram_matrix_matches_the_reference_rules(dtype, 
         _check_partition(NCut(*strided), want)
 
 
-@pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
-def test_cuda_partition_from_the_gram_matrix_takes_the_reference_ties():
-    """The cases of test_partition_kernels_take_the_reference_ties, from G: seed ties, a constant v, v = 0,
-    N = 2 with |v_0| = |v_1|, a foreground of zero rows (scores 0), and rows that cancel exactly (f and -f
-    in the foreground: m = 0 up to their pairing, scores 0 as the reference gives)."""
+def _tie_inputs():
+    """Six samples for the partition steps from G or C: seed ties within SEED_TIE, a constant v, v = 0,
+    a split of two blocks, a foreground of one zero row (sample 4) and one of two rows that cancel exactly
+    (sample 5: scores 0, as the reference gives)."""
     feats, _ = _partition_inputs(6, 8, 16, torch.float32)
     v = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
     v[0] = 0.5
@@ -447,6 +446,15 @@ def test_cuda_partition_from_the_gram_matrix_takes_the_reference_ties():
     feats[4, 0] = 0
     v[5] = torch.tensor([2.0, 2, -1, -1, -1, -1, -1, -1])  # the foreground: rows 0 and 1
     feats[5, 1] = -feats[5, 0]
+    return feats, v
+
+
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
+def test_cuda_partition_from_the_gram_matrix_takes_the_reference_ties():
+    """The cases of test_partition_kernels_take_the_reference_ties, from G: seed ties, a constant v, v = 0,
+    N = 2 with |v_0| = |v_1|, a foreground of zero rows (scores 0), and rows that cancel exactly (f and -f
+    in the foreground: m = 0 up to their pairing, scores 0 as the reference gives)."""
+    feats, v = _tie_inputs()
     for f, vv in ((feats, v), (torch.randn(2, 2, 4), torch.tensor([[1.0, -1.0], [-2.0, 2.0]]))):
         got = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(f, _gram(f), vv, SEED_TIE))
         _check_partition(got, finish_partition(f, vv))
@@ -617,16 +625,7 @@ def test_triton_partition_from_the_cosines_takes_the_reference_ties(device):
     N = 2, a foreground of zero rows and one of rows that cancel exactly (scores 0, as the reference)."""
     from maskedssl.kernels.ncut import partition_from_cos
 
-    feats, _ = _partition_inputs(6, 8, 16, torch.float32)
-    v = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
-    v[0] = 0.5
-    v[1] = 0
-    v[2, 3], v[2, 6] = 4.0, -4.0 * (1 - 0.5 * SEED_TIE)
-    v[3, :2], v[3, 2:] = 1.0, -1.0
-    v[4] = torch.tensor([7.0, -1, -1, -1, -1, -1, -1, -1])
-    feats[4, 0] = 0
-    v[5] = torch.tensor([2.0, 2, -1, -1, -1, -1, -1, -1])  # the foreground: rows 0 and 1
-    feats[5, 1] = -feats[5, 0]
+    feats, v = _tie_inputs()
     for f, vv in ((feats, v), (torch.randn(2, 2, 4), torch.tensor([[1.0, -1.0], [-2.0, 2.0]]))):
         f, vv = f.to(device), vv.to(device)
         got = NCut(*partition_from_cos(f, _cosines(f), vv, SEED_TIE))
