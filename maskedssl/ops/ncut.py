@@ -191,7 +191,8 @@ def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str,
         from maskedssl.kernels import ncut as kernels
 
         if feats.shape[-1] <= kernels.PARTITION_MAX_D:
-            # N > 128, 16-bit features with N <= D: the partition from the solver's cosines, fewer bytes
+            # solver and partition step; the partition from the tiled solver's cosines where that reads
+            # fewer bytes than the features (kernels.partition_from_cosines)
             return kernels.bipartition(feats, tau, max(eps, KERNEL_MIN_EPS), SEED_TIE)
     return tuple(finish_partition(feats, _fiedler_kernel(feats, tau, eps, backend)[0], backend))
 
