@@ -12,8 +12,10 @@ Impls, same inputs (bf16 features of two planted clusters, 30% / 70% of the patc
 - ``triton`` and ``cuda``: ``maskedssl.ops.ncut_bipartition`` with that backend (argument validation, the
   kernels and the partition step included; the finiteness/scale check of the features, a
   reduction and one device->host sync, is off as ``MASKEDSSL_CHECK_INDICES=0`` leaves it, and timed with
-  the op at the headline shape as ``<backend>+check``: Triton's reads the features once more, CUDA's the
-  diagonal of the Gram matrix its solver then uses). Before timing, each backend's foreground on the
+  the op at the headline shape as ``<backend>+check``: both read the rows' squared norms from the kernels'
+  first launch, the diagonal of the Gram matrix the CUDA solver then uses and the norms Triton's cosine
+  kernel writes beside its workspace; Triton's on-chip path, N <= 128, reads the features once more).
+  Before timing, each backend's foreground on the
   samples the reference timed must agree with the fp32 ``torch.linalg.eigh``'s on >= 99% of their patches
   (a sanity gate on the timed inputs, whose planted clusters have a clear eigengap; the tests hold every
   sample to the float64 reference), or the benchmark raises; rows record the mean and the worst sample.

@@ -27,9 +27,10 @@ Layout and paths:
   N <= 128 (on chip): one program per sample builds A from feats with ``tl.dot`` in registers and keeps
     M there for the whole solve; nothing but v is written.
   N > 128 (tiled): ``_affinity_kernel`` (one program per sample and block of 32 rows) writes the cosines
-    C (B, N, N) fp32 and the degrees of A, d (B, N), to a workspace; the solver program then streams C in
-    row blocks for each product, applying the affinity rule to each tile (it stays in L2 for moderate
-    B*N^2).
+    C (B, N, N) fp32, the degrees of A, d (B, N), and the rows' squared norms (B, N) to a workspace
+    (``workspace``: the op's input check runs on those norms between this launch and the solver's); the
+    solver program then streams C in row blocks for each product, applying the affinity rule to each tile
+    (it stays in L2 for moderate B*N^2).
   Scratch: the Lanczos basis (B, STEPS, N_PAD) and the tridiagonal (B, 5 * STEPS) fp32 per sample.
   On request (``count_products``, for ``maskedssl.ops.ncut.lanczos_products``) the solver also writes how
   many products each sample took, int32 (B,): a compile-time switch, so the default kernel is unchanged.
@@ -43,7 +44,8 @@ Cost: affinity 2 B N^2 D FLOPs (+ reading feats once: B N D elements); each Lanc
 once per step from L2 (4 N^2 bytes). Partition: feats read twice more (B N D elements each), or the
 foreground's rows of C (about 2 N^2 bytes a sample for a balanced cut), 9 B N bytes written. By count at
 B = 256, N = 196, D = 768 in bf16 (tiled): 77 MB of features, 39 MB of C written and at least once read,
-then about 20 MB of C for the partition where the features path read 154 MB (not measured on a GPU).
+then about 20 MB of C for the partition where the features path read 154 MB, and 0.2 MB of row norms for
+the op's input check where the features would be 77 MB: about 175 MB in all (not measured on a GPU).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ ROW_BLOCK = 32  # affinity rows per program on the tiled path
 @triton.jit
 def _cosine_tile(f_ptr, rows, cols, row_ok, col_ok, D, s_n, s_d,
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """cos(f_rows, f_cols) as a (len(rows), len(cols)) fp32 tile; zero rows give 0 (F.normalize's rule)."""
+    """cos(f_rows, f_cols) as a (len(rows), len(cols)) fp32 tile (zero rows give 0, F.normalize's rule), and
+    the rows' squared norms summed in fp32."""
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     sq_r = tl.zeros((rows.shape[0],), dtype=tl.float32)
     sq_c = tl.zeros((cols.shape[0],), dtype=tl.float32)
@@ -93,7 +96,7 @@ def _cosine_tile(f_ptr, rows, cols, row_ok, col_ok, D, s_n, s_d,
         sq_c += tl.sum(fc * fc, axis=1)
     inv_r = 1.0 / tl.maximum(tl.sqrt(sq_r), 1e-12)
     inv_c = 1.0 / tl.maximum(tl.sqrt(sq_c), 1e-12)
-    return acc * inv_r[:, None] * inv_c[None, :]
+    return acc * inv_r[:, None] * inv_c[None, :], sq_r
 
 
 @triton.jit
@@ -106,25 +109,28 @@ def _affinity(cos, ok, tau, eps, USE_TAU: tl.constexpr):
 
 
 @triton.jit
-def _affinity_kernel(f_ptr, c_ptr, deg_ptr, N, D, s_b, s_n, s_d, tau, eps,
+def _affinity_kernel(f_ptr, c_ptr, deg_ptr, sq_ptr, N, D, s_b, s_n, s_d, tau, eps,
                      USE_TAU: tl.constexpr, PRECISION: tl.constexpr, BLOCK_I: tl.constexpr,
                      BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """The tiled path's workspace: the cosines C (B, N, N) (the solver applies the affinity rule to each tile
-    it reads, and ``_partition_cos_kernel`` takes the scores from C) and the degrees of A, (B, N)."""
+    it reads, and ``_partition_cos_kernel`` takes the scores from C), the degrees of A, (B, N), and the rows'
+    squared norms, (B, N) (the op's input check reads them instead of the features)."""
     b = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     row_ok = rows < N
     f_ptr += b.to(tl.int64) * s_b
     c_ptr += b.to(tl.int64) * N * N
     deg = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for j in range(0, N, BLOCK_J):
         cols = j + tl.arange(0, BLOCK_J)
         col_ok = cols < N
-        cos = _cosine_tile(f_ptr, rows, cols, row_ok, col_ok, D, s_n, s_d, BLOCK_K, PRECISION)
+        cos, sq = _cosine_tile(f_ptr, rows, cols, row_ok, col_ok, D, s_n, s_d, BLOCK_K, PRECISION)
         ok = row_ok[:, None] & col_ok[None, :]
         deg += tl.sum(_affinity(cos, ok, tau, eps, USE_TAU), axis=1)
         tl.store(c_ptr + rows[:, None] * N + cols[None, :], cos, mask=ok)
     tl.store(deg_ptr + b * N + rows, deg, mask=row_ok)
+    tl.store(sq_ptr + b * N + rows, sq, mask=row_ok)
 
 
 @triton.jit
@@ -219,7 +225,7 @@ def _solver_kernel(f_ptr, c_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b,
     q_ptr += b * STEPS * N_PAD
     t_ptr += b * 5 * STEPS
     if ON_CHIP:
-        cos = _cosine_tile(f_ptr + b * s_b, offs, offs, ok, ok, D, s_n, s_d, BLOCK_K, PRECISION)
+        cos, _row_sq = _cosine_tile(f_ptr + b * s_b, offs, offs, ok, ok, D, s_n, s_d, BLOCK_K, PRECISION)
         a = _affinity(cos, ok[:, None] & ok[None, :], tau, eps, USE_TAU)
         deg = tl.sum(a, axis=1)
         d_isqrt = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, deg, 1.0)), 0.0)
@@ -499,49 +505,71 @@ def partition_from_cos(feats: torch.Tensor, cos: torch.Tensor, v: torch.Tensor, 
     return fiedler, foreground.view(torch.bool), score
 
 
-def _solve(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool
+def _precision(feats: torch.Tensor) -> str:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "ieee"
+    # fp32 operands: 3xTF32 keeps fp32 accuracy; 16-bit operands are exact on tensor cores anyway
+    return "tf32x3" if feats.dtype == torch.float32 else "tf32"
+
+
+def tiled(n: int, d: int) -> bool:
+    """Whether N patches take the tiled path, whose solver reads the ``workspace`` (N > ON_CHIP_MAX)."""
+    return not launch_config(n, d)["on_chip"]
+
+
+def workspace(feats: torch.Tensor, tau: float | None, eps: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tiled path's first launch: the cosines C (B, N, N), the degrees of the affinity (B, N) and the
+    rows' squared norms (B, N), all float32 (sums of fp32 squares of the entries: the op's input check
+    reads these, as the cuda backend's reads its Gram matrix's diagonal). ``_solve`` takes (C, degrees)."""
+    bsz, n, d = feats.shape
+    cos = torch.empty(bsz, n, n, device=feats.device, dtype=torch.float32)
+    deg = torch.empty(bsz, n, device=feats.device, dtype=torch.float32)
+    sq = torch.empty(bsz, n, device=feats.device, dtype=torch.float32)
+    if bsz > 0:
+        _affinity_kernel[(bsz, triton.cdiv(n, ROW_BLOCK))](
+            feats, cos, deg, sq, n, d, *feats.stride(), 0.0 if tau is None else float(tau), eps,
+            USE_TAU=tau is not None, PRECISION=_precision(feats), BLOCK_I=ROW_BLOCK, BLOCK_J=64,
+            BLOCK_K=launch_config(n, d, fp32=feats.dtype == torch.float32)["affinity_block_k"], num_warps=4)
+    return cos, deg, sq
+
+
+def _solve(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool,
+           work: tuple[torch.Tensor, torch.Tensor] | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``ncut_fiedler``'s outputs and, on the tiled path (N > ON_CHIP_MAX), its cosine workspace (B, N, N)
-    float32 (None on chip, where nothing but v is written)."""
+    float32 (None on chip, where nothing but v is written). ``work``: the tiled path's (C, degrees) from
+    ``workspace`` for these features, tau and eps, when the caller has them (else the solver's launch makes
+    them; on chip it is ignored)."""
     bsz, n, d = feats.shape
     dev = feats.device
     cfg = launch_config(n, d, fp32=feats.dtype == torch.float32)
     n_pad, on_chip = cfg["n_pad"], cfg["on_chip"]
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        precision = "ieee"
-    else:  # fp32 operands: 3xTF32 keeps fp32 accuracy; 16-bit operands are exact on tensor cores anyway
-        precision = "tf32x3" if feats.dtype == torch.float32 else "tf32"
     use_tau = tau is not None
-    tau = 0.0 if tau is None else float(tau)
     q = torch.empty(bsz, STEPS, n_pad, device=dev, dtype=torch.float32)
     t = torch.empty(bsz, 5 * STEPS, device=dev, dtype=torch.float32)
     v = empty_output((bsz, n), torch.float32, dev)
     products = empty_output((bsz if count_products else 0,), torch.int32, dev)
-    s_b, s_n, s_d = feats.stride()
     if on_chip:
-        cos = None
+        cos = deg = None
     else:
-        cos = torch.empty(bsz, n, n, device=dev, dtype=torch.float32)
-        deg = torch.empty(bsz, n, device=dev, dtype=torch.float32)
-        _affinity_kernel[(bsz, triton.cdiv(n, ROW_BLOCK))](
-            feats, cos, deg, n, d, s_b, s_n, s_d, tau, eps, USE_TAU=use_tau, PRECISION=precision,
-            BLOCK_I=ROW_BLOCK, BLOCK_J=64, BLOCK_K=cfg["affinity_block_k"], num_warps=4)
+        cos, deg = work if work is not None else workspace(feats, tau, eps)[:2]
     _solver_kernel[(bsz,)](
         feats, v if cos is None else cos, v if cos is None else deg, q, t, v,  # v: unused pointers on chip
-        products if count_products else v, n, d, s_b, s_n, s_d, tau, eps,
-        USE_TAU=use_tau, COUNT_PRODUCTS=count_products, PRECISION=precision, ON_CHIP=on_chip, N_PAD=n_pad,
-        BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"],
+        products if count_products else v, n, d, *feats.stride(), 0.0 if tau is None else float(tau), eps,
+        USE_TAU=use_tau, COUNT_PRODUCTS=count_products, PRECISION=_precision(feats), ON_CHIP=on_chip,
+        N_PAD=n_pad, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"],
         STEPS=STEPS, CHECK=CHECK, MAX_CYCLES=MAX_CYCLES, TOL=TOL, SHIFTS=SHIFTS, ROUNDS=ROUNDS, DELTA=DELTA,
         INV_ITERS=INV_ITERS, PIVMIN=PIVMIN, num_warps=cfg["num_warps"])
     return v, products, cos
 
 
-def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool = False,
+                 work: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) float32 generalized Fiedler vector D^-1/2 u of each sample's affinity graph (any sign/scale),
     and the matrix-vector products each sample's solve took: int32 (B,) when ``count_products``, else an
-    empty tensor (as ``torch.ops.maskedssl.ncut_fiedler_cuda``)."""
-    v, products, _ = _solve(feats, tau, eps, count_products)
+    empty tensor (as ``torch.ops.maskedssl.ncut_fiedler_cuda``). ``work``: as ``_solve`` takes it."""
+    v, products, _ = _solve(feats, tau, eps, count_products, work)
     return v, products
 
 
@@ -551,15 +579,15 @@ def partition_from_cosines(feats: torch.Tensor) -> bool:
     against the features read twice, 2 N D elements; fp32 features' C, from 3xTF32 products, is not as
     exact as 16-bit ones')."""
     _, n, d = feats.shape
-    return (not launch_config(n, d)["on_chip"] and feats.dtype in (torch.bfloat16, torch.float16)
+    return (tiled(n, d) and feats.dtype in (torch.bfloat16, torch.float16)
             and n <= d <= PARTITION_MAX_D)
 
 
-def bipartition(feats: torch.Tensor, tau: float | None, eps: float, seed_tie: float
-                ) -> tuple[torch.Tensor, ...]:
+def bipartition(feats: torch.Tensor, tau: float | None, eps: float, seed_tie: float,
+                work: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """The whole op on the Triton kernels (D <= PARTITION_MAX_D): solver, then the partition step from the
-    cosines where ``partition_from_cosines``, else from the features."""
-    v, _, cos = _solve(feats, tau, eps, False)
+    cosines where ``partition_from_cosines``, else from the features. ``work``: as ``_solve`` takes it."""
+    v, _, cos = _solve(feats, tau, eps, False, work)
     if cos is not None and partition_from_cosines(feats):
         return partition_from_cos(feats, cos, v, seed_tie)
     return partition(feats, v, seed_tie)

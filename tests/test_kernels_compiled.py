@@ -61,7 +61,7 @@ for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32x3")):
     block_k = ncut.launch_config(196, 768, fp32=dtype == "fp32")["affinity_block_k"]
     rows[f"ncut affinity {dtype}"] = usage(
         ncut._affinity_kernel,
-        dict(f_ptr="*" + dtype, c_ptr="*fp32", deg_ptr="*fp32", tau="fp32", eps="fp32"),
+        dict(f_ptr="*" + dtype, c_ptr="*fp32", deg_ptr="*fp32", sq_ptr="*fp32", tau="fp32", eps="fp32"),
         dict(USE_TAU=True, PRECISION=precision, BLOCK_I=ncut.ROW_BLOCK, BLOCK_J=64, BLOCK_K=block_k), 4)
 for dtype, d, only in (("bf16", 768, True), ("fp32", 1024, False), ("fp16", 8192, False)):
     d_pad = triton.next_power_of_2(d)

@@ -686,6 +686,62 @@ def test_triton_op_takes_the_partition_from_the_cosines_where_it_should(device, 
     torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition.default, (feats, None, 1e-5, "triton"))
 
 
+@pytest.mark.parametrize("device", TRITON_KERNEL_DEVICES)
+def test_triton_check_reads_the_cosine_kernels_norms_not_the_features(device, monkeypatch):
+    """On the triton backend's tiled path (N > 128) the input check reads the rows' squared norms that the
+    cosine kernel writes beside the solver's workspace: the features are read a second time
+    (``_checked_features``) only for a norm outside [2^-80, 2^100) (zero, NaN and inf rows included), the
+    workspace goes to the solver unless rows were rescaled (one cosine launch, not two), and the result is
+    bit for bit the unchecked op's. On chip (N <= 128) the check reads the features."""
+    from maskedssl.kernels import ncut as kernels
+    from maskedssl.ops import ncut as ncut_module
+
+    reads, launches = [], []
+    checked, workspace = ncut_module._checked_features, kernels.workspace
+    monkeypatch.setattr(ncut_module, "_checked_features", lambda f: reads.append(1) or checked(f))
+    monkeypatch.setattr(kernels, "workspace", lambda *a: launches.append(1) or workspace(*a))
+
+    def run(feats, tau=None, checks=True):
+        monkeypatch.setenv("MASKEDSSL_CHECK_INDICES", "1" if checks else "0")
+        reads.clear()
+        launches.clear()
+        return ncut_bipartition(feats, tau, backend="triton"), len(reads), len(launches)
+
+    # the partition from the cosines (16-bit, N <= D), from the features (N > D), and on chip
+    for dtype, n, d, tau, work in ((torch.bfloat16, 130, 136, None, 1), (torch.float32, 130, 16, 0.2, 1),
+                                   (torch.float16, 20, 16, None, 0)):
+        feats = planted(2, n, d, 0.3, 0.5, dtype, device=device, seed=n)
+        got, read, launched = run(feats, tau)
+        want, _, unchecked_launches = run(feats, tau, checks=False)
+        assert (read, launched, unchecked_launches) == (1 - work, work, work), (dtype, n, d)
+        assert all(torch.equal(x, y) for x, y in zip(got, want)), (dtype, n, d)
+    base = planted(2, 130, 136, 0.3, 0.5, device=device)
+    row = torch.zeros(136, device=device)
+    # (row 3 of sample 1, features read again, rows rescaled): a squared norm of 2^-80 or just under 2^100
+    # is in range; 2^100 (rescaled: a second cosine launch), a zero row, a norm of 2^-41 (not rescaled) or
+    # an inf entry is not
+    cases = [(2.0 ** -40, torch.bfloat16, False, False), (2.0 ** 50 - 2.0 ** 42, torch.float32, False, False),
+             (2.0 ** 50, torch.float32, True, True), (0.0, torch.bfloat16, True, False),
+             (2.0 ** -41, torch.bfloat16, True, False)]
+    for value, dtype, again, rescaled in cases:
+        feats = base.clone()
+        feats[1, 3] = row.index_fill(0, torch.tensor([5], device=device), value)
+        feats = feats.to(dtype)
+        got, read, launched = run(feats)
+        assert (read, launched) == (int(again), 1 + int(rescaled)), value
+        if not rescaled:
+            want, _, _ = run(feats, checks=False)
+            assert all(torch.equal(x, y) for x, y in zip(got, want)), value
+        want = ncut_bipartition(feats.double(), backend="torch")
+        assert torch.equal(got.foreground.cpu(), want.foreground.cpu()), value
+    for where in ((1, 3, 5), (0, 2, 7)):
+        for value in (float("inf"), float("nan")):
+            bad = base.clone()
+            bad[where] = value
+            with pytest.raises(ValueError, match="finite"):
+                run(bad)
+
+
 # ----------------------------------------------------------------------------- work per sample
 @pytest.mark.parametrize("backend", cpu_kernel_backends())
 def test_lanczos_products_count_the_solvers_work(backend):

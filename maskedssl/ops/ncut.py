@@ -178,9 +178,12 @@ def _fiedler_kernel(feats, tau, eps, backend, count_products=False):
 
 @torch.library.custom_op("maskedssl::ncut_bipartition", mutates_args=())
 def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str,
-             gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``gram``: the cuda backend's (B, N, N) G = F F^T from ``ncut_gram_cuda`` when the input check
-    computed it, else None; the other backends take None."""
+             gram: torch.Tensor | None = None, degrees: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gram`` and ``degrees``: what the input check computed for the solver, else None. The cuda backend:
+    G = F F^T (B, N, N) from ``ncut_gram_cuda`` (no degrees). The triton backend's tiled path: the cosines C
+    (B, N, N), the Gram matrix of the unit rows, and the degrees of the affinity (B, N) for this tau and
+    eps, from ``maskedssl.kernels.ncut.workspace``. The torch backend takes neither."""
     if backend == "torch":
         return tuple(_ncut_torch(feats, tau, eps))
     if backend == "cuda" and feats.shape[-1] <= CUDA_PARTITION_MAX_D:
@@ -190,15 +193,18 @@ def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str,
     if backend == "triton":
         from maskedssl.kernels import ncut as kernels
 
+        work = None if gram is None else (gram, degrees)
+        eps = max(eps, KERNEL_MIN_EPS)
         if feats.shape[-1] <= kernels.PARTITION_MAX_D:
             # solver and partition step; the partition from the tiled solver's cosines where that reads
             # fewer bytes than the features (kernels.partition_from_cosines)
-            return kernels.bipartition(feats, tau, max(eps, KERNEL_MIN_EPS), SEED_TIE)
+            return kernels.bipartition(feats, tau, eps, SEED_TIE, work)
+        return tuple(finish_partition(feats, kernels.ncut_fiedler(feats, tau, eps, work=work)[0]))
     return tuple(finish_partition(feats, _fiedler_kernel(feats, tau, eps, backend)[0], backend))
 
 
 @_ncut_op.register_fake
-def _(feats, tau, eps, backend, gram=None):
+def _(feats, tau, eps, backend, gram=None, degrees=None):
     b, n, _ = feats.shape
     return (feats.new_empty(b, n, dtype=torch.float32), feats.new_empty(b, n, dtype=torch.bool),
             feats.new_empty(b, n, dtype=torch.float32))
@@ -264,25 +270,27 @@ def _checked_features(feats: torch.Tensor) -> torch.Tensor:
     return feats
 
 
-def _gram_in_range(gram: torch.Tensor) -> bool:
-    """The cuda backend's input check from the Gram matrix G = F F^T its solver needs anyway
-    (``ncut_gram_cuda``): whether every row's squared norm, G's diagonal, lies in [2^-80, 2^100). If not,
-    ``_checked_features`` decides (NaN, inf and zero rows land there).
+def _norms_in_range(sq_norms: torch.Tensor) -> bool:
+    """The kernel backends' input check from the rows' squared norms their first launch computes anyway
+    (cuda: the diagonal of G = F F^T from ``ncut_gram_cuda``; triton's tiled path: ``workspace``'s norms,
+    summed in fp32 like G's): whether every one lies in [2^-80, 2^100). If not, ``_checked_features``
+    decides (NaN, inf and zero rows land there).
 
     In that range the rows are finite and need no scaling (max |entry| <= norm < 2^PEAK_EXP; norm >= 2^-40
     keeps every entry the fp32 sums lose, below 2^-126 each, under D 2^-46 of the row's squared norm;
     ``_checked_features`` would scale a row only for D > 2^20, by a power of two), and the features are
     not read a second time: 77 MB less than ``_checked_features`` at B = 256, N = 196, D = 768 in bf16,
-    for a diagonal of 0.2 MB. One sync, as before."""
-    low, high = torch.stack(torch.aminmax(gram.diagonal(dim1=1, dim2=2))).tolist()
+    for 0.2 MB of norms. One sync, as before."""
+    low, high = torch.stack(torch.aminmax(sq_norms)).tolist()
     return 2.0 ** -80 <= low and high < 2.0 ** 100
 
 
-def _prepare(feats: torch.Tensor, tau, eps, backend: str | None, op: str, want_gram: bool = False
-             ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+def _prepare(feats: torch.Tensor, tau, eps, backend: str | None, op: str, want_work: bool = False
+             ) -> tuple[torch.Tensor, str, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Checks ``ncut_bipartition``'s arguments; returns the features as the kernels take them (rows out of
-    fp32 range rescaled), the resolved backend and, when ``want_gram`` and the one-call cuda op will run,
-    the Gram matrix of those features that the check computed (None otherwise)."""
+    fp32 range rescaled), the resolved backend and, when ``want_work``, the op's (``gram``, ``degrees``)
+    arguments: what the check computed that the solver then uses (the cuda one-call op's G; the triton
+    tiled path's cosines and degrees), or (None, None)."""
     check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, D)")
     b, n, d = feats.shape
     if n < 2 or d < 1:
@@ -293,15 +301,23 @@ def _prepare(feats: torch.Tensor, tau, eps, backend: str | None, op: str, want_g
                        f"N = {n} patches exceed the CUDA kernel's {CUDA_MAX_N}" if n > CUDA_MAX_N else None,
                        AUTO_ORDER)
     feats = feats.detach()
-    gram = None
+    work, norms = (None, None), None
     if b > 0 and index_checks_enabled() and feats.device.type != "meta":
-        if want_gram and name == "cuda" and d <= CUDA_PARTITION_MAX_D:
+        if want_work and name == "cuda" and d <= CUDA_PARTITION_MAX_D:
             gram = torch.ops.maskedssl.ncut_gram_cuda(feats)
-        if gram is None or not _gram_in_range(gram):
+            work, norms = (gram, None), gram.diagonal(dim1=1, dim2=2)
+        elif want_work and name == "triton":
+            from maskedssl.kernels import ncut as kernels
+
+            if kernels.tiled(n, d):
+                tau_k = None if tau is None else float(tau)
+                cos, degrees, norms = kernels.workspace(feats, tau_k, max(float(eps), KERNEL_MIN_EPS))
+                work = (cos, degrees)
+        if norms is None or not _norms_in_range(norms):
             checked = _checked_features(feats)
-            gram = gram if checked is feats else None  # rescaled rows need a new G
+            work = work if checked is feats else (None, None)  # rescaled rows need a new workspace
             feats = checked
-    return feats, name, gram
+    return feats, name, work
 
 
 def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float = 1e-5, *,
@@ -315,15 +331,17 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
     finiteness check costs one reduction and one device->host sync, like the ops' index checks
     (``MASKEDSSL_CHECK_INDICES=0`` skips it); the same reduction finds rows whose entries are all below
     2^-50 or any above 2^50; each such row is scaled by a power of two first (without the check, their fp32
-    norms underflow or overflow). On the cuda backend the reduction runs over the diagonal of the Gram
-    matrix the solver then uses, and over the features only where that diagonal is out of range.
+    norms underflow or overflow). On the cuda backend, and on the triton backend for N > 128 (its tiled
+    path), the reduction runs over the rows' squared norms from the kernels' first launch (the diagonal of
+    the Gram matrix the cuda solver then uses; the norms the triton cosine kernel writes beside the
+    cosines), and over the features only where a norm is out of range.
     """
-    feats, name, gram = _prepare(feats, tau, eps, backend, "ncut_bipartition", want_gram=True)
+    feats, name, (gram, degrees) = _prepare(feats, tau, eps, backend, "ncut_bipartition", want_work=True)
     if feats.shape[0] == 0:
         empty = feats.new_empty(0, feats.shape[1], dtype=torch.float32)
         return NCut(empty, empty.bool(), empty.clone())
     fiedler, foreground, score = torch.ops.maskedssl.ncut_bipartition(
-        feats, None if tau is None else float(tau), float(eps), name, gram)
+        feats, None if tau is None else float(tau), float(eps), name, gram, degrees)
     return NCut(fiedler, foreground, score)
 
 
