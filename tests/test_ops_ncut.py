@@ -560,10 +560,19 @@ def test_cuda_check_reads_the_gram_diagonal_not_the_features(device, monkeypatch
             want, _, _ = run(feats, checks=False)
             assert (read, reused) == (0, True), (dtype, n, d)
             assert all(torch.equal(x, y) for x, y in zip(got, want)), (dtype, n, d)
-    base = planted(2, 12, 16, 0.3, 0.5, device=device)
-    row = torch.zeros(16, device=device)
-    # (row 3 of sample 1, features read again, rows rescaled): a squared norm of 2^-80 or just under 2^100
-    # is in range; 2^100 (rescaled), a zero row, a norm of 2^-41 (not rescaled) or an inf entry is not
+    # G goes to the solver unless rows were rescaled
+    _check_norm_boundaries(run, planted(2, 12, 16, 0.3, 0.5, device=device), lambda rescaled: not rescaled)
+
+
+def _check_norm_boundaries(run, base, workspace_flag):
+    """The boundary cases of the kernel backends' norm checks, set in row 3 of sample 1 of ``base``.
+    ``run(feats, checks=True)`` returns (the result, how often ``_checked_features`` ran, a flag of what
+    became of the workspace), and ``workspace_flag(rescaled)`` is the flag expected. A squared norm of
+    2^-80 or just under 2^100 is in range; 2^100 (rescaled), a zero row, a norm of 2^-41 (not rescaled) or
+    an inf entry is not; NaN and inf raise."""
+    device = base.device
+    row = torch.zeros(base.shape[-1], device=device)
+    # (value, dtype, features read again, rows rescaled)
     cases = [(2.0 ** -40, torch.bfloat16, False, False), (2.0 ** 50 - 2.0 ** 42, torch.float32, False, False),
              (2.0 ** 50, torch.float32, True, True), (0.0, torch.bfloat16, True, False),
              (2.0 ** -41, torch.bfloat16, True, False)]
@@ -571,8 +580,8 @@ def test_cuda_check_reads_the_gram_diagonal_not_the_features(device, monkeypatch
         feats = base.clone()
         feats[1, 3] = row.index_fill(0, torch.tensor([5], device=device), value)
         feats = feats.to(dtype)
-        got, read, reused = run(feats)
-        assert (read, reused) == (int(again), not rescaled), value
+        got, read, flag = run(feats)
+        assert (read, flag) == (int(again), workspace_flag(rescaled)), value
         if not rescaled:
             want, _, _ = run(feats, checks=False)
             assert all(torch.equal(x, y) for x, y in zip(got, want)), value
@@ -715,31 +724,8 @@ def test_triton_check_reads_the_cosine_kernels_norms_not_the_features(device, mo
         want, _, unchecked_launches = run(feats, tau, checks=False)
         assert (read, launched, unchecked_launches) == (1 - work, work, work), (dtype, n, d)
         assert all(torch.equal(x, y) for x, y in zip(got, want)), (dtype, n, d)
-    base = planted(2, 130, 136, 0.3, 0.5, device=device)
-    row = torch.zeros(136, device=device)
-    # (row 3 of sample 1, features read again, rows rescaled): a squared norm of 2^-80 or just under 2^100
-    # is in range; 2^100 (rescaled: a second cosine launch), a zero row, a norm of 2^-41 (not rescaled) or
-    # an inf entry is not
-    cases = [(2.0 ** -40, torch.bfloat16, False, False), (2.0 ** 50 - 2.0 ** 42, torch.float32, False, False),
-             (2.0 ** 50, torch.float32, True, True), (0.0, torch.bfloat16, True, False),
-             (2.0 ** -41, torch.bfloat16, True, False)]
-    for value, dtype, again, rescaled in cases:
-        feats = base.clone()
-        feats[1, 3] = row.index_fill(0, torch.tensor([5], device=device), value)
-        feats = feats.to(dtype)
-        got, read, launched = run(feats)
-        assert (read, launched) == (int(again), 1 + int(rescaled)), value
-        if not rescaled:
-            want, _, _ = run(feats, checks=False)
-            assert all(torch.equal(x, y) for x, y in zip(got, want)), value
-        want = ncut_bipartition(feats.double(), backend="torch")
-        assert torch.equal(got.foreground.cpu(), want.foreground.cpu()), value
-    for where in ((1, 3, 5), (0, 2, 7)):
-        for value in (float("inf"), float("nan")):
-            bad = base.clone()
-            bad[where] = value
-            with pytest.raises(ValueError, match="finite"):
-                run(bad)
+    # a second cosine launch where rows were rescaled
+    _check_norm_boundaries(run, planted(2, 130, 136, 0.3, 0.5, device=device), lambda rescaled: 1 + rescaled)
 
 
 # ----------------------------------------------------------------------------- work per sample
