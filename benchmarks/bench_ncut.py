@@ -26,7 +26,7 @@ Impls, same inputs (bf16 features of two planted clusters, 30% / 70% of the patc
   torch ops against each kernel backend's single launch (``measure_partition``), ``cuda_gram``, the
   same step from the solver's Gram matrix, which the op's cuda path takes for 16-bit features with N <= D,
   and ``triton_cos``, the same from the cosine matrix, which the op's triton path takes for 16-bit features
-  with 128 < N <= D.
+  with N <= D (2 N <= D for N <= 128).
 
 Floor: bytes = features read once (B N D e) + outputs written once (B N (4 + 1 + 4)); FLOPs = the affinity
 2 B N^2 D plus one Lanczos cycle of products, 2 B N^2 * 32 (more cycles only when an eigengap is unclear).

@@ -25,7 +25,8 @@ give a valid vector (the start vector, deflated) instead of a division by zero.
 
 Layout and paths:
   N <= 128 (on chip): one program per sample builds A from feats with ``tl.dot`` in registers and keeps
-    M there for the whole solve; nothing but v is written.
+    M there for the whole solve; it writes v, and its cosines C (B, N, N) fp32 only when the partition
+    step reads them (``WRITE_COS``).
   N > 128 (tiled): ``_affinity_kernel`` (one program per sample and block of 32 rows) writes the cosines
     C (B, N, N) fp32, the degrees of A, d (B, N), and the rows' squared norms (B, N) to a workspace
     (``workspace``: the op's input check runs on those norms between this launch and the solver's); the
@@ -35,14 +36,16 @@ Layout and paths:
   On request (``count_products``, for ``maskedssl.ops.ncut.lanczos_products``) the solver also writes how
   many products each sample took, int32 (B,): a compile-time switch, so the default kernel is unchanged.
 
-Partition step (``bipartition``): ``_partition_kernel`` from the features (read twice), or, on the tiled
-path for 16-bit features with N <= D, ``_partition_cos_kernel`` from the foreground's rows of C, with the
-samples whose foreground's unit rows nearly cancel redone from the features by a second, masked launch.
+Partition step (``bipartition``): ``_partition_kernel`` from the features (read twice), or, for 16-bit
+features with N <= D on the tiled path and 2 N <= D on chip (``partition_from_cosines``),
+``_partition_cos_kernel`` from the foreground's rows of C, with the samples whose foreground's unit rows
+nearly cancel redone from the features by a second, masked launch.
 
 Cost: affinity 2 B N^2 D FLOPs (+ reading feats once: B N D elements); each Lanczos step one product
 (2 N^2 FLOPs) and the reorthogonalisation (8 j N FLOPs at step j). Tiled path: C written once and read
 once per step from L2 (4 N^2 bytes). Partition: feats read twice more (B N D elements each), or the
-foreground's rows of C (about 2 N^2 bytes a sample for a balanced cut), 9 B N bytes written. By count at
+foreground's rows of C (about 2 N^2 bytes a sample for a balanced cut; on chip C's 4 N^2 bytes are written
+for this step only), 9 B N bytes written. By count at
 B = 256, N = 196, D = 768 in bf16 (tiled): 77 MB of features, 39 MB of C written and at least once read,
 then about 20 MB of C for the partition where the features path read 154 MB, and 0.2 MB of row norms for
 the op's input check where the features would be 77 MB: about 175 MB in all (not measured on a GPU).
@@ -214,8 +217,8 @@ def _top_ritz(t_ptr, k, STEPS: tl.constexpr, SHIFTS: tl.constexpr, ROUNDS: tl.co
 @triton.jit
 def _solver_kernel(f_ptr, c_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b, s_n, s_d, tau, eps,
                    USE_TAU: tl.constexpr, COUNT_PRODUCTS: tl.constexpr, PRECISION: tl.constexpr,
-                   ON_CHIP: tl.constexpr, N_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                   Q_CHUNK: tl.constexpr,
+                   ON_CHIP: tl.constexpr, WRITE_COS: tl.constexpr, N_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_R: tl.constexpr, Q_CHUNK: tl.constexpr,
                    STEPS: tl.constexpr, CHECK: tl.constexpr, MAX_CYCLES: tl.constexpr, TOL: tl.constexpr,
                    SHIFTS: tl.constexpr, ROUNDS: tl.constexpr, DELTA: tl.constexpr,
                    INV_ITERS: tl.constexpr, PIVMIN: tl.constexpr):
@@ -226,7 +229,10 @@ def _solver_kernel(f_ptr, c_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b,
     t_ptr += b * 5 * STEPS
     if ON_CHIP:
         cos, _row_sq = _cosine_tile(f_ptr + b * s_b, offs, offs, ok, ok, D, s_n, s_d, BLOCK_K, PRECISION)
-        a = _affinity(cos, ok[:, None] & ok[None, :], tau, eps, USE_TAU)
+        pair_ok = ok[:, None] & ok[None, :]
+        if WRITE_COS:  # for the partition step (``partition_from_cos``)
+            tl.store(c_ptr + b * N * N + offs[:, None] * N + offs[None, :], cos, mask=pair_ok)
+        a = _affinity(cos, pair_ok, tau, eps, USE_TAU)
         deg = tl.sum(a, axis=1)
         d_isqrt = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, deg, 1.0)), 0.0)
         m = a * d_isqrt[:, None] * d_isqrt[None, :]
@@ -535,12 +541,12 @@ def workspace(feats: torch.Tensor, tau: float | None, eps: float
 
 
 def _solve(feats: torch.Tensor, tau: float | None, eps: float, count_products: bool,
-           work: tuple[torch.Tensor, torch.Tensor] | None = None
+           work: tuple[torch.Tensor, torch.Tensor] | None = None, want_cos: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``ncut_fiedler``'s outputs and, on the tiled path (N > ON_CHIP_MAX), its cosine workspace (B, N, N)
-    float32 (None on chip, where nothing but v is written). ``work``: the tiled path's (C, degrees) from
-    ``workspace`` for these features, tau and eps, when the caller has them (else the solver's launch makes
-    them; on chip it is ignored)."""
+    """``ncut_fiedler``'s outputs and the cosines C (B, N, N) float32: on the tiled path (N > ON_CHIP_MAX)
+    its workspace, on chip the solver's own tile when ``want_cos`` (else None: nothing but v is written).
+    ``work``: the tiled path's (C, degrees) from ``workspace`` for these features, tau and eps, when the
+    caller has them (else the solver's launch makes them; on chip it is ignored)."""
     bsz, n, d = feats.shape
     dev = feats.device
     cfg = launch_config(n, d, fp32=feats.dtype == torch.float32)
@@ -551,14 +557,16 @@ def _solve(feats: torch.Tensor, tau: float | None, eps: float, count_products: b
     v = empty_output((bsz, n), torch.float32, dev)
     products = empty_output((bsz if count_products else 0,), torch.int32, dev)
     if on_chip:
-        cos = deg = None
+        cos = torch.empty(bsz, n, n, device=dev, dtype=torch.float32) if want_cos else None
+        deg = None
     else:
         cos, deg = work if work is not None else workspace(feats, tau, eps)[:2]
     _solver_kernel[(bsz,)](
-        feats, v if cos is None else cos, v if cos is None else deg, q, t, v,  # v: unused pointers on chip
+        feats, v if cos is None else cos, v if deg is None else deg, q, t, v,  # v: pointers not read
         products if count_products else v, n, d, *feats.stride(), 0.0 if tau is None else float(tau), eps,
         USE_TAU=use_tau, COUNT_PRODUCTS=count_products, PRECISION=_precision(feats), ON_CHIP=on_chip,
-        N_PAD=n_pad, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"],
+        WRITE_COS=on_chip and want_cos, N_PAD=n_pad, BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"],
+        Q_CHUNK=cfg["q_chunk"],
         STEPS=STEPS, CHECK=CHECK, MAX_CYCLES=MAX_CYCLES, TOL=TOL, SHIFTS=SHIFTS, ROUNDS=ROUNDS, DELTA=DELTA,
         INV_ITERS=INV_ITERS, PIVMIN=PIVMIN, num_warps=cfg["num_warps"])
     return v, products, cos
@@ -574,20 +582,23 @@ def ncut_fiedler(feats: torch.Tensor, tau: float | None, eps: float, count_produ
 
 
 def partition_from_cosines(feats: torch.Tensor) -> bool:
-    """Whether ``bipartition`` takes the partition step from the tiled solver's cosines: N past the on-chip
-    path and 16-bit features with N <= D (the foreground's rows of C, 4 N^2 / 2 bytes for a balanced cut,
-    against the features read twice, 2 N D elements; fp32 features' C, from 3xTF32 products, is not as
-    exact as 16-bit ones')."""
+    """Whether ``bipartition`` takes the partition step from the cosines C: 16-bit features (fp32 features'
+    C, from 3xTF32 products, is not as exact as 16-bit ones') with N <= D on the tiled path, which writes C
+    anyway, and 2 N <= D on chip, where the solver writes C for this step only. Reading the foreground's
+    rows of C costs 4 N^2 / 2 bytes for a balanced cut and 4 N^2 at most, the features read twice 4 N D
+    bytes, so the rule never reads more on the tiled path (N <= D), and on chip, with C's write, at most
+    8 N^2 <= 4 N D."""
     _, n, d = feats.shape
-    return (tiled(n, d) and feats.dtype in (torch.bfloat16, torch.float16)
-            and n <= d <= PARTITION_MAX_D)
+    most = d if tiled(n, d) else d // 2
+    return feats.dtype in (torch.bfloat16, torch.float16) and n <= most and d <= PARTITION_MAX_D
 
 
 def bipartition(feats: torch.Tensor, tau: float | None, eps: float, seed_tie: float,
                 work: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """The whole op on the Triton kernels (D <= PARTITION_MAX_D): solver, then the partition step from the
     cosines where ``partition_from_cosines``, else from the features. ``work``: as ``_solve`` takes it."""
-    v, _, cos = _solve(feats, tau, eps, False, work)
-    if cos is not None and partition_from_cosines(feats):
+    from_cos = partition_from_cosines(feats)
+    v, _, cos = _solve(feats, tau, eps, False, work, want_cos=from_cos)
+    if from_cos:
         return partition_from_cos(feats, cos, v, seed_tie)
     return partition(feats, v, seed_tie)

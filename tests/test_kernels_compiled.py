@@ -53,8 +53,9 @@ for n in (49, 128, 196, 300, 576):
                         v_ptr="*fp32", p_ptr="*i32", tau="fp32", eps="fp32")
         rows[f"ncut solver N={n} {dtype}"] = usage(
             ncut._solver_kernel, pointers,
+            # 16-bit features on chip at D = 768 write C for the partition step (2 N <= D)
             dict(USE_TAU=False, COUNT_PRODUCTS=False, PRECISION=precision, ON_CHIP=cfg["on_chip"],
-                 N_PAD=cfg["n_pad"],
+                 WRITE_COS=cfg["on_chip"] and dtype == "bf16", N_PAD=cfg["n_pad"],
                  BLOCK_K=cfg["block_k"], BLOCK_R=cfg["block_r"], Q_CHUNK=cfg["q_chunk"], **solver_consts),
             cfg["num_warps"])
 for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32x3")):

@@ -611,9 +611,9 @@ def _cosines(feats):
 @pytest.mark.parametrize("device", TRITON_KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_triton_partition_from_the_cosines_matches_the_reference_rules(dtype, device):
-    """partition_from_cos (the Triton partition step from the tiled solver's cosines, which the op takes for
-    16-bit features with 128 < N <= D) against the reference on the same v: odd N, a zero row, N = 2, a
-    non-contiguous C and v."""
+    """partition_from_cos (the Triton partition step from the solver's cosines, which the op takes for
+    16-bit features with N <= D, 2 N <= D for N <= 128) against the reference on the same v: odd N, a zero
+    row, N = 2, a non-contiguous C and v."""
     from maskedssl.kernels.ncut import partition_from_cos
 
     shapes = [(2, 5, 16), (3, 49, 100), (2, 150, 200), (1, 2, 3), (1, 300, 24)]
@@ -671,19 +671,23 @@ def test_triton_cosine_partition_redoes_a_cancelling_foreground_from_the_feature
 @pytest.mark.parametrize("device", TRITON_KERNEL_DEVICES)
 def test_triton_op_takes_the_partition_from_the_cosines_where_it_should(device, monkeypatch):
     """ncut_bipartition on the triton backend: the partition step from the solver's cosines for 16-bit
-    features with 128 < N <= D (the same vector and cut as from the features, scores within fp32 rounding),
-    from the features otherwise (fp32, N > D, or N <= 128 where the solver keeps its matrix on chip)."""
+    features with N <= D on the tiled path (N > 128) and 2 N <= D on chip, where the solver writes them for
+    it (the same vector and cut as from the features, scores within fp32 rounding), from the features
+    otherwise (fp32, or N past those bounds)."""
     from maskedssl.kernels import ncut as kernels
 
     calls = []
     from_cos, from_feats = kernels.partition_from_cos, kernels.partition
     monkeypatch.setattr(kernels, "partition_from_cos", lambda *a: calls.append("cos") or from_cos(*a))
     monkeypatch.setattr(kernels, "partition", lambda *a: calls.append("feats") or from_feats(*a))
-    cases = [(torch.bfloat16, 150, 160, "cos"), (torch.float16, 129, 129, "cos"),
-             (torch.float32, 150, 160, "feats"), (torch.bfloat16, 150, 149, "feats"),
-             (torch.bfloat16, 100, 160, "feats")]
-    for dtype, n, d, path in cases:
-        feats = planted(1, n, d, 0.3, 0.5, dtype, device=device, seed=n)
+    cases = [(1, torch.bfloat16, 150, 160, "cos"), (1, torch.float16, 129, 129, "cos"),
+             (1, torch.float32, 150, 160, "feats"), (1, torch.bfloat16, 150, 149, "feats"),
+             # on chip: several samples (the solver's write of C per sample), odd N, N = 2
+             (3, torch.bfloat16, 37, 80, "cos"), (2, torch.float16, 64, 128, "cos"),
+             (2, torch.float16, 2, 4, "cos"), (2, torch.bfloat16, 100, 199, "feats"),
+             (2, torch.float32, 37, 80, "feats")]
+    for batch, dtype, n, d, path in cases:
+        feats = planted(batch, n, d, 0.3, 0.5, dtype, device=device, seed=n)
         calls.clear()
         got = ncut_bipartition(feats, backend="triton")
         assert calls == [path], (dtype, n, d)

@@ -109,8 +109,9 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor, backend: str = "torch
     features with N <= D takes the scores from the solver's Gram matrix, N^2 / 2 floats for a balanced
     cut where the features are 2 N D elements: about 20 MB (half of G) instead of 154 MB at that shape in
     bf16. A sample whose foreground's unit features nearly cancel, where G's rounding would show, is
-    redone from the features in a second launch. The triton backend's op does the same from its tiled
-    solver's cosine matrix for 16-bit features with 128 < N <= D: ``maskedssl.kernels.ncut.bipartition``.)
+    redone from the features in a second launch. The triton backend's op does the same from its solver's
+    cosine matrix for 16-bit features with N <= D past the on-chip path, and 2 N <= D on it:
+    ``maskedssl.kernels.ncut.bipartition``.)
     """
     d = feats.shape[-1]
     if backend == "triton":
