@@ -159,8 +159,8 @@ def measure_partition(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[
         impls["cuda_gram"] = lambda: NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v,
                                                                                           SEED_TIE))
     if "triton" in impls and partition_from_cosines(feats):
-        # what the op's triton path runs there: the step from the tiled solver's cosine matrix (made here as
-        # its affinity kernel makes it), reading the foreground's rows instead of the features
+        # what the op's triton path runs there: the step from the solver's cosine matrix (made here as its
+        # kernels make it), reading the foreground's rows instead of the features
         unit = torch.nn.functional.normalize(feats.float(), dim=-1)
         cos = torch.bmm(unit, unit.transpose(1, 2))
         impls["triton_cos"] = lambda: NCut(*partition_from_cos(feats, cos, v, SEED_TIE))
