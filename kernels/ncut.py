@@ -4,7 +4,7 @@ For each sample b of ``feats`` (B, N, D) (any strides; fp32, bf16 or fp16):
   A_ij = max(cos(f_i, f_j), eps), or TokenCut's binary graph (1 where cos > tau, eps elsewhere);
   d = A 1;  M = D^-1/2 A D^-1/2;  u = second eigenvector of M;  v = D^-1/2 u  -> (B, N) float32.
 Sign, split and seed rule (those of ``maskedssl.ops.ncut.split_partition``) and each patch's score against
-the foreground's mean feature are applied afterwards by ``_partition_kernel`` (``partition``), one launch.
+the foreground's mean feature are applied afterwards by the partition step (below).
 
 Affinity: cosines from tensor-core dot products (``tl.dot``; bf16/fp16 operands are exact in the fp32
 accumulator, fp32 operands use 3xTF32 so they keep fp32 accuracy), scaled by the row norms. (The CUDA
@@ -45,10 +45,10 @@ Cost: affinity 2 B N^2 D FLOPs (+ reading feats once: B N D elements); each Lanc
 (2 N^2 FLOPs) and the reorthogonalisation (8 j N FLOPs at step j). Tiled path: C written once and read
 once per step from L2 (4 N^2 bytes). Partition: feats read twice more (B N D elements each), or the
 foreground's rows of C (about 2 N^2 bytes a sample for a balanced cut; on chip C's 4 N^2 bytes are written
-for this step only), 9 B N bytes written. By count at
-B = 256, N = 196, D = 768 in bf16 (tiled): 77 MB of features, 39 MB of C written and at least once read,
-then about 20 MB of C for the partition where the features path read 154 MB, and 0.2 MB of row norms for
-the op's input check where the features would be 77 MB: about 175 MB in all (not measured on a GPU).
+for this step only), 9 B N bytes written. By count at B = 256, N = 196, D = 768 in bf16 (tiled): 77 MB
+of features, 39 MB of C written and at least once read, then about 20 MB of C for the partition where the
+features path read 154 MB, and 0.2 MB of row norms for the op's input check where the features would be
+77 MB: about 175 MB in all (not measured on a GPU).
 """
 
 from __future__ import annotations
@@ -402,7 +402,7 @@ def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, only_ptr, N,
 @triton.jit
 def _partition_cos_kernel(c_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, redo_ptr, N, seed_scale, min_mean_sq,
                           N_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``_partition_kernel``'s outputs from the tiled path's cosines C (B, N, N) instead of the features:
+    """``_partition_kernel``'s outputs from the solver's cosines C (B, N, N) instead of the features:
     with m the sum of the foreground's unit rows, f_i / |f_i| . m = s_i = the sum of C_ji over the
     foreground rows j, and |m|^2 = the sum of s_i over the foreground. Only the foreground's rows of C are
     read (N^2 / 2 floats for a balanced cut, where the features are 2 N D elements). C's rounding, relative
@@ -495,9 +495,9 @@ def partition(feats: torch.Tensor, v: torch.Tensor, seed_tie: float) -> tuple[to
 def partition_from_cos(feats: torch.Tensor, cos: torch.Tensor, v: torch.Tensor, seed_tie: float
                        ) -> tuple[torch.Tensor, ...]:
     """``partition``'s outputs from the cosines ``cos`` (B, N, N) float32 of the features' rows (the tiled
-    solver's workspace): the foreground's rows of ``cos`` instead of the features, then, in a second launch
-    with no host sync, the features for the samples whose foreground's unit rows nearly cancel
-    (``COS_MIN_MEAN_SQ``; the other programs of that launch return at once)."""
+    solver's workspace, or the on-chip solver's tile): the foreground's rows of ``cos`` instead of the
+    features, then, in a second launch with no host sync, the features for the samples whose foreground's
+    unit rows nearly cancel (``COS_MIN_MEAN_SQ``; the other programs of that launch return at once)."""
     bsz, n, d = feats.shape
     fiedler, foreground, score = _partition_outputs(bsz, n, feats.device)
     if bsz > 0:

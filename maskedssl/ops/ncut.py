@@ -197,7 +197,7 @@ def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str,
         work = None if gram is None else (gram, degrees)
         eps = max(eps, KERNEL_MIN_EPS)
         if feats.shape[-1] <= kernels.PARTITION_MAX_D:
-            # solver and partition step; the partition from the tiled solver's cosines where that reads
+            # solver and partition step; the partition from the solver's cosines where that reads
             # fewer bytes than the features (kernels.partition_from_cosines)
             return kernels.bipartition(feats, tau, eps, SEED_TIE, work)
         return tuple(finish_partition(feats, kernels.ncut_fiedler(feats, tau, eps, work=work)[0]))
