@@ -43,7 +43,7 @@ from benchmarks.common import bench_main, index_checks, make_row, time_ms
 from benchmarks.reference import ncut_eigh
 from maskedssl.kernels.ncut import STEPS, partition_from_cos, partition_from_cosines
 from maskedssl.ops import available_backends, ncut_bipartition
-from maskedssl.ops.ncut import SEED_TIE, NCut, finish_partition, lanczos_products
+from maskedssl.ops.ncut import SEED_TIE, SPLIT_TIE, NCut, finish_partition, lanczos_products
 
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -156,14 +156,14 @@ def measure_partition(b: int, n: int, d: int, peaks: dict, quick: bool) -> list[
         # what the op's cuda path runs for 16-bit features with N <= D: the same step from the solver's
         # Gram matrix (made here as the solver makes it), reading its foreground rows instead of the features
         gram = torch.bmm(feats.float(), feats.float().transpose(1, 2))
-        impls["cuda_gram"] = lambda: NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v,
-                                                                                          SEED_TIE))
+        impls["cuda_gram"] = lambda: NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(
+            feats, gram, v, SEED_TIE, SPLIT_TIE))
     if "triton" in impls and partition_from_cosines(feats):
         # what the op's triton path runs there: the step from the solver's cosine matrix (made here as its
         # kernels make it), reading the foreground's rows instead of the features
         unit = torch.nn.functional.normalize(feats.float(), dim=-1)
         cos = torch.bmm(unit, unit.transpose(1, 2))
-        impls["triton_cos"] = lambda: NCut(*partition_from_cos(feats, cos, v, SEED_TIE))
+        impls["triton_cos"] = lambda: NCut(*partition_from_cos(feats, cos, v, SEED_TIE, SPLIT_TIE))
     for impl, fn in impls.items():
         got = fn()
         err = max((got.fiedler - want.fiedler).abs().max().item(),

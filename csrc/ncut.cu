@@ -377,11 +377,12 @@ __global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __res
 // The rules of maskedssl.ops.ncut.split_partition on sample b's vector v, one block per sample (N <= kMaxN:
 // entries i = tid + kThreads * k per thread): the seed is the first index with |v| >= seed_scale max |v|,
 // the sign puts it above the mean, the vector is scaled to unit norm, and the foreground is the side above
-// the mean (everything when no entry is). Writes the sample's fiedler and foreground rows and in_fg
-// (shared, 1 or 0 per entry; published by the caller's next barrier); returns the foreground's size.
+// cut = the mean + split_tie max |fiedler| (everything when no entry is). Writes the sample's fiedler and
+// foreground rows and in_fg (shared, 1 or 0 per entry; published by the caller's next barrier); returns the
+// foreground's size.
 __device__ float split_sample(const float* __restrict__ v_all, float* __restrict__ fiedler_out,
                               bool* __restrict__ foreground_out, float* in_fg, int b, int n, float seed_scale,
-                              float* red, int& parity) {
+                              float split_tie, float* red, int& parity) {
   const int tid = threadIdx.x;
   const int64_t base = static_cast<int64_t>(b) * n;
   float v[kPerThread];
@@ -416,17 +417,18 @@ __device__ float split_sample(const float* __restrict__ v_all, float* __restrict
     v[k] = (v[k] * sign) / norm;  // now the Fiedler vector; 0 past n
     fsum += v[k];
   }
-  const float mean_f = block_sum(fsum, red, parity) / static_cast<float>(n);
+  // top / norm: max |fiedler|
+  const float cut = block_sum(fsum, red, parity) / static_cast<float>(n) + split_tie * (top / norm);
   float above = 0.f;
 #pragma unroll
-  for (int k = 0; k < kPerThread; ++k) above += (tid + k * kThreads < n && v[k] > mean_f) ? 1.f : 0.f;
+  for (int k = 0; k < kPerThread; ++k) above += (tid + k * kThreads < n && v[k] > cut) ? 1.f : 0.f;
   const float count_above = block_sum(above, red, parity);
   const bool empty = count_above == 0.f;
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int i = tid + k * kThreads;
     if (i < n) {
-      const bool fg = empty || v[k] > mean_f;
+      const bool fg = empty || v[k] > cut;
       fiedler_out[base + i] = v[k];
       foreground_out[base + i] = fg;
       in_fg[i] = fg ? 1.f : 0.f;
@@ -450,7 +452,8 @@ __global__ void __launch_bounds__(kThreads, 1) partition_kernel(const T* __restr
                                                              bool* __restrict__ foreground_out,
                                                              float* __restrict__ score_out, int n, int d,
                                                              int64_t s_b, int64_t s_n, int64_t s_d,
-                                                             float seed_scale, const bool* __restrict__ only) {
+                                                             float seed_scale, float split_tie,
+                                                             const bool* __restrict__ only) {
   if (only != nullptr && !only[blockIdx.x]) return;  // a sample partition_gram_kernel has done
   extern __shared__ float partition_smem[];
   float* partial = partition_smem;
@@ -462,7 +465,8 @@ __global__ void __launch_bounds__(kThreads, 1) partition_kernel(const T* __restr
   const int b = blockIdx.x;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t base = static_cast<int64_t>(b) * n;
-  const float count = split_sample(v_all, fiedler_out, foreground_out, in_fg, b, n, seed_scale, red, parity);
+  const float count = split_sample(v_all, fiedler_out, foreground_out, in_fg, b, n, seed_scale, split_tie, red,
+                                   parity);
 
   // --- scores
   const T* f = feats + static_cast<int64_t>(b) * s_b;
@@ -549,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, 1) partition_gram_kernel(const float
                                                                   bool* __restrict__ foreground_out,
                                                                   float* __restrict__ score_out,
                                                                   bool* __restrict__ redo_out, int n,
-                                                                  float seed_scale) {
+                                                                  float seed_scale, float split_tie) {
   constexpr int kCols = kMaxN / 32;
   extern __shared__ float gram_smem[];
   float* partial = gram_smem;
@@ -561,7 +565,8 @@ __global__ void __launch_bounds__(kThreads, 1) partition_gram_kernel(const float
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t base = static_cast<int64_t>(b) * n;
   const float* g = gram + base * n;
-  const float count = split_sample(v_all, fiedler_out, foreground_out, in_fg, b, n, seed_scale, red, parity);
+  const float count = split_sample(v_all, fiedler_out, foreground_out, in_fg, b, n, seed_scale, split_tie, red,
+                                   parity);
   float inv_r[kPerThread];
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
@@ -748,7 +753,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partition_outputs(const at::Tenso
 
 // partition_kernel over the batch (only the samples flagged in `only`, when given).
 void launch_partition(const at::Tensor& feats, const at::Tensor& vc, at::Tensor& fiedler, at::Tensor& foreground,
-                      at::Tensor& score, float seed_scale, const bool* only) {
+                      at::Tensor& score, float seed_scale, float split_tie, const bool* only) {
   const int64_t bsz = feats.size(0), n = feats.size(1), d = feats.size(2);
   const int smem = static_cast<int>(sizeof(float) * ((kWarps + 1) * d + 2 * n));
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -762,7 +767,7 @@ void launch_partition(const at::Tensor& feats, const at::Tensor& vc, at::Tensor&
       kernel<<<static_cast<unsigned int>(bsz), kThreads, smem, stream>>>(
           feats.data_ptr<scalar_t>(), vc.data_ptr<float>(), fiedler.data_ptr<float>(),
           foreground.data_ptr<bool>(), score.data_ptr<float>(), static_cast<int>(n), static_cast<int>(d),
-          feats.stride(0), feats.stride(1), feats.stride(2), seed_scale, only);
+          feats.stride(0), feats.stride(1), feats.stride(2), seed_scale, split_tie, only);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -771,11 +776,13 @@ void launch_partition(const at::Tensor& feats, const at::Tensor& vc, at::Tensor&
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_cuda(const at::Tensor& feats,
-                                                                 const at::Tensor& v, double seed_tie) {
+                                                                 const at::Tensor& v, double seed_tie,
+                                                                 double split_tie) {
   auto [fiedler, foreground, score] = partition_outputs(feats, v, "ncut_partition_cuda");
   if (feats.size(0) == 0) return {fiedler, foreground, score};
   c10::cuda::CUDAGuard guard(feats.device());
-  launch_partition(feats, v.contiguous(), fiedler, foreground, score, static_cast<float>(1.0 - seed_tie), nullptr);
+  launch_partition(feats, v.contiguous(), fiedler, foreground, score, static_cast<float>(1.0 - seed_tie),
+                   static_cast<float>(split_tie), nullptr);
   return {fiedler, foreground, score};
 }
 
@@ -783,7 +790,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_cuda(const at::Ten
 // flags (a second launch whose other blocks return at once: no host sync).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_gram_cuda(const at::Tensor& feats,
                                                                       const at::Tensor& gram,
-                                                                      const at::Tensor& v, double seed_tie) {
+                                                                      const at::Tensor& v, double seed_tie,
+                                                                      double split_tie) {
   auto [fiedler, foreground, score] = partition_outputs(feats, v, "ncut_partition_gram_cuda");
   const int64_t bsz = feats.size(0), n = feats.size(1);
   TORCH_CHECK(gram.scalar_type() == at::kFloat && gram.dim() == 3 && gram.size(0) == bsz && gram.size(1) == n &&
@@ -797,9 +805,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_gram_cuda(const at
   const int smem = static_cast<int>(sizeof(float) * (kWarps + 2) * n);  // <= 40 KB: no opt-in
   partition_gram_kernel<<<static_cast<unsigned int>(bsz), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       gc.data_ptr<float>(), vc.data_ptr<float>(), fiedler.data_ptr<float>(), foreground.data_ptr<bool>(),
-      score.data_ptr<float>(), redo.data_ptr<bool>(), static_cast<int>(n), seed_scale);
+      score.data_ptr<float>(), redo.data_ptr<bool>(), static_cast<int>(n), seed_scale,
+      static_cast<float>(split_tie));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_partition(feats, vc, fiedler, foreground, score, seed_scale, redo.data_ptr<bool>());
+  launch_partition(feats, vc, fiedler, foreground, score, seed_scale, static_cast<float>(split_tie),
+                   redo.data_ptr<bool>());
   return {fiedler, foreground, score};
 }
 
@@ -810,11 +820,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_partition_gram_cuda(const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ncut_bipartition_cuda(const at::Tensor& feats,
                                                                    const std::optional<at::Tensor>& gram,
                                                                    std::optional<double> tau, double eps,
-                                                                   double seed_tie) {
+                                                                   double seed_tie, double split_tie) {
   const at::Tensor g = solver_gram(feats, gram, "ncut_bipartition_cuda");
   const at::Tensor v = std::get<0>(solve_fiedler(feats, g, tau, eps, false));
-  if (partition_from_gram(feats)) return ncut_partition_gram_cuda(feats, g, v, seed_tie);
-  return ncut_partition_cuda(feats, v, seed_tie);
+  if (partition_from_gram(feats)) return ncut_partition_gram_cuda(feats, g, v, seed_tie, split_tie);
+  return ncut_partition_cuda(feats, v, seed_tie, split_tie);
 }
 
 }  // namespace maskedssl

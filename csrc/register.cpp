@@ -19,14 +19,16 @@ TORCH_LIBRARY(maskedssl, m) {
   m.def("ncut_fiedler_cuda(Tensor feats, float? tau, float eps, bool count_products=False) "
         "-> (Tensor, Tensor)");
   // sign, split, seed and scores from each sample's vector v: (fiedler, foreground, score)
-  m.def("ncut_partition_cuda(Tensor feats, Tensor v, float seed_tie) -> (Tensor, Tensor, Tensor)");
+  m.def("ncut_partition_cuda(Tensor feats, Tensor v, float seed_tie, float split_tie) "
+        "-> (Tensor, Tensor, Tensor)");
   // the same from the (B, N, N) float32 Gram matrix F F^T, the features read only for samples it flags
-  m.def("ncut_partition_gram_cuda(Tensor feats, Tensor gram, Tensor v, float seed_tie) -> (Tensor, Tensor, Tensor)");
+  m.def("ncut_partition_gram_cuda(Tensor feats, Tensor gram, Tensor v, float seed_tie, float split_tie) "
+        "-> (Tensor, Tensor, Tensor)");
   // the (B, N, N) float32 Gram matrix F F^T the solver works on
   m.def("ncut_gram_cuda(Tensor feats) -> Tensor");
   // solver (on the given Gram matrix, or a new one) and partition step in one call: (fiedler, foreground, score)
-  m.def("ncut_bipartition_cuda(Tensor feats, Tensor? gram, float? tau, float eps, float seed_tie) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("ncut_bipartition_cuda(Tensor feats, Tensor? gram, float? tau, float eps, float seed_tie, "
+        "float split_tie) -> (Tensor, Tensor, Tensor)");
   // --- end ncut bi-partition ---
 
   // --- mix + patchify (csrc/mix_patchify.cu) ---

@@ -328,37 +328,40 @@ def _feature_rows(f_ptr, rows, row_ok, cols, col_ok, s_n, s_d):
 
 
 @triton.jit
-def _split(v_ptr, fiedler_ptr, fg_ptr, b, N, offs, ok, seed_scale, live):
+def _split(v_ptr, fiedler_ptr, fg_ptr, b, N, offs, ok, seed_scale, split_tie, live):
     """Sample b's split by the rules of ``maskedssl.ops.ncut.split_partition`` (seed = the first index with
-    |v| >= seed_scale max |v|; sign so the seed is above the mean; unit norm; the foreground above the mean,
-    or everything): stores fiedler and foreground where ``live``; returns the foreground and what
-    ``_row_foreground`` needs to recompute a row block's with the same arithmetic."""
+    |v| >= seed_scale max |v|; sign so the seed is above the mean; unit norm; the foreground above
+    cut = the mean + split_tie max |fiedler|, or everything): stores fiedler and foreground where ``live``;
+    returns the foreground and what ``_row_foreground`` needs to recompute a row block's with the same
+    arithmetic."""
     v = tl.load(v_ptr + b * N + offs, mask=ok, other=0.0)
     magnitude = tl.abs(v)
-    near_top = ok & (magnitude >= tl.max(magnitude, axis=0) * seed_scale)
+    top = tl.max(magnitude, axis=0)
+    near_top = ok & (magnitude >= top * seed_scale)
     seed = tl.min(tl.where(near_top, offs, offs.shape[0]), axis=0)
     mean_v = tl.sum(v, axis=0) / N
     sign = tl.where(tl.sum(tl.where(offs == seed, v, 0.0), axis=0) > mean_v, 1.0, -1.0)
     norm = tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), 1e-12)  # |v sign| = |v|
     fiedler = (v * sign) / norm
-    mean_f = tl.sum(fiedler, axis=0) / N
-    fg = ok & (fiedler > mean_f)
+    cut = tl.sum(fiedler, axis=0) / N + split_tie * (top / norm)  # top / norm: max |fiedler|
+    fg = ok & (fiedler > cut)
     empty = tl.sum(fg.to(tl.int32), axis=0) == 0  # a constant v: everything is foreground
     fg = fg | (ok & empty)
     tl.store(fiedler_ptr + b * N + offs, fiedler, mask=ok & live)
     tl.store(fg_ptr + b * N + offs, fg.to(tl.uint8), mask=ok & live)
-    return fg, sign, norm, mean_f, empty
+    return fg, sign, norm, cut, empty
 
 
 @triton.jit
-def _row_foreground(v_ptr, b, N, rows, row_ok, sign, norm, mean_f, empty):
+def _row_foreground(v_ptr, b, N, rows, row_ok, sign, norm, cut, empty):
     v_rows = tl.load(v_ptr + b * N + rows, mask=row_ok, other=0.0)
-    return row_ok & (((v_rows * sign) / norm > mean_f) | empty)
+    return row_ok & (((v_rows * sign) / norm > cut) | empty)
 
 
 @triton.jit
-def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, only_ptr, N, D, s_b, s_n, s_d, seed_scale,
-                      N_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, ONLY: tl.constexpr):
+def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, only_ptr, N, D, s_b, s_n, s_d,
+                      seed_scale, split_tie, N_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                      ONLY: tl.constexpr):
     """One sample per program: ``_split`` on its vector v, then score_i = cos(f_i, m), m = the sum of
     f_j / |f_j| over the foreground, in two passes over the features: row norms and m, then the dot products
     with m (m in registers, a whole row of D_PAD columns per tile row). With ONLY, a program whose sample
@@ -372,7 +375,8 @@ def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, only_ptr, N,
         flagged = tl.load(only_ptr + b) != 0
         n_rows = tl.where(flagged, N, 0)
         live = live & flagged
-    fg, sign, norm, mean_f, empty = _split(v_ptr, fiedler_ptr, fg_ptr, b, N, offs, ok, seed_scale, live)
+    fg, sign, norm, cut, empty = _split(v_ptr, fiedler_ptr, fg_ptr, b, N, offs, ok, seed_scale, split_tie,
+                                        live)
 
     f_ptr += b * s_b
     cols = tl.arange(0, D_PAD)
@@ -385,7 +389,7 @@ def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, only_ptr, N,
         # f / max(|f|, 1e-12) as F.normalize divides (a reciprocal's rounding would leave m = 1e-8 where
         # the reference's unit rows cancel exactly, as D = 1 rows of both signs do)
         row_norm = tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), 1e-12)
-        fg_rows = _row_foreground(v_ptr, b, N, rows, row_ok, sign, norm, mean_f, empty)
+        fg_rows = _row_foreground(v_ptr, b, N, rows, row_ok, sign, norm, cut, empty)
         m += tl.sum(tl.where(fg_rows[:, None], f / row_norm[:, None], 0.0), axis=0)
     count = tl.sum(fg.to(tl.float32), axis=0)
     # |m / count| floored at 1e-12, as F.normalize of the foreground's mean normalised feature
@@ -400,8 +404,8 @@ def _partition_kernel(f_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, only_ptr, N,
 
 
 @triton.jit
-def _partition_cos_kernel(c_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, redo_ptr, N, seed_scale, min_mean_sq,
-                          N_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+def _partition_cos_kernel(c_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, redo_ptr, N, seed_scale, split_tie,
+                          min_mean_sq, N_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
     """``_partition_kernel``'s outputs from the solver's cosines C (B, N, N) instead of the features:
     with m the sum of the foreground's unit rows, f_i / |f_i| . m = s_i = the sum of C_ji over the
     foreground rows j, and |m|^2 = the sum of s_i over the foreground. Only the foreground's rows of C are
@@ -412,12 +416,12 @@ def _partition_cos_kernel(c_ptr, v_ptr, fiedler_ptr, fg_ptr, score_ptr, redo_ptr
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, N_PAD)
     ok = offs < N
-    fg, sign, norm, mean_f, empty = _split(v_ptr, fiedler_ptr, fg_ptr, b, N, offs, ok, seed_scale, ok)
+    fg, sign, norm, cut, empty = _split(v_ptr, fiedler_ptr, fg_ptr, b, N, offs, ok, seed_scale, split_tie, ok)
     c_ptr += b * N * N
     s = tl.zeros((N_PAD,), dtype=tl.float32)
     for r in range(0, N, BLOCK_R):
         rows = r + tl.arange(0, BLOCK_R)
-        fg_rows = _row_foreground(v_ptr, b, N, rows, rows < N, sign, norm, mean_f, empty)
+        fg_rows = _row_foreground(v_ptr, b, N, rows, rows < N, sign, norm, cut, empty)
         # a row outside the foreground is not loaded at all (masked)
         s += tl.sum(tl.load(c_ptr + rows[:, None] * N + offs[None, :], mask=fg_rows[:, None] & ok[None, :],
                             other=0.0), axis=0)
@@ -472,28 +476,29 @@ def _partition_outputs(bsz: int, n: int, device) -> tuple[torch.Tensor, torch.Te
             empty_output((bsz, n), torch.float32, device))
 
 
-def _launch_partition(feats, v, outputs, seed_tie, only=None) -> None:
+def _launch_partition(feats, v, outputs, seed_tie, split_tie, only=None) -> None:
     bsz, n, d = feats.shape
     n_pad, d_pad = triton.next_power_of_2(n), triton.next_power_of_2(d)
     _partition_kernel[(bsz,)](
-        feats, v, *outputs, v if only is None else only, n, d, *feats.stride(), 1.0 - seed_tie,
+        feats, v, *outputs, v if only is None else only, n, d, *feats.stride(), 1.0 - seed_tie, split_tie,
         N_PAD=n_pad, BLOCK_N=max(1, min(n_pad, PARTITION_TILE // d_pad)), D_PAD=d_pad, ONLY=only is not None,
         num_warps=8)
 
 
-def partition(feats: torch.Tensor, v: torch.Tensor, seed_tie: float) -> tuple[torch.Tensor, ...]:
+def partition(feats: torch.Tensor, v: torch.Tensor, seed_tie: float, split_tie: float
+              ) -> tuple[torch.Tensor, ...]:
     """``maskedssl.ops.ncut.finish_partition`` in one kernel launch: from each sample's vector ``v`` (B, N)
     float32, the signed unit ``fiedler`` (B, N) float32, the ``foreground`` (B, N) bool and each patch's
     ``score`` (B, N) float32, reading ``feats`` twice in its own dtype (D <= PARTITION_MAX_D)."""
     bsz, n, _ = feats.shape
     fiedler, foreground, score = _partition_outputs(bsz, n, feats.device)
     if bsz > 0:
-        _launch_partition(feats, v.contiguous(), (fiedler, foreground, score), seed_tie)
+        _launch_partition(feats, v.contiguous(), (fiedler, foreground, score), seed_tie, split_tie)
     return fiedler, foreground.view(torch.bool), score
 
 
-def partition_from_cos(feats: torch.Tensor, cos: torch.Tensor, v: torch.Tensor, seed_tie: float
-                       ) -> tuple[torch.Tensor, ...]:
+def partition_from_cos(feats: torch.Tensor, cos: torch.Tensor, v: torch.Tensor, seed_tie: float,
+                       split_tie: float) -> tuple[torch.Tensor, ...]:
     """``partition``'s outputs from the cosines ``cos`` (B, N, N) float32 of the features' rows (the tiled
     solver's workspace, or the on-chip solver's tile): the foreground's rows of ``cos`` instead of the
     features, then, in a second launch with no host sync, the features for the samples whose foreground's
@@ -505,9 +510,9 @@ def partition_from_cos(feats: torch.Tensor, cos: torch.Tensor, v: torch.Tensor, 
         redo = torch.empty(bsz, dtype=torch.uint8, device=feats.device)
         n_pad = triton.next_power_of_2(n)
         _partition_cos_kernel[(bsz,)](
-            cos.contiguous(), v, fiedler, foreground, score, redo, n, 1.0 - seed_tie, COS_MIN_MEAN_SQ,
-            N_PAD=n_pad, BLOCK_R=max(1, PARTITION_TILE // n_pad), num_warps=8)
-        _launch_partition(feats, v, (fiedler, foreground, score), seed_tie, only=redo)
+            cos.contiguous(), v, fiedler, foreground, score, redo, n, 1.0 - seed_tie, split_tie,
+            COS_MIN_MEAN_SQ, N_PAD=n_pad, BLOCK_R=max(1, PARTITION_TILE // n_pad), num_warps=8)
+        _launch_partition(feats, v, (fiedler, foreground, score), seed_tie, split_tie, only=redo)
     return fiedler, foreground.view(torch.bool), score
 
 
@@ -593,12 +598,12 @@ def partition_from_cosines(feats: torch.Tensor) -> bool:
     return feats.dtype in (torch.bfloat16, torch.float16) and n <= most and d <= PARTITION_MAX_D
 
 
-def bipartition(feats: torch.Tensor, tau: float | None, eps: float, seed_tie: float,
+def bipartition(feats: torch.Tensor, tau: float | None, eps: float, seed_tie: float, split_tie: float,
                 work: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """The whole op on the Triton kernels (D <= PARTITION_MAX_D): solver, then the partition step from the
     cosines where ``partition_from_cosines``, else from the features. ``work``: as ``_solve`` takes it."""
     from_cos = partition_from_cosines(feats)
     v, _, cos = _solve(feats, tau, eps, False, work, want_cos=from_cos)
     if from_cos:
-        return partition_from_cos(feats, cos, v, seed_tie)
-    return partition(feats, v, seed_tie)
+        return partition_from_cos(feats, cos, v, seed_tie, split_tie)
+    return partition(feats, v, seed_tie, split_tie)

@@ -128,9 +128,9 @@ def _kernel_runs(case: str) -> list[torch.Tensor]:
         split = v.clone()
         split[0] = torch.where(torch.arange(300) < 100, 1.0, -1.0)  # sample 0's foreground cancels in pairs:
         gram = torch.bmm(wide.float(), wide.float().transpose(1, 2))  # partition_kernel redoes it
-        return [*cuda_ops.ncut_partition_cuda(feats, v, 1e-4),
-                *cuda_ops.ncut_partition_cuda(feats[..., 1:], v, 1e-4),
-                *cuda_ops.ncut_partition_gram_cuda(wide, gram, split, 1e-4)]
+        return [*cuda_ops.ncut_partition_cuda(feats, v, 1e-4, 1e-6),
+                *cuda_ops.ncut_partition_cuda(feats[..., 1:], v, 1e-4, 1e-6),
+                *cuda_ops.ncut_partition_gram_cuda(wide, gram, split, 1e-4, 1e-6)]
     if case.startswith("ncut"):
         n = int(case[4:])
         feats = torch.randn(2, n, 24, generator=g)

@@ -69,13 +69,13 @@ for dtype, d, only in (("bf16", 768, True), ("fp32", 1024, False), ("fp16", 8192
     rows[f"ncut partition D={d} {dtype}"] = usage(
         ncut._partition_kernel,
         dict(f_ptr="*" + dtype, v_ptr="*fp32", fiedler_ptr="*fp32", fg_ptr="*u8", score_ptr="*fp32",
-             only_ptr="*u8", seed_scale="fp32"),
+             only_ptr="*u8", seed_scale="fp32", split_tie="fp32"),
         dict(N_PAD=256, BLOCK_N=max(1, min(256, ncut.PARTITION_TILE // d_pad)), D_PAD=d_pad, ONLY=only), 8)
 for n_pad in (256, 1024):
     rows[f"ncut partition from cosines N_PAD={n_pad}"] = usage(
         ncut._partition_cos_kernel,
         dict(c_ptr="*fp32", v_ptr="*fp32", fiedler_ptr="*fp32", fg_ptr="*u8", score_ptr="*fp32",
-             redo_ptr="*u8", seed_scale="fp32", min_mean_sq="fp32"),
+             redo_ptr="*u8", seed_scale="fp32", split_tie="fp32", min_mean_sq="fp32"),
         dict(N_PAD=n_pad, BLOCK_R=max(1, ncut.PARTITION_TILE // n_pad)), 8)
 for p, c, src in ((16, 3, "*u8"), (16, 3, "*fp32"), (4, 3, "*bf16"), (14, 1, "*fp16")):
     cfg = mp.launch_config(p, c)
@@ -129,7 +129,8 @@ kernel = ncut._partition_kernel
 pointers = dict(f_ptr="*bf16", v_ptr="*fp32", fiedler_ptr="*fp32", fg_ptr="*u8", score_ptr="*fp32",
                 only_ptr="*u8")
 constexprs = dict(s_d=1, N_PAD=256, BLOCK_N=ncut.PARTITION_TILE // 1024, D_PAD=1024, ONLY=True)
-signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "seed_scale" else "i32")
+floats = ("seed_scale", "split_tie")
+signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
              for n in kernel.arg_names}
 attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
          if n in pointers or n in ("D", "s_b", "s_n")}

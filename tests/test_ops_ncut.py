@@ -10,7 +10,7 @@ from conftest import CUDA_EMULATED, cpu_kernel_backends, gpu_kernel_backends
 
 from maskedssl.kernels.ncut import CHECK, STEPS
 from maskedssl.ops import available_backends, ncut_bipartition
-from maskedssl.ops.ncut import (CUDA_PARTITION_MAX_D, SEED_TIE, NCut, affinity, finish_partition,
+from maskedssl.ops.ncut import (CUDA_PARTITION_MAX_D, SEED_TIE, SPLIT_TIE, NCut, affinity, finish_partition,
                                 lanczos_products)
 
 
@@ -45,7 +45,8 @@ def check_against_reference(feats, tau, backend, eps=1e-5, min_gap=0.05):
     fiedler, foreground, score = out
     assert torch.isfinite(fiedler).all() and torch.isfinite(score).all()
     torch.testing.assert_close(fiedler.norm(dim=1), torch.ones(b), atol=1e-5, rtol=0)
-    assert torch.equal(foreground, fiedler > fiedler.mean(1, keepdim=True)) or n == 2
+    cut = fiedler.mean(1, keepdim=True) + SPLIT_TIE * fiedler.abs().amax(1, keepdim=True)
+    assert torch.equal(foreground, fiedler > cut) or n == 2
     # the partition, up to which side is called foreground
     same = (foreground == ref.foreground.cpu()).float().mean(1)
     assert torch.minimum(same, 1 - same).max() <= 0.01 or torch.maximum(same, 1 - same).min() >= 0.99, same
@@ -380,6 +381,67 @@ def test_partition_kernels_take_the_reference_ties(backend):
     assert torch.equal(finish_partition(feats, v, backend).score[4], torch.zeros(8))
 
 
+def _mean_tie_inputs():
+    """v = e_0 - e_1 plus ~1e-9 noise (what rounding leaves of an exact tie at the mean: a binary graph where
+    one pair of patches is cut), one sample with entry 2 at 1e-4 above the mean; and the right foreground:
+    row 0 (the seed, tied with row 1, the lowest index), and row 2 in sample 1."""
+    feats, _ = _partition_inputs(2, 40, 48, torch.bfloat16)
+    v = 1e-9 * torch.randn(2, 40, generator=torch.Generator().manual_seed(5))
+    v[:, 0], v[:, 1] = 1.0, -1.0
+    v[1, 2] = 1e-4
+    want = torch.zeros(2, 40, dtype=torch.bool)
+    want[:, 0] = want[1, 2] = True
+    return feats, v, want
+
+
+MEAN_TIE_PATHS = ["torch", *cpu_kernel_backends(), *(["cuda_gram"] if CUDA_EMULATED else []),
+                  *(["triton_cos"] if "triton" in cpu_kernel_backends() else [])]
+
+
+@pytest.mark.parametrize("path", MEAN_TIE_PATHS)
+def test_partition_takes_entries_at_the_mean_to_the_background(path):
+    """Entries within SPLIT_TIE max |v| of the mean are not foreground on every path of the partition step
+    (without the margin, about half of rows 2-39 were, by the noise's sign), and 1e-4 above is."""
+    from maskedssl.kernels.ncut import partition_from_cos
+
+    feats, v, want = _mean_tie_inputs()
+    if path == "triton_cos":
+        got = NCut(*partition_from_cos(feats, _cosines(feats), v, SEED_TIE, SPLIT_TIE))
+    elif path == "cuda_gram":
+        got = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, _gram(feats), v, SEED_TIE, SPLIT_TIE))
+    else:
+        got = finish_partition(feats, v, path)
+    assert torch.equal(got.foreground, want)
+    assert (got.fiedler[:, 0] > 0).all()
+
+
+def _one_cut_pair(n, dtype, device="cpu"):
+    """Features whose binary graph (tau = 0.2) lacks one edge, between rows 0 and 1 (orthogonal); all other
+    rows are near (1, 1, ...). Swapping rows 0 and 1 is a symmetry: the Fiedler vector is e_0 - e_1, exactly
+    0 (the mean) elsewhere."""
+    g = torch.Generator().manual_seed(n)
+    feats = 1.0 + 0.01 * torch.randn(2, n, 8, generator=g)
+    feats[:, :2] = 0
+    feats[:, 0, 0] = feats[:, 1, 1] = 1.0
+    return feats.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend,device", [
+    ("torch", "cpu"), *((b, "cpu") for b in cpu_kernel_backends()),
+    *(pytest.param(b, "cuda", marks=pytest.mark.gpu) for b in gpu_kernel_backends() or ["triton", "cuda"])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_cut_pair_gives_the_same_foreground_on_every_backend(backend, device, dtype):
+    """End to end on the graph of _one_cut_pair, on chip and tiled (N = 150): the foreground is row 0 alone
+    (rows 2.. sit exactly at the mean), not a rounding-decided half of the rest (4 of 12 rows differed
+    between the backends before the SPLIT_TIE margin)."""
+    for n in (12, 40, 150):
+        feats = _one_cut_pair(n, dtype, device)
+        out = ncut_bipartition(feats if backend != "torch" else feats.double(), 0.2, backend=backend)
+        want = torch.zeros(2, n, dtype=torch.bool)
+        want[:, 0] = True
+        assert torch.equal(out.foreground.cpu(), want), (n, out.foreground.sum(1))
+
+
 @pytest.mark.parametrize("backend", cpu_kernel_backends())
 def test_partition_past_the_kernels_width_takes_the_reference(backend):
     from maskedssl.kernels.ncut import PARTITION_MAX_D
@@ -393,11 +455,12 @@ def test_partition_past_the_kernels_width_takes_the_reference(backend):
 @pytest.mark.skipif(not CUDA_EMULATED, reason="the CUDA kernels run on CPU only under tests/cuda_emu")
 def test_partition_cuda_entry_point_emulated():
     feats, v = _partition_inputs(2, 9, 16, torch.bfloat16)
-    torch.library.opcheck(torch.ops.maskedssl.ncut_partition_cuda.default, (feats, v, 1e-4))
+    torch.library.opcheck(torch.ops.maskedssl.ncut_partition_cuda.default, (feats, v, 1e-4, 1e-6))
     with pytest.raises(RuntimeError, match="v must be a"):
-        torch.ops.maskedssl.ncut_partition_cuda(feats, v.double(), 1e-4)
+        torch.ops.maskedssl.ncut_partition_cuda(feats, v.double(), 1e-4, 1e-6)
     with pytest.raises(RuntimeError, match="D in"):
-        torch.ops.maskedssl.ncut_partition_cuda(torch.zeros(1, 2, CUDA_PARTITION_MAX_D + 1), v[:1, :2], 1e-4)
+        torch.ops.maskedssl.ncut_partition_cuda(torch.zeros(1, 2, CUDA_PARTITION_MAX_D + 1), v[:1, :2], 1e-4,
+                                                 1e-6)
 
 
 def _gram(feats):
@@ -425,10 +488,11 @@ def test_cuda_partition_from_the_gram_matrix_matches_the_reference_rules(dtype, 
         feats, v = (t.to(device) for t in _partition_inputs(b, n, d, dtype))
         want = finish_partition(feats, v)
         gram = _gram(feats)
-        _check_partition(NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v, SEED_TIE)), want)
+        _check_partition(NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v, SEED_TIE,
+                                                                             SPLIT_TIE)), want)
         feats_t = feats.transpose(1, 2).contiguous().transpose(1, 2)
         strided = torch.ops.maskedssl.ncut_partition_gram_cuda(feats_t, gram.transpose(1, 2),
-                                                               v.t().contiguous().t(), SEED_TIE)
+                                                               v.t().contiguous().t(), SEED_TIE, SPLIT_TIE)
         _check_partition(NCut(*strided), want)
 
 
@@ -456,7 +520,7 @@ def test_cuda_partition_from_the_gram_matrix_takes_the_reference_ties():
     in the foreground: m = 0 up to their pairing, scores 0 as the reference gives)."""
     feats, v = _tie_inputs()
     for f, vv in ((feats, v), (torch.randn(2, 2, 4), torch.tensor([[1.0, -1.0], [-2.0, 2.0]]))):
-        got = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(f, _gram(f), vv, SEED_TIE))
+        got = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(f, _gram(f), vv, SEED_TIE, SPLIT_TIE))
         _check_partition(got, finish_partition(f, vv))
         if f is feats:
             assert torch.equal(got.score[4], torch.zeros(8)) and torch.equal(got.score[5], torch.zeros(8))
@@ -480,13 +544,14 @@ def test_cuda_gram_partition_redoes_a_cancelling_foreground_from_the_features(dt
         feats = torch.cat([feats, torch.randn(feats.shape, generator=g)]).to(device=device, dtype=dtype)
         v = torch.cat([v, v]).to(device)
         want = finish_partition(feats, v)
-        got = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, _gram(feats), v, SEED_TIE))
+        got = NCut(*torch.ops.maskedssl.ncut_partition_gram_cuda(feats, _gram(feats), v, SEED_TIE, SPLIT_TIE))
         assert torch.equal(got.foreground, want.foreground)
         torch.testing.assert_close(got.fiedler, want.fiedler, atol=1e-6, rtol=0)
         # |mean| ~ 1e-3: the float32 reference and the feature kernel are each ~3e-6 off the exact scores
         torch.testing.assert_close(got.score, want.score, atol=1e-5, rtol=0)
     exact_got = torch.ops.maskedssl.ncut_partition_gram_cuda(*(t.to(device) for t in (
-        exact[None].to(dtype), _gram(exact[None].to(dtype)), torch.tensor([[1.0, -1, 1, -1]]))), SEED_TIE)
+        exact[None].to(dtype), _gram(exact[None].to(dtype)), torch.tensor([[1.0, -1, 1, -1]]))), SEED_TIE,
+        SPLIT_TIE)
     assert torch.equal(exact_got[2].cpu(), torch.zeros(1, 4))
 
 
@@ -504,7 +569,7 @@ def test_cuda_op_in_one_call_equals_solver_then_partition(dtype, device):
         feats = planted(b, n, d, 0.3, 0.5, dtype, device=device, seed=n)
         v = torch.ops.maskedssl.ncut_fiedler_cuda(feats, tau, 1e-5)[0]
         want = finish_partition(feats, v, "cuda")
-        got = NCut(*torch.ops.maskedssl.ncut_bipartition_cuda(feats, None, tau, 1e-5, SEED_TIE))
+        got = NCut(*torch.ops.maskedssl.ncut_bipartition_cuda(feats, None, tau, 1e-5, SEED_TIE, SPLIT_TIE))
         assert torch.equal(got.fiedler, want.fiedler) and torch.equal(got.foreground, want.foreground)
         if dtype != torch.float32 and n <= d:
             torch.testing.assert_close(got.score, want.score, atol=2e-6, rtol=0)
@@ -518,18 +583,18 @@ def test_cuda_op_in_one_call_equals_solver_then_partition(dtype, device):
 def test_cuda_gram_and_one_call_entry_points(device):
     feats, v = (t.to(device) for t in _partition_inputs(2, 9, 16, torch.bfloat16))
     gram = _gram(feats)
-    torch.library.opcheck(torch.ops.maskedssl.ncut_partition_gram_cuda.default, (feats, gram, v, 1e-4))
+    torch.library.opcheck(torch.ops.maskedssl.ncut_partition_gram_cuda.default, (feats, gram, v, 1e-4, 1e-6))
     for tau in (None, 0.2):
         for given in (None, gram):
             torch.library.opcheck(torch.ops.maskedssl.ncut_bipartition_cuda.default,
-                                  (feats, given, tau, 1e-5, 1e-4))
+                                  (feats, given, tau, 1e-5, 1e-4, 1e-6))
     with pytest.raises(RuntimeError, match="gram must be"):
-        torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram[:, :, :8], v, 1e-4)
+        torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram[:, :, :8], v, 1e-4, 1e-6)
     with pytest.raises(RuntimeError, match="gram must be"):
-        torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram.double(), v, 1e-4)
+        torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram.double(), v, 1e-4, 1e-6)
     with pytest.raises(RuntimeError, match="v must be"):
-        torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v[:, :8], 1e-4)
-    empty = torch.ops.maskedssl.ncut_bipartition_cuda(feats[:0], None, None, 1e-5, 1e-4)
+        torch.ops.maskedssl.ncut_partition_gram_cuda(feats, gram, v[:, :8], 1e-4, 1e-6)
+    empty = torch.ops.maskedssl.ncut_bipartition_cuda(feats[:0], None, None, 1e-5, 1e-4, 1e-6)
     assert [t.shape for t in empty] == [(0, 9)] * 3
 
 
@@ -623,8 +688,8 @@ def test_triton_partition_from_the_cosines_matches_the_reference_rules(dtype, de
         feats, v = (t.to(device) for t in _partition_inputs(b, n, d, dtype))
         want = finish_partition(feats, v)
         cos = _cosines(feats)
-        _check_partition(NCut(*partition_from_cos(feats, cos, v, SEED_TIE)), want)
-        strided = partition_from_cos(feats, cos.transpose(1, 2), v.t().contiguous().t(), SEED_TIE)
+        _check_partition(NCut(*partition_from_cos(feats, cos, v, SEED_TIE, SPLIT_TIE)), want)
+        strided = partition_from_cos(feats, cos.transpose(1, 2), v.t().contiguous().t(), SEED_TIE, SPLIT_TIE)
         _check_partition(NCut(*strided), want)
 
 
@@ -637,7 +702,7 @@ def test_triton_partition_from_the_cosines_takes_the_reference_ties(device):
     feats, v = _tie_inputs()
     for f, vv in ((feats, v), (torch.randn(2, 2, 4), torch.tensor([[1.0, -1.0], [-2.0, 2.0]]))):
         f, vv = f.to(device), vv.to(device)
-        got = NCut(*partition_from_cos(f, _cosines(f), vv, SEED_TIE))
+        got = NCut(*partition_from_cos(f, _cosines(f), vv, SEED_TIE, SPLIT_TIE))
         _check_partition(got, finish_partition(f, vv))
         if f.shape[0] == 6:
             assert torch.equal(got.score[4].cpu(), torch.zeros(8))
@@ -659,11 +724,11 @@ def test_triton_cosine_partition_redoes_a_cancelling_foreground_from_the_feature
     v = torch.ones(2, 64, device=device)  # everything foreground
     want = finish_partition(feats, v)
     cos = _cosines(feats)
-    got = NCut(*partition_from_cos(feats, cos, v, SEED_TIE))
+    got = NCut(*partition_from_cos(feats, cos, v, SEED_TIE, SPLIT_TIE))
     assert torch.equal(got.foreground, want.foreground)
     torch.testing.assert_close(got.score, want.score, atol=1e-5, rtol=0)
     # C scaled by 2: the cancelling sample does not read it (redone from the features), the other does
-    doubled = NCut(*partition_from_cos(feats, 2 * cos, v, SEED_TIE))
+    doubled = NCut(*partition_from_cos(feats, 2 * cos, v, SEED_TIE, SPLIT_TIE))
     torch.testing.assert_close(doubled.score[0], want.score[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(doubled.score[1], (want.score[1] * 2 ** 0.5).clamp(-1, 1), atol=1e-5, rtol=0)
 
@@ -692,7 +757,7 @@ def test_triton_op_takes_the_partition_from_the_cosines_where_it_should(device, 
         got = ncut_bipartition(feats, backend="triton")
         assert calls == [path], (dtype, n, d)
         v = kernels.ncut_fiedler(feats, None, 1e-5)[0]
-        want = NCut(*from_feats(feats, v, SEED_TIE))
+        want = NCut(*from_feats(feats, v, SEED_TIE, SPLIT_TIE))
         assert torch.equal(got.fiedler, want.fiedler) and torch.equal(got.foreground, want.foreground)
         torch.testing.assert_close(got.score, want.score, atol=2e-6, rtol=0)
     feats = planted(2, 130, 136, 0.3, 0.5, torch.bfloat16, device=device)

@@ -6,13 +6,17 @@ cos > tau, eps elsewhere); degrees d = A 1. The Fiedler vector is the second-lar
 D^-1/2 A D^-1/2 mapped back, v = D^-1/2 u (= the second-smallest generalized eigenvector of
 (D - A) v = lambda D v). Split at mean(v); the foreground is the side holding argmax |v| (TokenCut's seed;
 entries within ``SEED_TIE`` of the largest count as tied and the lowest index wins, so that an exact tie,
-as at N = 2, is not decided by each backend's rounding). Where the Fiedler vector is not unique (identical
-or zero features, a constant affinity), every backend returns the projection of one fixed start vector
-(``lanczos_start``) onto its eigenspace, so the cut is the same everywhere and for identical samples.
+as at N = 2, is not decided by each backend's rounding). Entries at most ``SPLIT_TIE`` max |v| above the
+mean count as at the mean, on the background side, for the same reason: a graph with a symmetry (a binary
+graph where one pair of patches is cut: v = e_i - e_j) puts entries exactly at the mean. Where the Fiedler
+vector is not unique (identical or zero features, a constant affinity), every backend returns the
+projection of one fixed start vector (``lanczos_start``) onto its eigenspace, so the cut is the same
+everywhere and for identical samples.
 
 Output convention: ``fiedler`` is v scaled to unit norm and signed so that the foreground is the side
-above the mean (``foreground == fiedler > fiedler.mean()``); ``score`` is each patch's cosine to the
-mean normalised feature of the foreground.
+above the mean (``foreground == fiedler > fiedler.mean() + SPLIT_TIE * fiedler.abs().max()``, or
+everything when no entry is); ``score`` is each patch's cosine to the mean normalised feature of the
+foreground.
 """
 
 from __future__ import annotations
@@ -41,11 +45,22 @@ PEAK_EXP = 50
 # foreground). The exact v of a zero row does not depend on eps (A v = theta D v gives it
 # sum(v) / (N theta), the same for every eps), and every other row has degree >= 1 (its own affinity is
 # 1), which a smaller eps changes by less than the solver's tolerance: so any eps below this gives the
-# kernels' result at this one, which agrees with the float64 reference's at the smaller eps.
+# kernels' result at this one. A zero row's own side stays a near tie at any eps, though: its margin,
+# v_z - mean(v) = mean(v) (1 / theta - 1), shrinks with eps (in one case 4e-6 max |v| at eps = 1e-5, 5e-8
+# at 1e-7), while the solver's error on v_z grows as 1 / sqrt(N eps). With one zero row in planted
+# clusters (200 samples, N = 30), the triton backend put it on the other side from the float64 reference
+# in 18 samples at eps = 1e-5 and 44 at eps = 1e-10; every other row agreed.
 KERNEL_MIN_EPS = 1e-10
 # Entries of |v| within this fraction of max |v| count as tied for the seed (the lowest index wins): exact
 # ties (N = 2, two equal clusters of a binary graph) must not be decided by each backend's rounding.
 SEED_TIE = 1e-4
+# Entries of v within this fraction of max |v| above the mean count as at the mean (not foreground): an
+# entry exactly at the mean in exact arithmetic comes out of the fp32 kernels a few 1e-8 max |v| to either
+# side of it, and out of the float64 reference ~1e-16 to either side, so without a margin each backend's
+# rounding decided it (on a binary graph where one pair of patches is cut, all N - 2 others: 4 of 12
+# patches differed between backends). Small, so that the margin almost never moves an entry that is not
+# an exact tie: of ~53,000 entries of Fiedler vectors of Gaussian features, none was this close to its mean.
+SPLIT_TIE = 1e-6
 # Eigenvalues of the deflated matrix within this of its top one span the top eigenspace the reference
 # projects the kernels' start vector onto (a graph whose Fiedler vector is not unique: identical or zero
 # features, a constant affinity), as Lanczos started from that vector converges to that projection.
@@ -80,7 +95,8 @@ def split_partition(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # flip so the seed's side is the one above the mean
     sign = torch.where(seed_above, 1.0, -1.0)
     fiedler = torch.nn.functional.normalize(v * sign, dim=1)
-    foreground = fiedler > fiedler.mean(dim=1, keepdim=True)
+    cut = fiedler.mean(dim=1, keepdim=True) + SPLIT_TIE * fiedler.abs().amax(dim=1, keepdim=True)
+    foreground = fiedler > cut
     # a constant v leaves no side above the mean: then everything is foreground
     empty = ~foreground.any(dim=1, keepdim=True)
     return fiedler, foreground | empty
@@ -118,9 +134,9 @@ def finish_partition(feats: torch.Tensor, v: torch.Tensor, backend: str = "torch
         from maskedssl.kernels import ncut as kernels
 
         if d <= kernels.PARTITION_MAX_D:
-            return NCut(*kernels.partition(feats, v, SEED_TIE))
+            return NCut(*kernels.partition(feats, v, SEED_TIE, SPLIT_TIE))
     if backend == "cuda" and d <= CUDA_PARTITION_MAX_D:
-        return NCut(*torch.ops.maskedssl.ncut_partition_cuda(feats, v, SEED_TIE))
+        return NCut(*torch.ops.maskedssl.ncut_partition_cuda(feats, v, SEED_TIE, SPLIT_TIE))
     fiedler, foreground = split_partition(v)
     return NCut(fiedler, foreground, foreground_scores(feats, foreground))
 
@@ -190,7 +206,8 @@ def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str,
     if backend == "cuda" and feats.shape[-1] <= CUDA_PARTITION_MAX_D:
         # solver and partition step in one C++ call (16-bit features with N <= D: the partition from the
         # solver's Gram matrix, fewer bytes than the features)
-        return torch.ops.maskedssl.ncut_bipartition_cuda(feats, gram, tau, max(eps, KERNEL_MIN_EPS), SEED_TIE)
+        return torch.ops.maskedssl.ncut_bipartition_cuda(feats, gram, tau, max(eps, KERNEL_MIN_EPS), SEED_TIE,
+                                                        SPLIT_TIE)
     if backend == "triton":
         from maskedssl.kernels import ncut as kernels
 
@@ -199,7 +216,7 @@ def _ncut_op(feats: torch.Tensor, tau: float | None, eps: float, backend: str,
         if feats.shape[-1] <= kernels.PARTITION_MAX_D:
             # solver and partition step; the partition from the solver's cosines where that reads
             # fewer bytes than the features (kernels.partition_from_cosines)
-            return kernels.bipartition(feats, tau, eps, SEED_TIE, work)
+            return kernels.bipartition(feats, tau, eps, SEED_TIE, SPLIT_TIE, work)
         return tuple(finish_partition(feats, kernels.ncut_fiedler(feats, tau, eps, work=work)[0]))
     return tuple(finish_partition(feats, _fiedler_kernel(feats, tau, eps, backend)[0], backend))
 
@@ -328,14 +345,16 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
     feats: float32/bfloat16/float16 (float64 runs the torch backend), finite, N >= 2 (B = 0 gives empty
     results); tau: TokenCut's binary-graph threshold in (-1, 1) or None for the clamped cosine graph;
     eps in (0, 1]: the affinity floor (the kernels take at least ``KERNEL_MIN_EPS`` = 1e-10, which gives
-    the result of any smaller eps to the solver's tolerance). No gradient flows through the result. The
-    finiteness check costs one reduction and one device->host sync, like the ops' index checks
-    (``MASKEDSSL_CHECK_INDICES=0`` skips it); the same reduction finds rows whose entries are all below
-    2^-50 or any above 2^50; each such row is scaled by a power of two first (without the check, their fp32
-    norms underflow or overflow). On the cuda backend, and on the triton backend for N > 128 (its tiled
-    path), the reduction runs over the rows' squared norms from the kernels' first launch (the diagonal of
-    the Gram matrix the cuda solver then uses; the norms the triton cosine kernel writes beside the
-    cosines), and over the features only where a norm is out of range.
+    the result of any smaller eps to the solver's tolerance; a row of zeros, which has no direction, can
+    sit close enough to the split, its margin shrinking with eps, that its own side differs between the
+    fp32 kernels and the float64 reference: see the comment at ``KERNEL_MIN_EPS``). No gradient flows
+    through the result. The finiteness check costs one reduction and one device->host sync, like the ops'
+    index checks (``MASKEDSSL_CHECK_INDICES=0`` skips it); the same reduction finds rows whose entries are
+    all below 2^-50 or any above 2^50; each such row is scaled by a power of two first (without the check,
+    their fp32 norms underflow or overflow). On the cuda backend, and on the triton backend for N > 128
+    (its tiled path), the reduction runs over the rows' squared norms from the kernels' first launch (the
+    diagonal of the Gram matrix the cuda solver then uses; the norms the triton cosine kernel writes beside
+    the cosines), and over the features only where a norm is out of range.
     """
     feats, name, (gram, degrees) = _prepare(feats, tau, eps, backend, "ncut_bipartition", want_work=True)
     if feats.shape[0] == 0:
