@@ -268,17 +268,20 @@ def _tiny_imagenet_val(root: Path, class_to_idx: dict) -> list[tuple[str, int]] 
     return samples
 
 
-def load_imagefolder(path: str, train: bool, img_size: int):
+def load_imagefolder(path: str, train: bool, img_size: int, augment: bool | None = None):
+    """``PATH/train`` (or ``PATH`` itself) when ``train``, else ``PATH/val``; ``augment`` (default:
+    ``train``): MAE's random resized crop and flip, else the resize and centre crop of evaluation."""
     from torchvision import datasets
     from torchvision.transforms import v2
 
+    augment = train if augment is None else augment
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DatasetError(f"imagefolder: {root} is not a directory")
     split = root / ("train" if train else "val")
     train_root = root / "train" if (root / "train").is_dir() else root
     folder = split if split.is_dir() else root
-    if train:
+    if augment:
         # MAE's recipe; on the CPU workers because decoding happens there anyway.
         transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(img_size, scale=(0.2, 1.0),
                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -301,13 +304,17 @@ def load_imagefolder(path: str, train: bool, img_size: int):
         dataset.classes, dataset.class_to_idx = classes_from.classes, classes_from.class_to_idx
     dataset.transform = transform
     dataset.num_classes = len(dataset.classes)
-    dataset.augmented_on_cpu = train
+    dataset.augmented_on_cpu = augment
     return dataset
 
 
-def build_dataset(spec: str, train: bool = True, img_size: int | None = None, seed: int = 0):
+def build_dataset(spec: str, train: bool = True, img_size: int | None = None, seed: int = 0,
+                  augment: bool | None = None):
     """The dataset named by ``spec`` (see the module docstring); ``img_size`` sets the synthetic images'
     size and the ImageFolder crop (default 32 and 224); CIFAR images stay 32 px (resampled on the device).
+    ``augment`` (default: ``train``) gives an ImageFolder the training crops and flips on the CPU; the
+    evaluation reads the train split without them (the other datasets are augmented on the device, by the
+    trainer, and ignore it).
     """
     name, _, arg = spec.partition(":")
     name = name.strip().lower()
@@ -326,7 +333,7 @@ def build_dataset(spec: str, train: bool = True, img_size: int | None = None, se
     if name == "imagefolder":
         if not arg:
             raise DatasetError("imagefolder needs a path: --data imagefolder:PATH")
-        return load_imagefolder(arg, train, img_size or 224)
+        return load_imagefolder(arg, train, img_size or 224, augment)
     raise DatasetError(f"unknown dataset {spec!r}: use synthetic[:N], cifar10:PATH, cifar100:PATH "
                        "or imagefolder:PATH")
 

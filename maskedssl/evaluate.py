@@ -431,11 +431,14 @@ def _eval_mode(model: torch.nn.Module):
 
 
 def load_images(dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` (all when None) images and labels of a dataset, as uint8 (N,C,H,W), long (N,)."""
+    """The first ``limit`` (all when None) images and labels of a dataset, as uint8 (N,C,H,W), long (N,).
+    An unreadable image file raises ``maskedssl.data.DatasetError`` naming it."""
+    from .data import SeededItems
+
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if hasattr(dataset, "images") and hasattr(dataset, "labels"):
         return dataset.images[:n], torch.as_tensor(dataset.labels[:n]).long()
-    items = [dataset[i] for i in range(n)]
+    items = [SeededItems(dataset)[i] for i in range(n)]  # a plain index: loaded as the dataset does
     return torch.stack([img for img, _ in items]), torch.tensor([label for _, label in items])
 
 
@@ -862,7 +865,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--device {args.device}: CUDA is not available here")
     torch.manual_seed(args.seed)
     model = load_model(args.ckpt, map_location=device)
-    train_set = build_dataset(args.data, train=True, img_size=model.img_size, seed=args.seed)
+    # the train split's images whole (resized and centre-cropped), as the test split's: features of random
+    # crops would make every metric noisier and differ from run to run
+    train_set = build_dataset(args.data, train=True, img_size=model.img_size, seed=args.seed, augment=False)
     test_set = build_dataset(args.data, train=False, img_size=model.img_size, seed=args.seed)
     try:
         results = evaluate_model(model, train_set, test_set, metrics, pools=pools, max_train=args.max_train,

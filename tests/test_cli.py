@@ -140,6 +140,34 @@ def test_evaluate_user_errors_are_one_line(tmp_path, capsys, argv, message):
     assert code == 2 and err.startswith("maskedssl: error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_evaluate_on_an_image_folder(tmp_path, capsys, monkeypatch):
+    """The train split's features come from whole images (no random crops: the same images on every load),
+    and an unreadable image is one error line naming the file, as in pretrain."""
+    from test_train import _noise_folder
+
+    from maskedssl import evaluate as ev
+
+    assert cli.main(["pretrain", "--out", str(tmp_path), *QUIET, *TINY_FLAGS, "--max-steps", "1"]) == 0
+    data = _noise_folder(tmp_path / "data" / "train", per_class=4).parent
+    _noise_folder(data / "val", per_class=2)
+    seen = []
+    evaluate_model = ev.evaluate_model
+    monkeypatch.setattr(ev, "evaluate_model", lambda m, train, *a, **k: seen.append(train) or
+                        evaluate_model(m, train, *a, **k))
+    argv = ["evaluate", "--ckpt", str(tmp_path / T.CHECKPOINT_NAME), "--data", f"imagefolder:{data}",
+            "--metrics", "knn", "--pool", "mean", "--k", "3", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    images, labels = ev.load_images(seen[0])
+    assert images.shape == (8, 3, 16, 16) and labels.tolist() == [0] * 4 + [1] * 4
+    assert torch.equal(ev.load_images(seen[0])[0], images)
+    capsys.readouterr()
+    (data / "train" / "b" / "broken.png").write_text("not an image")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maskedssl: error: cannot read image ") and "broken.png" in err
+    assert err.count("\n") == 1, err
+
+
 def test_diverging_run_exits_1_with_the_checkpoint_named(tmp_path, capsys):
     # an absurd learning rate: the first update blows the weights up, a later loss is not finite
     code = cli.main(["pretrain", "--out", str(tmp_path), *QUIET, *TINY_FLAGS, "--epochs", "3",

@@ -139,6 +139,23 @@ def test_imagefolder_train_and_val(tmp_path):
     assert val[0][0].shape == (3, 16, 16)
 
 
+def test_imagefolder_train_split_without_augmentation(tmp_path):
+    """augment=False (what evaluation reads): the train split's images whole, resized and centre-cropped as
+    the val split's, the same on every load; the default for train=True stays MAE's random crops."""
+    from test_train import _noise_folder
+
+    _noise_folder(tmp_path / "train", per_class=3)
+    plain = build_dataset(f"imagefolder:{tmp_path}", train=True, img_size=16, augment=False)
+    as_val = build_dataset(f"imagefolder:{tmp_path / 'train'}", train=False, img_size=16)
+    augmented = build_dataset(f"imagefolder:{tmp_path}", train=True, img_size=16)
+    assert not plain.augmented_on_cpu and augmented.augmented_on_cpu
+    for i in range(len(plain)):
+        assert torch.equal(plain[i][0], as_val[i][0]) and torch.equal(plain[i][0], plain[i][0])
+    torch.manual_seed(0)
+    first = torch.stack([augmented[i][0] for i in range(len(augmented))])
+    assert not torch.equal(first, torch.stack([augmented[i][0] for i in range(len(augmented))]))
+
+
 def test_imagefolder_without_splits_and_tiny_imagenet_val(tmp_path):
     _write_images(tmp_path / "flat")
     assert len(build_dataset(f"imagefolder:{tmp_path / 'flat'}", train=False, img_size=8)) == 4
