@@ -269,8 +269,21 @@ def sample_other_class_partners(labels: torch.Tensor, generator: torch.Generator
 # Self-guided MAE: patch clustering, token relations, attention
 # --------------------------------------------------------------------------------------------------
 
+def _check_patch_features(feats, min_patches: int = 1) -> None:
+    """``feats`` is a float (B, N, D) tensor of patch features with N >= ``min_patches``."""
+    if not isinstance(feats, torch.Tensor):
+        raise TypeError(f"feats must be a float (B, N, D) tensor, got {type(feats).__name__}")
+    if feats.ndim != 3 or not feats.is_floating_point():
+        raise ValueError(f"feats must be a float (B, N, D) tensor of patch features, got {feats.dtype} of "
+                         f"shape {tuple(feats.shape)}")
+    if feats.shape[1] < min_patches:
+        raise ValueError(f"feats must hold at least {min_patches} patches per image, "
+                         f"got N = {feats.shape[1]}")
+
+
 def cosine_similarity_matrix(feats: torch.Tensor) -> torch.Tensor:
     """(B, N, D) -> (B, N, N) cosine similarities of the patch features, in float32."""
+    _check_patch_features(feats)
     f = F.normalize(feats.float(), dim=-1)
     return f @ f.transpose(1, 2)
 
@@ -278,6 +291,7 @@ def cosine_similarity_matrix(feats: torch.Tensor) -> torch.Tensor:
 def feature_variance(feats: torch.Tensor) -> torch.Tensor:
     """sigma_F per image (B,): total variance of the L2-normalised patch features around their mean,
     sum_d Var_i(f_id) = 1 - ||mean_i f_i||^2, in [0, 1]."""
+    _check_patch_features(feats)
     f = F.normalize(feats.float(), dim=-1)
     return (f - f.mean(1, keepdim=True)).square().sum(-1).mean(1)
 
@@ -287,7 +301,9 @@ def _off_diagonal(n: int, device) -> torch.Tensor:
 
 
 def similarity_variance(feats: torch.Tensor) -> torch.Tensor:
-    """sigma_s per image (B,): population variance of the off-diagonal pairwise cosine similarities."""
+    """sigma_s per image (B,): population variance of the off-diagonal pairwise cosine similarities
+    (N >= 2 patches: one patch has no pair)."""
+    _check_patch_features(feats, min_patches=2)
     sim = cosine_similarity_matrix(feats)
     values = sim[:, _off_diagonal(sim.shape[1], sim.device)]
     return values.var(1, unbiased=False)
@@ -315,7 +331,8 @@ def intra_inter_gap(similarity: torch.Tensor, partition: torch.Tensor) -> dict:
 
 def token_relations(feats: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """(B, N, D) -> (B, N, N) row-stochastic token relations: row i is softmax_j(cos(f_i, f_j) / T) over
-    the other tokens j != i (a token's similarity to itself is always 1 and would swamp the row)."""
+    the other tokens j != i (a token's similarity to itself is always 1 and would swamp the row); N >= 2."""
+    _check_patch_features(feats, min_patches=2)
     sim = cosine_similarity_matrix(feats) / _check_positive("temperature", temperature)
     sim = sim.masked_fill(~_off_diagonal(sim.shape[1], sim.device), float("-inf"))
     return sim.softmax(-1)
@@ -384,6 +401,13 @@ def patch_object_mask(object_mask: torch.Tensor, patch_size: int, threshold: flo
         raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
     if not 0 <= threshold < 1:  # "more than 1" of the pixels: no patch could be object
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    if not isinstance(object_mask, torch.Tensor):
+        raise TypeError(f"object_mask must be a tensor, got {type(object_mask).__name__}")
+    if object_mask.ndim not in (2, 3):
+        raise ValueError(f"object_mask must be (B, H, W) or (H, W), got shape {tuple(object_mask.shape)}")
+    if object_mask.shape[-2] % patch_size or object_mask.shape[-1] % patch_size:
+        raise ValueError(f"object_mask's size {tuple(object_mask.shape[-2:])} is not divisible by patch_size "
+                         f"{patch_size}")
     m = object_mask.float()
     if m.ndim == 2:
         m = m.unsqueeze(0)
@@ -393,6 +417,14 @@ def patch_object_mask(object_mask: torch.Tensor, patch_size: int, threshold: flo
 
 def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU |pred & target| / |pred | target| per row of two (B, L) bool masks (1 when both are empty)."""
+    for name, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be a (B, L) mask, got shape {tuple(t.shape)}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
     pred, target = pred.bool(), target.bool()
     inter = (pred & target).sum(1).float()
     union = (pred | target).sum(1).float()
@@ -656,6 +688,13 @@ def imae_separability(model: torch.nn.Module, train_images: torch.Tensor, train_
     weight alpha) with an image of another class (the dominant, 1 - alpha), fit ridge regression
     f(mixture) -> [f(sub), f(dom)] on the train pairs, report held-out R^2 on the test pairs, and the
     linear-probe accuracy of the subordinate and the dominant label from f(mixture), per alpha."""
+    for name, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ValueError(f"{name}_images must be a (N, C, H, W) tensor")
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != images.shape[0] \
+                or labels.is_floating_point():
+            raise ValueError(f"{name}_labels must be an integer (N,) tensor matching {name}_images "
+                             f"({images.shape[0]} images)")
     gen = torch.Generator().manual_seed(seed)
     splits = []
     for images, labels in ((train_images, train_labels), (test_images, test_labels)):

@@ -113,6 +113,24 @@ def test_metric_arguments_are_checked():
             ev.patch_object_mask(obj, 2, threshold)
     with pytest.raises(ValueError, match="patch_size"):
         ev.patch_object_mask(obj, 0)
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        ev.patch_object_mask(torch.ones(10, 10), 4)  # was a 2 x 2 grid, the last rows and columns dropped
+    with pytest.raises(ValueError, match="object_mask"):
+        ev.patch_object_mask(torch.ones(4), 2)
+    # patch-feature metrics: (B, N, D) with enough patches, else an error naming feats (was IndexError/NaN)
+    for metric, feats in [(ev.similarity_variance, torch.randn(10, 8)),
+                          (ev.feature_variance, torch.randn(10, 8)),
+                          (ev.cosine_similarity_matrix, torch.ones(2, 3, 4, dtype=torch.long)),
+                          (ev.similarity_variance, torch.randn(2, 1, 8)),
+                          (ev.token_relations, torch.randn(2, 1, 8))]:
+        with pytest.raises(ValueError, match="feats"):
+            metric(feats)
+    with pytest.raises(TypeError, match="feats"):
+        ev.feature_variance([[0.0]])
+    for pred, target, name in [(torch.ones(2, 4), torch.ones(2, 5), "same shape"),
+                               (torch.ones(4), torch.ones(4), "pred")]:
+        with pytest.raises(ValueError, match=name):
+            ev.mask_iou(pred, target)
     # no masked patch: no mask-token query, so no rates (they were 0, 0 and 0, which do not sum to 1)
     rates = ev.exploitation_rates(torch.full((1, 1, 5, 5), 0.2), torch.zeros(1, 4))
     assert all(math.isnan(v) for v in rates.values())
@@ -425,6 +443,11 @@ def test_separability_and_finetune_on_a_model(micro_mae, synthetic, tmp_path):
     assert res["weights"] == [0.1, 0.5] and len(res["r2"]) == 2 and len(res["probe_dom"]) == 2
     assert all(r <= 1 for r in res["r2"])
     assert ev.plot_separability({"mae": res}, tmp_path / "sep.png").stat().st_size > 0
+    for args, name in [((train.images, train.labels[:-1], test.images, test.labels), "train_labels"),
+                       ((train.images, train.labels, test.images, test.labels.float()), "test_labels"),
+                       ((train.images[0], train.labels, test.images, test.labels), "train_images")]:
+        with pytest.raises(ValueError, match=name):  # was a RuntimeError from deep inside
+            ev.imae_separability(micro_mae, *args)
     before = {k: v.clone() for k, v in micro_mae.state_dict().items()}
     loader = torch.utils.data.DataLoader(train, batch_size=30)
     test_loader = torch.utils.data.DataLoader(test, batch_size=40)
