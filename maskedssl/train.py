@@ -447,11 +447,21 @@ def validate(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, model: torch.nn.Module | None = None) -> dict:
     """Run (or continue) the pretraining ``cfg`` describes; returns a summary dict. ``model`` replaces the
     one the config would build (tests)."""
+    from .ops._backend import ENV_VAR
+
     validate(cfg)
     d, device = setup_distributed(cfg.run.device)
+    previous = os.environ.get(ENV_VAR)
+    if cfg.run.backend is not None:
+        os.environ[ENV_VAR] = cfg.run.backend  # every op reads it (maskedssl.ops._backend); for this run only
     try:
         return _train(cfg, d, device, model)
     finally:
+        if cfg.run.backend is not None:
+            if previous is None:
+                os.environ.pop(ENV_VAR, None)
+            else:
+                os.environ[ENV_VAR] = previous
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -460,8 +470,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
     o, r = cfg.optim, cfg.run
     out = Path(r.out)
     ckpt_path = out / CHECKPOINT_NAME
-    if r.backend is not None:
-        os.environ["MASKEDSSL_BACKEND"] = r.backend  # every op reads it (maskedssl.ops._backend)
     amp_dtype = pick_precision(r.precision, device)
 
     # Each process draws its own masks and crops; the seed offset keeps them from repeating each other.

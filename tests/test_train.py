@@ -101,6 +101,26 @@ def test_checkpoint_load_errors(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_the_backend_option_holds_for_the_run_only(tmp_path, monkeypatch):
+    """RunConfig.backend reaches the ops through MASKEDSSL_BACKEND during the run, and the variable is as
+    it was afterwards (it stayed set: later work in the process ran on the run's backend)."""
+    import os
+
+    from maskedssl.ops._backend import ENV_VAR
+
+    seen = []
+    inner = T._train
+    monkeypatch.setattr(T, "_train", lambda *a: seen.append(os.environ.get(ENV_VAR)) or inner(*a))
+    for before in (None, "triton"):
+        if before is None:
+            monkeypatch.delenv(ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(ENV_VAR, before)
+        T.train(tiny_config(tmp_path / str(before), epochs=1, backend="torch"))
+        assert os.environ.get(ENV_VAR) == before
+    assert seen == ["torch", "torch"]
+
+
 def test_config_validation():
     cfg = tiny_config("x")
     cfg.method.options["hint_ratio"] = 0.1  # a Self-guided MAE option on MAE
