@@ -43,6 +43,9 @@ def test_every_small_preset_runs_one_step(preset):
     assert isinstance(out, ModelOutput) and torch.isfinite(out.loss)
     assert out.mask.shape == (1, arch.num_patches)
     assert int(out.mask.sum()) == arch.num_patches - int(arch.num_patches * 0.25)
+    # MAE's decoder shape (512 wide, 8 blocks, 16 heads), as the size presets promise; micro is the tests'
+    if preset != "micro":
+        assert (arch.decoder_embed_dim, arch.decoder_depth, arch.decoder_num_heads) == (512, 8, 16)
 
 
 @pytest.mark.parametrize("preset,timm_name", [("vit_base", "vit_base_patch16_224"),

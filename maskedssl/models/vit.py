@@ -112,18 +112,20 @@ def _vit(img_size, patch_size, width, depth, heads, dec_width, dec_depth, dec_he
                        decoder_num_heads=dec_heads)
 
 
-# MAE's decoder (512 wide, 8 blocks, 16 heads) for ViT-B/L. It would outweigh the smaller encoders many
-# times over, so ViT-T/S get a 4-block decoder of their own width class (head dim 32, as MAE's decoder).
+# Every size preset has MAE's decoder: 512 wide, 8 blocks, 16 heads (the paper's default for every
+# encoder). Next to ViT-T/S encoders it is the larger half of the network; a lighter one is an option away
+# (decoder_embed_dim, decoder_depth, decoder_num_heads).
+MAE_DECODER = (512, 8, 16)
 PRESETS: dict[str, ModelConfig] = {
-    "vit_tiny": _vit(224, 16, 192, 12, 3, 128, 4, 4),
-    "vit_small": _vit(224, 16, 384, 12, 6, 256, 4, 8),
-    "vit_base": _vit(224, 16, 768, 12, 12, 512, 8, 16),
-    "vit_large": _vit(224, 16, 1024, 24, 16, 512, 8, 16),
-    "cifar_tiny": _vit(32, 4, 192, 12, 3, 128, 4, 4),
-    "cifar_tiny_p2": _vit(32, 2, 192, 12, 3, 128, 4, 4),
-    "cifar_small": _vit(32, 4, 384, 12, 6, 256, 4, 8),
-    "cifar_small_p2": _vit(32, 2, 384, 12, 6, 256, 4, 8),
-    "tiny_imagenet": _vit(64, 8, 384, 12, 6, 256, 4, 8),
+    "vit_tiny": _vit(224, 16, 192, 12, 3, *MAE_DECODER),
+    "vit_small": _vit(224, 16, 384, 12, 6, *MAE_DECODER),
+    "vit_base": _vit(224, 16, 768, 12, 12, *MAE_DECODER),
+    "vit_large": _vit(224, 16, 1024, 24, 16, *MAE_DECODER),
+    "cifar_tiny": _vit(32, 4, 192, 12, 3, *MAE_DECODER),
+    "cifar_tiny_p2": _vit(32, 2, 192, 12, 3, *MAE_DECODER),
+    "cifar_small": _vit(32, 4, 384, 12, 6, *MAE_DECODER),
+    "cifar_small_p2": _vit(32, 2, 384, 12, 6, *MAE_DECODER),
+    "tiny_imagenet": _vit(64, 8, 384, 12, 6, *MAE_DECODER),
     # CPU tests and the 5-minute demo
     "micro": _vit(32, 4, 96, 4, 3, 64, 2, 4),
 }
