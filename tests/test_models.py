@@ -293,6 +293,10 @@ def test_imae_lam_sampling_modes_and_no_teacher():
     assert set(out.losses) == {"rec_sub", "rec_dom", "loss"}
     assert torch.unique(out.extras["lam"]).numel() == 1
     assert out.extras["partner"].sort().values.tolist() == [0, 1, 2, 3]
+    # the default partners: a permutation without an image mixed with itself (randperm left ~1 a batch)
+    for _ in range(20):
+        for partner in (batch(imgs).extras["partner"], batch(imgs, lam=0.3).extras["partner"]):
+            assert partner.sort().values.tolist() == [0, 1, 2, 3] and (partner != torch.arange(4)).all()
     lam = build_model("imae", "micro", lam_mode="sample")(imgs).extras["lam"]
     assert torch.unique(lam).numel() == 4 and ((lam >= 0) & (lam <= 1)).all()
     pics = batch.reconstruct(imgs, partner=torch.tensor([1, 0, 3, 2]), lam=0.3)

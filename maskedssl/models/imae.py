@@ -59,6 +59,14 @@ class IMAEConfig(MAEConfig):
                 raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
 
 
+def random_partners(batch: int, device) -> torch.Tensor:
+    """(B,) partner of each image: a random permutation with no image its own partner (B >= 2), drawn as
+    one cycle through a random order (torch.randperm alone leaves about one image per batch mixed with
+    itself, a sample with nothing to separate). Each image is some image's partner exactly once."""
+    order = torch.randperm(batch, device=device)
+    return torch.empty_like(order).scatter_(0, order, order.roll(1))
+
+
 def subordinate_first(partner_is_sub: torch.Tensor, own: torch.Tensor, partner: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, (subordinate, dominant) out of the values for ``imgs[b]`` and ``imgs[partner[b]]``."""
@@ -116,7 +124,7 @@ class IMAE(MaskedViT):
 
     def sample_mixing(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """A random partner permutation and lam (B,) ~ Beta(alpha, alpha), per batch or per sample."""
-        partner = torch.randperm(batch, device=device)
+        partner = random_partners(batch, device)
         # no host round trip in a training step: alpha filled on the device (torch.tensor would copy it
         # from the host and wait for the stream), and no argument validation (it reads the check back);
         # the config has checked alpha > 0
@@ -132,7 +140,7 @@ class IMAE(MaskedViT):
         if partner is None and lam is None:
             return self.sample_mixing(b, imgs.device)
         if partner is None:
-            partner = torch.randperm(b, device=imgs.device)
+            partner = random_partners(b, imgs.device)
         if lam is None:
             return partner, self.sample_mixing(b, imgs.device)[1]
         if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
