@@ -903,7 +903,10 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: CUDA is not available here")
     torch.manual_seed(args.seed)
-    model = load_model(args.ckpt, map_location=device)
+    # the clustering metrics read the decoder too (exploitation rates, its attention distance and sigma_F):
+    # an encoder-only checkpoint would leave it at its random initialisation, and them meaningless
+    needs = ("decoder_embed.weight", "decoder_pred.weight") if "clustering" in metrics else ()
+    model = load_model(args.ckpt, map_location=device, required=needs)
     # the train split's images whole (resized and centre-cropped), as the test split's: features of random
     # crops would make every metric noisier and differ from run to run
     train_set = build_dataset(args.data, train=True, img_size=model.img_size, seed=args.seed, augment=False)

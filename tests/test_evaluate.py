@@ -473,5 +473,14 @@ def test_evaluate_subcommand(micro_mae, tmp_path, capsys):
     assert res["method"] == "mae" and 0 <= res["probe_mean"] <= 1 and 0 <= res["knn_mean"] <= 1
     assert "probe_cls" not in res
     assert cli.main(["evaluate", "--ckpt", str(ckpt), "--metrics", "probe,nope"]) == 2
+    # an encoder-only checkpoint: the encoder's metrics, but not clustering, which reads the decoder too
+    encoder = tmp_path / "encoder.pth"
+    torch.save({"model": {k: v for k, v in micro_mae.state_dict().items()
+                          if not k.startswith(("decoder", "mask_token"))}}, encoder)
+    capsys.readouterr()
+    base = ["evaluate", "--ckpt", str(encoder), "--data", "synthetic:50", "--pool", "mean", "--k", "5"]
+    assert cli.main([*base, "--metrics", "knn"]) == 0
+    assert cli.main([*base, "--metrics", "clustering", "--cluster-images", "4"]) == 2
+    assert "has no decoder_embed.weight" in capsys.readouterr().err
     assert cli.main(["evaluate", "--ckpt", str(ckpt), "--mix-weights", "0.7"]) == 2
     assert "mix-weights" in capsys.readouterr().err
