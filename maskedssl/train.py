@@ -279,9 +279,12 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated file, not a torch file, unsafe pickle
         # the CLI prints one line; torch.load's unpickling message is a paragraph of advice
-        if isinstance(err, pickle.UnpicklingError):
+        from .models.mae import refused_objects
+
+        reason = refused_objects(err)
+        if reason is None and isinstance(err, pickle.UnpicklingError):
             reason = "not a PyTorch file of tensors and plain containers"
-        else:
+        elif reason is None:
             reason = (str(err).strip().splitlines() or [""])[0]
         raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {reason})") from None
 

@@ -206,6 +206,14 @@ def test_from_official_round_trip_and_errors(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         MAE.from_official(path)
+    # a facebookresearch/mae training checkpoint: its argparse options under 'args' are not loaded (that
+    # would run the file's pickled code); the error says so in one line, and what to do
+    import argparse
+
+    torch.save({"model": plain.state_dict(), "args": argparse.Namespace(lr=1e-3)}, path)
+    with pytest.raises(ValueError, match=r"argparse\.Namespace object.*'model' entry alone") as err:
+        MAE.from_official(path)
+    assert "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError):
         MAE.from_official(tmp_path / "absent.pth")
 

@@ -99,6 +99,12 @@ def test_checkpoint_load_errors(tmp_path):
     with pytest.raises(T.ConfigError, match="cannot be read") as err:
         T.load_checkpoint(tmp_path / "text.pt")
     assert "\n" not in str(err.value)
+    import argparse
+
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "official_train.pth")
+    with pytest.raises(T.ConfigError, match=r"argparse\.Namespace object.*'model' entry alone") as err:
+        T.load_checkpoint(tmp_path / "official_train.pth")
+    assert "\n" not in str(err.value)
 
 
 def test_the_backend_option_holds_for_the_run_only(tmp_path, monkeypatch):

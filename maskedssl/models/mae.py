@@ -10,12 +10,24 @@ Differences from ``models_mae.py`` that leave the numbers unchanged (to float ro
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
 from ..masking import Masks, random_masks
 from ..ops import gather_tokens, mix_patchify
 from .vit import PRESETS, MAEConfig, MaskedViT, ModelOutput, make_config, mse
+
+
+def refused_objects(err: Exception) -> str | None:
+    """One line on what ``torch.load(weights_only=True)`` refused in a checkpoint (a Python object that only
+    running its pickled code could rebuild), or None when ``err`` is another failure."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if found is None:
+        return None
+    return (f"it holds a {found.group(1)} object, which loading without running the file's code refuses "
+            "(a facebookresearch/mae training checkpoint keeps its options so, under 'args'): save its "
+            "'model' entry alone, from a trusted copy")
 
 
 class MAE(MaskedViT):
@@ -80,6 +92,9 @@ class MAE(MaskedViT):
         except FileNotFoundError:
             raise
         except Exception as err:  # pickle/zip/format errors: say which file and why
+            refused = refused_objects(err)
+            if refused is not None:
+                raise ValueError(f"{path} cannot be loaded: {refused}") from None
             raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
         state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
