@@ -112,9 +112,9 @@ def _vit(img_size, patch_size, width, depth, heads, dec_width, dec_depth, dec_he
                        decoder_num_heads=dec_heads)
 
 
-# Every size preset has MAE's decoder: 512 wide, 8 blocks, 16 heads (the paper's default for every
-# encoder). Next to ViT-T/S encoders it is the larger half of the network; a lighter one is an option away
-# (decoder_embed_dim, decoder_depth, decoder_num_heads).
+# Every size preset has MAE's decoder: 512 wide, 8 blocks, 16 heads (the MAE paper's default, which it
+# keeps for ViT-B, -L and -H). Next to ViT-T/S encoders it is the larger half of the network; a lighter one
+# is an option away (decoder_embed_dim, decoder_depth, decoder_num_heads).
 MAE_DECODER = (512, 8, 16)
 PRESETS: dict[str, ModelConfig] = {
     "vit_tiny": _vit(224, 16, 192, 12, 3, *MAE_DECODER),
