@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .ops._validate import check_positive_int
+from .ops._validate import REFERENCE_DTYPES, check_positive_int, check_tensor
 
 MIX_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5)
 METRICS = ("probe", "knn", "finetune", "separability", "clustering")
@@ -271,11 +271,7 @@ def sample_other_class_partners(labels: torch.Tensor, generator: torch.Generator
 
 def _check_patch_features(feats, min_patches: int = 1) -> None:
     """``feats`` is a float (B, N, D) tensor of patch features with N >= ``min_patches``."""
-    if not isinstance(feats, torch.Tensor):
-        raise TypeError(f"feats must be a float (B, N, D) tensor, got {type(feats).__name__}")
-    if feats.ndim != 3 or not feats.is_floating_point():
-        raise ValueError(f"feats must be a float (B, N, D) tensor of patch features, got {feats.dtype} of "
-                         f"shape {tuple(feats.shape)}")
+    check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, D) patch features")
     if feats.shape[1] < min_patches:
         raise ValueError(f"feats must hold at least {min_patches} patches per image, "
                          f"got N = {feats.shape[1]}")
@@ -417,11 +413,8 @@ def patch_object_mask(object_mask: torch.Tensor, patch_size: int, threshold: flo
 
 def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU |pred & target| / |pred | target| per row of two (B, L) bool masks (1 when both are empty)."""
-    for name, t in (("pred", pred), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.ndim != 2:
-            raise ValueError(f"{name} must be a (B, L) mask, got shape {tuple(t.shape)}")
+    check_tensor("pred", pred, ndim=2, what="(B, L) mask")
+    check_tensor("target", target, ndim=2, what="(B, L) mask")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
                          f"{tuple(target.shape)}")
@@ -689,8 +682,7 @@ def imae_separability(model: torch.nn.Module, train_images: torch.Tensor, train_
     f(mixture) -> [f(sub), f(dom)] on the train pairs, report held-out R^2 on the test pairs, and the
     linear-probe accuracy of the subordinate and the dominant label from f(mixture), per alpha."""
     for name, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise ValueError(f"{name}_images must be a (N, C, H, W) tensor")
+        check_tensor(f"{name}_images", images, ndim=4, what="(N, C, H, W)")
         if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != images.shape[0] \
                 or labels.is_floating_point():
             raise ValueError(f"{name}_labels must be an integer (N,) tensor matching {name}_images "

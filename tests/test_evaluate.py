@@ -120,13 +120,13 @@ def test_metric_arguments_are_checked():
     # patch-feature metrics: (B, N, D) with enough patches, else an error naming feats (was IndexError/NaN)
     for metric, feats in [(ev.similarity_variance, torch.randn(10, 8)),
                           (ev.feature_variance, torch.randn(10, 8)),
-                          (ev.cosine_similarity_matrix, torch.ones(2, 3, 4, dtype=torch.long)),
                           (ev.similarity_variance, torch.randn(2, 1, 8)),
                           (ev.token_relations, torch.randn(2, 1, 8))]:
         with pytest.raises(ValueError, match="feats"):
             metric(feats)
-    with pytest.raises(TypeError, match="feats"):
-        ev.feature_variance([[0.0]])
+    for feats in ([[0.0]], torch.ones(2, 3, 4, dtype=torch.long)):  # not a tensor; not floating point
+        with pytest.raises(TypeError, match="feats"):
+            ev.cosine_similarity_matrix(feats)
     for pred, target, name in [(torch.ones(2, 4), torch.ones(2, 5), "same shape"),
                                (torch.ones(4), torch.ones(4), "pred")]:
         with pytest.raises(ValueError, match=name):
