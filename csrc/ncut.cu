@@ -22,7 +22,7 @@
 //   lives in a (B, STEPS, N) workspace. Full reorthogonalisation (all projections of a pass computed by
 //   the 8 warps in parallel, then subtracted by each thread at its own entries), restarts, convergence
 //   test and the tridiagonal solve (warp 0: 64-shift Sturm multisection, then inverse iteration by lane 0)
-//   exactly as in the Triton kernel.
+//   exactly as in the Triton kernel, and so is the entry of v of each row of zeros of degree below 1.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -366,10 +366,34 @@ __global__ void __launch_bounds__(kThreads, 2) lanczos_kernel(const float* __res
     }
     __syncthreads();  // z_s is rewritten by the next cycle's solves, basis row 0 by its start vector
   }
+  // Rows of zeros (G_ii = 0) of degree below 1 (s > 1): v_z = S / (N theta - k) from their row of
+  // A v = theta D v (k rows of zeros, S the sum of v over the other rows), not u_z / sqrt(N eps), which
+  // multiplies the solver's error by 1 / sqrt(N eps); theta is the Ritz value z^T T z. The rule and its
+  // limits are those of _zero_rows in kernels/ncut.py.
+  float theta = 0.f;
+  for (int r = 0; r < kSteps; ++r) {  // z is zero past the last cycle's steps, where alpha, beta are stale
+    if (z_s[r] == 0.f) continue;
+    const float next = r + 1 < kSteps ? 2.f * beta_s[r] * z_s[r + 1] : 0.f;
+    theta += z_s[r] * (alpha_s[r] * z_s[r] + next);
+  }
+  bool zero[kPerThread];
+  float zeros = 0.f, rest = 0.f;
 #pragma unroll
   for (int v = 0; v < kPerThread; ++v) {
     const int i = tid + v * kThreads;
-    if (i < n) out[static_cast<int64_t>(b) * n + i] = x[v] * s[v];
+    x[v] *= s[v];
+    zero[v] = i < n && g[static_cast<int64_t>(i) * n + i] == 0.f;
+    if (zero[v]) zeros += 1.f;
+    else rest += x[v];  // entries past n are 0
+  }
+  zeros = block_sum(zeros, red, parity);
+  rest = block_sum(rest, red, parity);
+  const float den = static_cast<float>(n) * theta - zeros;
+  const bool refine = fabsf(theta) > kTol && fabsf(den) > static_cast<float>(n) * kTol;
+#pragma unroll
+  for (int v = 0; v < kPerThread; ++v) {
+    const int i = tid + v * kThreads;
+    if (i < n) out[static_cast<int64_t>(b) * n + i] = refine && zero[v] && s[v] > 1.f ? rest / den : x[v];
   }
   if (products != nullptr && tid == 0) products[b] = steps;
 }

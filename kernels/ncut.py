@@ -21,7 +21,9 @@ converges like a Chebyshev filter on [lambda_min, lambda_3] without needing thos
 is fixed ((-1)^i (1 + h(i)), h the lowbias32 hash scaled to [0, 1)), so results are deterministic; its
 alternating sign keeps it off
 u1 (all positive), so even N = 2 and fully degenerate graphs (identical or zero features: M = u1 u1^T)
-give a valid vector (the start vector, deflated) instead of a division by zero.
+give a valid vector (the start vector, deflated) instead of a division by zero. Rows of zeros of degree
+below 1 (N eps) then take their entry of v from their row of A v = theta D v, theta the Ritz value, not
+from u / sqrt(N eps) (``_zero_rows``).
 
 Layout and paths:
   N <= 128 (on chip): one program per sample builds A from feats with ``tl.dot`` in registers and keeps
@@ -233,6 +235,11 @@ def _solver_kernel(f_ptr, c_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b,
         if WRITE_COS:  # for the partition step (``partition_from_cos``)
             tl.store(c_ptr + b * N * N + offs[:, None] * N + offs[None, :], cos, mask=pair_ok)
         a = _affinity(cos, pair_ok, tau, eps, USE_TAU)
+        # rows of zeros (cosine 0 with every row, their own included), kept in v's output row until the end
+        # rather than in registers through the solve
+        is_zero = tl.sum(tl.where(offs[:, None] == offs[None, :], cos, 0.0), axis=1) == 0.0
+        tl.store(v_ptr + b * N + offs, is_zero.to(tl.float32), mask=ok)
+        zeros = tl.sum(tl.where(ok & is_zero, 1.0, 0.0), axis=0)
         deg = tl.sum(a, axis=1)
         d_isqrt = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, deg, 1.0)), 0.0)
         m = a * d_isqrt[:, None] * d_isqrt[None, :]
@@ -313,11 +320,45 @@ def _solver_kernel(f_ptr, c_ptr, deg_ptr, q_ptr, t_ptr, v_ptr, p_ptr, N, D, s_b,
         cycle += 1
     if ON_CHIP:
         v = x * d_isqrt
+        zero = ok & (tl.load(v_ptr + b * N + offs, mask=ok, other=0.0) != 0.0)
+        low = d_isqrt > 1.0  # degree below 1 (deg itself is not kept through the solve)
     else:
         v = x / tl.sqrt(tl.where(ok, deg, 1.0))
+        zero = ok & (tl.load(c_ptr + offs * N + offs, mask=ok, other=1.0) == 0.0)
+        zeros = tl.sum(tl.where(zero, 1.0, 0.0), axis=0)
+        low = deg < 1.0
+    # Rows of zeros with degree below 1 (N eps): their entries of v from the exact eigen-equation, not from
+    # u / sqrt(d), which multiplies the solver's error by 1 / sqrt(N eps) (see _zero_rows)
+    steps_idx = tl.arange(0, STEPS)
+    z_next = tl.sum(tl.where(steps_idx[None, :] == steps_idx[:, None] + 1, z[None, :], 0.0), axis=1)
+    # the Ritz value z^T T z; z is zero past the last cycle's steps, where T's scratch is stale
+    alpha = tl.load(t_ptr + steps_idx, mask=z != 0.0, other=0.0)
+    beta = tl.load(t_ptr + STEPS + steps_idx, mask=z != 0.0, other=0.0)
+    theta = tl.sum(z * (alpha * z + 2.0 * beta * z_next), axis=0)
+    v = _zero_rows(v, zero & low, zero, zeros, ok, theta, N, TOL)
     tl.store(v_ptr + b * N + offs, v, mask=ok)
     if COUNT_PRODUCTS:
         tl.store(p_ptr + b, steps)
+
+
+@triton.jit
+def _zero_rows(v, fix, zero, k, ok, theta, N, TOL: tl.constexpr):
+    """v with the entries at ``fix`` (rows of zeros of degree below 1) set from the eigen-equation.
+
+    A row of zeros z has A_zj = a for every j (eps, or 1 where tau < 0), so row z of A v = theta D v reads
+    a sum(v) = theta N a v_z: with k rows of zeros, all at the same v_z, and S the sum of v over the other
+    rows, v_z = S / (N theta - k). That takes only the other rows' entries, whose error the fp32 solver
+    keeps near its tolerance, where v_z = u_z / sqrt(N eps) multiplies the error of u_z by 1 / sqrt(N eps)
+    (about 80 at N = 16, eps = 1e-5): enough to move mean(v) past entries exactly at it (on a binary graph
+    with one cut pair and one zero row, 148 of 150 rows went to the foreground) or the zero row to the
+    wrong side. Left as solved where theta is within TOL of 0 (differences between rows of zeros have
+    eigenvalue 0: not all equal there, as in an all-zero sample) or N theta within N TOL of k."""
+    rest = tl.sum(tl.where(ok & ~zero, v, 0.0), axis=0)
+    den = N * theta - k
+    # how far theta is from both: one comparison (the interpreter cannot combine scalar comparisons by &)
+    margin = tl.minimum(tl.abs(theta) - TOL, tl.abs(den) - N * TOL)
+    refined = rest / tl.where(margin > 0, den, 1.0)
+    return tl.where(fix, tl.where(margin > 0, refined, v), v)
 
 
 @triton.jit

@@ -40,27 +40,27 @@ CUDA_PARTITION_MAX_D = 2048
 # (D * 2^100 < 2^128 for any D < 2^28) nor underflow (a row of entries below ~1e-19 would read as zero).
 PEAK_EXP = 50
 # The kernels take the affinity floor in fp32 and no lower than this. A zero feature row has degree N eps,
-# and v = D^-1/2 u divides its entry of u, which the fp32 solver knows to its ~1e-6 tolerance, by
-# sqrt(N eps): far below 1e-10 that noise decided the cut (at eps = 1e-20 a zero row alone became the
-# foreground). The exact v of a zero row does not depend on eps (A v = theta D v gives it
-# sum(v) / (N theta), the same for every eps), and every other row has degree >= 1 (its own affinity is
-# 1), which a smaller eps changes by less than the solver's tolerance: so any eps below this gives the
-# kernels' result at this one. A zero row's own side stays a near tie at any eps, though: its margin,
-# v_z - mean(v) = mean(v) (1 / theta - 1), shrinks with eps (in one case 4e-6 max |v| at eps = 1e-5, 5e-8
-# at 1e-7), while the solver's error on v_z grows as 1 / sqrt(N eps). With one zero row in planted
-# clusters (200 samples, N = 30), the triton backend put it on the other side from the float64 reference
-# in 18 samples at eps = 1e-5 and 44 at eps = 1e-10; every other row agreed.
+# and v = D^-1/2 u would divide the solver's error in its entry of u (its tolerance is ~1e-6) by
+# sqrt(N eps); so the kernels take a zero row's entry from its row of A v = theta D v instead: sum(v) /
+# (N theta), which does not depend on eps (``_zero_rows`` in kernels/ncut.py; not where theta is within
+# the solver's tolerance of 0, or N theta of the number of zero rows). Every other row has degree >= 1
+# (its own affinity is 1), which a smaller eps changes by less than the solver's tolerance: so any eps
+# below this gives the kernels' result at this one. With one zero row in planted clusters (200 samples,
+# N = 30, D = 16, tau None and 0.2), the kernels' partition equals the float64 reference's in every sample
+# at eps = 1e-5 and 1e-10 (with v_z = u_z / sqrt(N eps): 1 to 26 samples differed, nearly all in that row).
 KERNEL_MIN_EPS = 1e-10
 # Entries of |v| within this fraction of max |v| count as tied for the seed (the lowest index wins): exact
 # ties (N = 2, two equal clusters of a binary graph) must not be decided by each backend's rounding.
 SEED_TIE = 1e-4
 # Entries of v within this fraction of max |v| above the mean count as at the mean (not foreground): an
 # entry exactly at the mean in exact arithmetic comes out of the fp32 kernels a few 1e-8 max |v| to either
-# side of it, and out of the float64 reference ~1e-16 to either side, so without a margin each backend's
-# rounding decided it (on a binary graph where one pair of patches is cut, all N - 2 others: 4 of 12
-# patches differed between backends). Small, so that the margin almost never moves an entry that is not
-# an exact tie: of ~53,000 entries of Fiedler vectors of Gaussian features, none was this close to its mean.
-SPLIT_TIE = 1e-6
+# side of it (a row of zeros, whose entry the kernels take from the sum of the others, up to ~1e-6), and
+# out of the float64 reference ~1e-16 to either side, so without a margin each backend's rounding decided
+# it (on a binary graph where one pair of patches is cut, all N - 2 others: 4 of 12 patches differed
+# between backends). Small, so that the margin almost never moves an entry that is not an exact tie: of
+# 249,600 entries of Fiedler vectors (Gaussian and planted-cluster features, N 16-196, D 8-384, tau None
+# and 0.2), 2,318 were within 1e-9 max |v| of their mean (ties), 17 more within 1e-6 and 1 more within 1e-5.
+SPLIT_TIE = 1e-5
 # Eigenvalues of the deflated matrix within this of its top one span the top eigenspace the reference
 # projects the kernels' start vector onto (a graph whose Fiedler vector is not unique: identical or zero
 # features, a constant affinity), as Lanczos started from that vector converges to that projection.
@@ -345,9 +345,7 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
     feats: float32/bfloat16/float16 (float64 runs the torch backend), finite, N >= 2 (B = 0 gives empty
     results); tau: TokenCut's binary-graph threshold in (-1, 1) or None for the clamped cosine graph;
     eps in (0, 1]: the affinity floor (the kernels take at least ``KERNEL_MIN_EPS`` = 1e-10, which gives
-    the result of any smaller eps to the solver's tolerance; a row of zeros, which has no direction, can
-    sit close enough to the split, its margin shrinking with eps, that its own side differs between the
-    fp32 kernels and the float64 reference: see the comment at ``KERNEL_MIN_EPS``). No gradient flows
+    the result of any smaller eps to the solver's tolerance: see the comment there). No gradient flows
     through the result. The finiteness check costs one reduction and one device->host sync, like the ops'
     index checks (``MASKEDSSL_CHECK_INDICES=0`` skips it); the same reduction finds rows whose entries are
     all below 2^-50 or any above 2^50; each such row is scaled by a power of two first (without the check,
