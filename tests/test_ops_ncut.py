@@ -448,27 +448,36 @@ def test_a_cut_pair_gives_the_same_foreground_on_every_backend(backend, device, 
 def test_a_row_of_zeros_keeps_its_entry_from_the_eigen_equation(backend, device):
     """A row of zeros has degree N eps, and v = D^-1/2 u multiplied the solver's error in its entry by
     1 / sqrt(N eps): on the cut pair's graph with one zero row (whose exact entry, sum(v) / (N theta), is the
-    mean, like the other rows'), 38 of 40 and 148 of 150 rows went to the foreground on both kernel
-    backends. The kernels take that entry from the eigen-equation instead; the foreground is row 0 alone.
+    mean, like the other rows') that entry was 1e-4 to 1.2e-2 max |v| off, which moved the mean past the
+    other rows: 38 of 40 and 148 of 150 rows went to the foreground on both kernel backends. The kernels
+    take that entry from the eigen-equation instead. The foreground is row 0, and every other row but the
+    zero row is out; the zero row, at the mean up to the other rows' rounding divided by N theta - 1 (0.05
+    at N = 40, 0.014 at N = 150), may come out above it past SPLIT_TIE (by up to 6e-6 max |v| here).
     (At larger N the zero row's own eigenvalue, about 1 / N, comes within a few 1e-5 of the Fiedler one,
     1 / (N - 2): an unclear eigengap, where the kernels' vector mixes the two.)"""
     for n in (12, 40, 150):
         feats = _one_cut_pair(n, torch.float32, device)
-        feats[:, n // 2] = 0
+        zero = n // 2
+        feats[:, zero] = 0
         out = ncut_bipartition(feats if backend != "torch" else feats.double(), 0.2, backend=backend)
-        want = torch.zeros(2, n, dtype=torch.bool)
-        want[:, 0] = True
-        assert torch.equal(out.foreground.cpu(), want), (n, out.foreground.sum(1))
+        fg = out.foreground.cpu()
+        assert fg[:, 0].all() and not fg[:, 1:zero].any() and not fg[:, zero + 1:].any(), (n, fg.sum(1))
+        fiedler = out.fiedler.cpu().double()
+        off = (fiedler[:, zero] - fiedler.mean(1)).abs() / fiedler.abs().amax(1)
+        assert (off <= 5e-5).all(), (n, off)
+        if backend == "torch" or n == 12:
+            assert not fg[:, zero].any()
 
 
 @pytest.mark.parametrize("backend", cpu_kernel_backends())
 @pytest.mark.parametrize("tau", [None, 0.2])
 def test_rows_of_zeros_in_planted_clusters_give_the_reference_partition(backend, tau):
     """One or four zero rows among two planted clusters: the kernels' partition equals the float64
-    reference's in every sample (before the zero rows' entries came from the eigen-equation, at N = 16 up to
-    8 of 64 samples differed per case on the triton backend and 15 on the cuda one, in the zero rows or in
-    rows their error pushed across the mean). N = 150 and 250 run the solvers' paths for large N (Triton's
-    tiled one; CUDA's without A in shared memory), which gave the reference's partition before too."""
+    reference's in every sample (before the zero rows' entries came from the eigen-equation, at N = 16 from 2
+    to 13 of 64 samples differed per case on the triton backend and 5 to 16 on the cuda one, in the zero
+    rows or in rows their error pushed across the mean). N = 150 and 250 run the solvers' paths for large N
+    (Triton's tiled one; CUDA's without A in shared memory), which gave the reference's partition before
+    too."""
     large = 150 if backend == "triton" else 250
     for batch, n, zeros in ((64, 16, 1), (64, 16, 4), (4, large, 9)):
         feats = planted(batch, n, 8, 0.4, 0.4, seed=zeros)
