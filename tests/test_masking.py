@@ -3,6 +3,7 @@ hints."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,9 @@ def _check_masks(masks, length, keep):
     assert torch.equal(masks.mask.gather(1, masks.ids_keep), torch.zeros(b, keep))
 
 
-@pytest.mark.parametrize("batch,length,ratio", [(3, 64, 0.75), (1, 49, 0.5), (2, 196, 0.9)])
+# a numpy ratio (np.float32 is not a float subclass) used to be a TypeError here but not in random_masking
+@pytest.mark.parametrize("batch,length,ratio", [(3, 64, 0.75), (1, 49, 0.5), (2, 196, 0.9),
+                                                (2, 16, np.float32(0.75))])
 def test_random_masks_equal_ops_random_masking(batch, length, ratio):
     g = torch.Generator().manual_seed(11)
     masks = random_masks(batch, length, ratio, generator=g)

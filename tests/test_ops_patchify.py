@@ -74,6 +74,13 @@ def test_patchify_rejects(call, err, match):
         call()
 
 
+def test_empty_image_round_trips():
+    imgs = torch.randn(2, 3, 0, 8)  # unpatchify used to refuse height=0 that patchify takes
+    rows = ops.patchify(imgs, 4)
+    assert rows.shape == (2, 0, 48)
+    assert ops.unpatchify(rows, 4, height=0, width=8).shape == imgs.shape
+
+
 @pytest.mark.parametrize("c", [1, 2, 3, 4])
 def test_unpatchify_infers_channels(c):
     # channels used to default to 3: a 1-channel round trip needed channels=1 spelled out
@@ -155,6 +162,9 @@ def test_embed_patches_under_autocast_takes_fp32_weights(dtype):
     ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 4), torch.randn(7)), ValueError, "proj_bias"),
     ((torch.randn(2, 5, 40), torch.randn(8, 3, 4, 4)), ValueError, "p\\*p\\*C = 48"),
     ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 3)), ValueError, "square"),
+    # an empty kernel used to give the bias alone (Conv2d refuses it)
+    ((torch.randn(2, 5, 0), torch.randn(8, 3, 0, 0), torch.randn(8)), ValueError, "C, p >= 1"),
+    ((torch.randn(2, 5, 0), torch.randn(8, 0, 4, 4), torch.randn(8)), ValueError, "C, p >= 1"),
     ((torch.randn(2, 5, 48), torch.randn(8, 48)), ValueError, "proj_weight"),
     ((torch.randn(10, 48), torch.randn(8, 3, 4, 4)), ValueError, "inputs"),
     ((torch.randn(2, 5, 48), torch.randn(8, 3, 4, 4, dtype=torch.float64)), TypeError, "proj_weight"),

@@ -6,6 +6,7 @@ name the argument and what was expected.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -55,7 +56,7 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 
 def check_probability(name: str, value: float, *, low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars too, as the ops
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     if not (0.0 < value if low_open else 0.0 <= value) or not (value < 1.0 if high_open else value <= 1.0):

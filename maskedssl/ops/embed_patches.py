@@ -34,8 +34,9 @@ def embed_patches(inputs: torch.Tensor, proj_weight: torch.Tensor,
     check_tensor("inputs", inputs, ndim=3, dtypes=DTYPES, what="(B, K, p*p*C)")
     check_tensor("proj_weight", proj_weight, ndim=4, dtypes=DTYPES, what="(D, C, p, p)")
     d, c, p, q = proj_weight.shape
-    if p != q:
-        raise ValueError(f"proj_weight must be a square (D, C, p, p) kernel, got {tuple(proj_weight.shape)}")
+    if p != q or p == 0 or c == 0:
+        raise ValueError(f"proj_weight must be a square (D, C, p, p) kernel with C, p >= 1, "
+                         f"got {tuple(proj_weight.shape)}")
     if inputs.shape[-1] != p * p * c:
         raise ValueError(f"inputs rows must have p*p*C = {p * p * c} entries for proj_weight "
                          f"{tuple(proj_weight.shape)}, got {inputs.shape[-1]}")

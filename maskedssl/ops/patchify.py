@@ -62,8 +62,11 @@ def unpatchify(x: torch.Tensor, patch_size: int, height: int | None = None, widt
     else:
         if height is None or width is None:
             raise ValueError("pass both height and width, or neither")
-        check_positive_int("height", height)
-        check_positive_int("width", width)
+        for name, value in (("height", height), ("width", width)):  # 0 is patchify's empty image
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         h, w = grid_size(height, width, p, name="height/width")
         if h * w != length:
             raise ValueError(f"height x width = {height}x{width} gives {h * w} patches, x has {length}")
