@@ -32,14 +32,17 @@ METRICS = ("probe", "knn", "finetune", "separability", "clustering")
 # --------------------------------------------------------------------------------------------------
 
 def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -> list[torch.Tensor]:
-    """z-score every tensor with the train set's per-dimension mean and std.
+    """z-score every tensor with the train set's per-dimension mean and std (+ ``eps``), in its dtype.
 
-    This is MAE's linear-probe BatchNorm without affine, frozen at the train statistics: it makes the
-    probe's learning rate independent of the encoder's feature scale.
+    The role of MAE's linear-probe BatchNorm without affine, frozen at the train statistics: it makes the
+    probe's learning rate independent of the encoder's feature scale. A dimension constant on the train
+    set (spread below 1e-5 of its mean: rounding) is set to 0 everywhere: nothing can be learnt from it,
+    and dividing by its zero spread would multiply any test variation by 1 / eps.
     """
-    mean = train.mean(0, keepdim=True)
-    std = train.std(0, unbiased=False, keepdim=True) + eps
-    return [(t - mean) / std for t in (train, *others)]
+    mean = train.double().mean(0, keepdim=True)
+    var = train.double().var(0, unbiased=False, keepdim=True)
+    scale = torch.where(var <= 1e-10 * mean.square(), 0.0, 1.0 / (var.sqrt() + eps))
+    return [((t.double() - mean) * scale).to(t.dtype) for t in (train, *others)]
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> float:
@@ -148,9 +151,24 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 # i-MAE linear separability
 # --------------------------------------------------------------------------------------------------
 
+def _check_regression_pair(x_name: str, x, y_name: str, y, same_width: bool = False) -> None:
+    """Two float (N, D) tensors with the same N >= 1 (and the same D with ``same_width``)."""
+    for name, t in ((x_name, x), (y_name, y)):
+        check_tensor(name, t, ndim=2, dtypes=REFERENCE_DTYPES, what="(N, D)")
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} holds no rows (N = 0)")
+    if x.shape[0] != y.shape[0] or (same_width and x.shape != y.shape):
+        what = "shape" if same_width else "number of rows"
+        raise ValueError(f"{x_name} and {y_name} must have the same {what}, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+
+
 def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form ridge regression y ~ x W + b (float64). The penalty is ``ridge`` times the mean
-    eigenvalue of the centred Gram matrix, so it does not depend on the feature scale."""
+    """Closed-form ridge regression y ~ x W + b (float64), x (N, Dx), y (N, Dy). The penalty is ``ridge``
+    (>= 0) times the mean eigenvalue of the centred Gram matrix, so it does not depend on the feature
+    scale."""
+    _check_regression_pair("x", x, "y", y)
+    _check_positive("ridge", ridge, allow_zero=True)
     x, y = x.double(), y.double()
     x_mean, y_mean = x.mean(0, keepdim=True), y.mean(0, keepdim=True)
     xc, yc = x - x_mean, y - y_mean
@@ -167,7 +185,11 @@ def r2_score(y: torch.Tensor, pred: torch.Tensor) -> float:
 
     Targets without variance (one sample, constant columns) leave the ratio undefined; as scikit-learn's
     ``r2_score`` does then, the score is 1 for an exact prediction and 0 otherwise (dividing by a
-    clamped zero gave values like -1e13)."""
+    clamped zero gave values like -1e13). ``y`` and ``pred``: float (N, D) or (N,) tensors of one shape
+    (a shape mismatch is an error, not a broadcast)."""
+    if isinstance(y, torch.Tensor) and isinstance(pred, torch.Tensor) and y.ndim == pred.ndim == 1:
+        y, pred = y.unsqueeze(1), pred.unsqueeze(1)
+    _check_regression_pair("y", y, "pred", pred, same_width=True)
     y, pred = y.double(), pred.double()
     ss_res = (y - pred).square().sum()
     ss_tot = (y - y.mean(0, keepdim=True)).square().sum()
@@ -182,17 +204,28 @@ RIDGE_GRID = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 def select_ridge(x: torch.Tensor, y: torch.Tensor, grid: Sequence[float] = RIDGE_GRID,
                  val_frac: float = 0.25) -> float:
-    """The ridge strength of ``grid`` with the best R^2 on a random ``val_frac`` of the train pairs,
-    fitted on the rest: few pairs and wide features overfit at a fixed small penalty."""
-    n_val = max(1, int(x.shape[0] * val_frac))
+    """The ridge strength of ``grid`` with the best R^2 on a random ``val_frac`` of the train pairs
+    (at least one, at most all but one; 2 pairs or more), fitted on the rest: few pairs and wide
+    features overfit at a fixed small penalty. On a fixed validation set the best R^2 is the least
+    squared error, which is also defined for one validation pair (R^2 is not); ties go to the first."""
+    _check_regression_pair("x", x, "y", y)
+    if x.shape[0] < 2:
+        raise ValueError(f"select_ridge needs at least 2 pairs (one to fit, one to validate), "
+                         f"got {x.shape[0]}")
+    grid = [_check_positive("grid values", r) for r in grid]
+    if not grid:
+        raise ValueError("grid must hold at least one ridge strength")
+    if isinstance(val_frac, bool) or not isinstance(val_frac, (int, float)) or not 0 < val_frac < 1:
+        raise ValueError(f"val_frac must be a number in (0, 1), got {val_frac!r}")
+    n_val = min(max(1, int(x.shape[0] * val_frac)), x.shape[0] - 1)
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0)).to(x.device)
     val, fit = order[:n_val], order[n_val:]
-    fit_x, val_x, fit_y, val_y = x[fit], x[val], y[fit], y[val]
-    scores = []
+    fit_x, val_x, fit_y, val_y = x[fit], x[val], y[fit], y[val].double()
+    errors = []
     for r in grid:
         weight, bias = ridge_fit(fit_x, fit_y, r)
-        scores.append(r2_score(val_y, val_x.double() @ weight + bias))
-    return float(grid[max(range(len(grid)), key=scores.__getitem__)])
+        errors.append(float((val_y - (val_x.double() @ weight + bias)).square().sum()))
+    return grid[min(range(len(grid)), key=errors.__getitem__)]
 
 
 def separability_r2(train_mix: torch.Tensor, train_sub: torch.Tensor, train_dom: torch.Tensor,
@@ -202,9 +235,9 @@ def separability_r2(train_mix: torch.Tensor, train_sub: torch.Tensor, train_dom:
 
     Inputs and targets are z-scored with the train statistics, so every feature dimension weighs the
     same in the pooled R^2. ``ridge``: a relative penalty, or "auto" to pick it from ``RIDGE_GRID`` on a
-    validation part of the train pairs (``select_ridge``). Returns dict(r2 (both targets), r2_sub,
-    r2_dom, ridge). Every input must be finite; with fewer than ~3 train pairs the numbers are defined but
-    not meaningful.
+    validation part of the train pairs (``select_ridge``; with one train pair "auto" is 1e-3, ``ridge_fit``'s
+    default). Returns dict(r2 (both targets), r2_sub, r2_dom, ridge). Every input must be finite; with fewer
+    than ~3 train pairs the numbers are defined but not meaningful.
     """
     named = {"train_mix": train_mix, "train_sub": train_sub, "train_dom": train_dom, "test_mix": test_mix,
              "test_sub": test_sub, "test_dom": test_dom}
@@ -240,7 +273,7 @@ def separability_r2(train_mix: torch.Tensor, train_sub: torch.Tensor, train_dom:
     y_train, y_test = standardize(torch.cat([train_sub, train_dom], 1).double(),
                                   torch.cat([test_sub, test_dom], 1).double())
     if ridge == "auto":
-        ridge = select_ridge(x_train, y_train)
+        ridge = select_ridge(x_train, y_train) if x_train.shape[0] >= 2 else 1e-3
     weight, bias = ridge_fit(x_train, y_train, ridge)
     pred = x_test @ weight + bias
     return dict(r2=r2_score(y_test, pred), r2_sub=r2_score(y_test[:, :d], pred[:, :d]),
@@ -275,6 +308,19 @@ def _check_patch_features(feats, min_patches: int = 1) -> None:
     if feats.shape[1] < min_patches:
         raise ValueError(f"feats must hold at least {min_patches} patches per image, "
                          f"got N = {feats.shape[1]}")
+    if not bool(torch.isfinite(feats).all()):  # a NaN would spread through every mean of the image
+        raise ValueError("feats must be finite: found NaN or inf")
+
+
+def _check_attention(attn, num_prefix: int) -> None:
+    """``attn`` is a float (B, H, T, T) attention map whose first ``num_prefix`` tokens are not patches."""
+    check_tensor("attn", attn, ndim=4, dtypes=REFERENCE_DTYPES, what="(B, H, T, T) attention")
+    if attn.shape[2] != attn.shape[3]:
+        raise ValueError(f"attn must be square over tokens (B, H, T, T), got {tuple(attn.shape)}")
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int):
+        raise TypeError(f"num_prefix must be an int, got {type(num_prefix).__name__}")
+    if not 0 <= num_prefix < attn.shape[2]:
+        raise ValueError(f"num_prefix must be in [0, T = {attn.shape[2]}), got {num_prefix}")
 
 
 def cosine_similarity_matrix(feats: torch.Tensor) -> torch.Tensor:
@@ -286,7 +332,8 @@ def cosine_similarity_matrix(feats: torch.Tensor) -> torch.Tensor:
 
 def feature_variance(feats: torch.Tensor) -> torch.Tensor:
     """sigma_F per image (B,): total variance of the L2-normalised patch features around their mean,
-    sum_d Var_i(f_id) = 1 - ||mean_i f_i||^2, in [0, 1]."""
+    sum_d Var_i(f_id) = 1 - ||mean_i f_i||^2, in [0, 1] (a zero feature stays zero when normalised, so with
+    zero patches the identity's 1 becomes the share of nonzero patches)."""
     _check_patch_features(feats)
     f = F.normalize(feats.float(), dim=-1)
     return (f - f.mean(1, keepdim=True)).square().sum(-1).mean(1)
@@ -310,9 +357,11 @@ def intra_inter_gap(similarity: torch.Tensor, partition: torch.Tensor) -> dict:
     minus the mean between the two sides. similarity (B, N, N), partition (B, N) bool.
 
     Returns dict(intra, inter, gap), each (B,); an image whose partition has an empty side gets NaN inter
-    and gap.
+    and gap, one where no two patches share a side (N = 2, split 1 / 1) NaN intra and gap.
     """
-    if similarity.ndim != 3 or similarity.shape[1] != similarity.shape[2]:
+    check_tensor("similarity", similarity, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, N, N)")
+    check_tensor("partition", partition, ndim=2, what="bool (B, N)")
+    if similarity.shape[1] != similarity.shape[2]:
         raise ValueError(f"similarity must be (B, N, N), got {tuple(similarity.shape)}")
     if partition.shape != similarity.shape[:2] or partition.dtype != torch.bool:
         raise ValueError("partition must be a bool (B, N) tensor matching similarity")
@@ -337,6 +386,10 @@ def token_relations(feats: torch.Tensor, temperature: float = 0.1) -> torch.Tens
 def relation_kl(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """KL(p || q) of row-stochastic relations (..., N, N), summed over each row, averaged over rows:
     returns (...,) e.g. (B,). Entries where p = 0 contribute 0."""
+    check_tensor("p", p, dtypes=REFERENCE_DTYPES)
+    check_tensor("q", q, dtypes=REFERENCE_DTYPES)
+    if p.ndim < 2:  # rows of distributions: (N, N) relations, or any (..., rows, entries)
+        raise ValueError(f"p must be (..., N, N) relations, got shape {tuple(p.shape)}")
     if p.shape != q.shape:
         raise ValueError(f"p and q must have the same shape, got {tuple(p.shape)} and {tuple(q.shape)}")
     p, q = p.double(), q.double()
@@ -353,6 +406,8 @@ def exploitation_rates(attn: torch.Tensor, mask: torch.Tensor, num_prefix: int =
     mask-token keys and on the prefix tokens, averaged over mask-token queries, heads and images
     (the three sum to 1; NaN when no patch is masked).
     """
+    _check_attention(attn, num_prefix)
+    check_tensor("mask", mask, ndim=2, what="(B, L)")
     b, h, t, _ = attn.shape
     if mask.shape != (b, t - num_prefix):
         raise ValueError(f"mask must be (B, L) = ({b}, {t - num_prefix}), got {tuple(mask.shape)}")
@@ -376,22 +431,31 @@ def attention_distance(attn: torch.Tensor, grid: tuple[int, int], patch_size: in
                        num_prefix: int = 1) -> torch.Tensor:
     """Mean attention distance per head (H,), in pixels: sum_j a_ij ||p_i - p_j|| averaged over patch
     queries i and images, where p are patch centres and a is the attention among patch tokens only
-    (the prefix row and columns dropped, each row renormalised to sum 1)."""
+    (the prefix row and columns dropped, each row renormalised to sum 1). ``grid``: the (rows, columns)
+    of patches. A query with no attention left on patches (all of it on the prefix) has no distance and
+    is left out of the mean; a head where every query is so gets NaN."""
+    _check_attention(attn, num_prefix)
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)):
+        raise ValueError(f"grid must be (rows, columns) of positive ints, got {grid!r}")
     h_grid, w_grid = grid
     _check_positive("patch_size", patch_size)
     patch_attn = attn[:, :, num_prefix:, num_prefix:].float()
     if patch_attn.shape[-1] != h_grid * w_grid:
         raise ValueError(f"attn has {patch_attn.shape[-1]} patch tokens, grid {grid} needs {h_grid * w_grid}")
-    patch_attn = patch_attn / patch_attn.sum(-1, keepdim=True).clamp_min(1e-12)
+    mass = patch_attn.sum(-1)
+    patch_attn = patch_attn / mass.unsqueeze(-1).clamp_min(1e-12)
     ys, xs = torch.meshgrid(torch.arange(h_grid), torch.arange(w_grid), indexing="ij")
     centres = torch.stack([ys.flatten(), xs.flatten()], 1).float().to(attn.device) * patch_size
     dist = torch.cdist(centres, centres)
-    return (patch_attn * dist).sum(-1).mean((0, 2))
+    counted = (mass > 0).float()
+    return ((patch_attn * dist).sum(-1) * counted).sum((0, 2)) / counted.sum((0, 2))
 
 
 def patch_object_mask(object_mask: torch.Tensor, patch_size: int, threshold: float = 0.5) -> torch.Tensor:
     """Pixel object masks (B, H, W) or (H, W) -> (B, L) bool: a patch is object when more than
-    ``threshold`` of its pixels are (``threshold`` in [0, 1))."""
+    ``threshold`` of its pixels are (``threshold`` in [0, 1)). Bool or integer masks count every nonzero
+    pixel as object (a 0/255 PNG mask too); float masks are soft, with values in [0, 1]."""
     check_positive_int("patch_size", patch_size)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
@@ -404,7 +468,12 @@ def patch_object_mask(object_mask: torch.Tensor, patch_size: int, threshold: flo
     if object_mask.shape[-2] % patch_size or object_mask.shape[-1] % patch_size:
         raise ValueError(f"object_mask's size {tuple(object_mask.shape[-2:])} is not divisible by patch_size "
                          f"{patch_size}")
-    m = object_mask.float()
+    if object_mask.is_floating_point():
+        if not bool(((object_mask >= 0) & (object_mask <= 1)).all()):  # NaN fails too
+            raise ValueError("a float object_mask must hold values in [0, 1]")
+        m = object_mask.float()
+    else:
+        m = (object_mask != 0).float()
     if m.ndim == 2:
         m = m.unsqueeze(0)
     frac = F.avg_pool2d(m.unsqueeze(1), patch_size).flatten(1)
@@ -412,12 +481,16 @@ def patch_object_mask(object_mask: torch.Tensor, patch_size: int, threshold: flo
 
 
 def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU |pred & target| / |pred | target| per row of two (B, L) bool masks (1 when both are empty)."""
+    """IoU |pred & target| / |pred | target| per row of two (B, L) masks (1 when both are empty): bool, or
+    numbers that are all 0 or 1 (a float 0.4 is neither, so it is an error, not True)."""
     check_tensor("pred", pred, ndim=2, what="(B, L) mask")
     check_tensor("target", target, ndim=2, what="(B, L) mask")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
                          f"{tuple(target.shape)}")
+    for name, m in (("pred", pred), ("target", target)):
+        if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError(f"{name} must be a mask of 0s and 1s (or bool)")
     pred, target = pred.bool(), target.bool()
     inter = (pred & target).sum(1).float()
     union = (pred | target).sum(1).float()
@@ -625,6 +698,11 @@ def clustering_metrics(model: torch.nn.Module, images: torch.Tensor, object_mask
     """
     from .ops import ncut_bipartition
 
+    if object_masks is not None:  # checked before the forward passes, and named as itself
+        check_tensor("object_masks", object_masks, ndim=3, what="(N, H, W) pixel masks")
+        if object_masks.shape != (images.shape[0], model.img_size, model.img_size):
+            raise ValueError(f"object_masks must be (N, H, W) = ({images.shape[0]}, {model.img_size}, "
+                             f"{model.img_size}) for these images, got {tuple(object_masks.shape)}")
     enc = encoder_maps(model, images, batch_size)
     li = _layer_index(layer, len(enc["feats"]))
     feats, attn, prefix = enc["feats"][li], enc["attention"][li], enc["num_prefix"]
@@ -659,7 +737,8 @@ def clustering_metrics(model: torch.nn.Module, images: torch.Tensor, object_mask
             object_fraction=obj.float().mean().item(),
             fg_iou=mask_iou(ncut.foreground, obj).mean().item(),
             mask_iou=mask_iou(masked, obj).mean().item(),
-            mask_object_coverage=((masked & obj).sum(1) / obj.sum(1).clamp_min(1)).mean().item(),
+            # an image without object patches has no coverage (0 / 0): left out of the mean, NaN if all
+            mask_object_coverage=((masked & obj).sum(1) / obj.sum(1)).nanmean().item(),
         )
     return out
 
@@ -687,6 +766,9 @@ def imae_separability(model: torch.nn.Module, train_images: torch.Tensor, train_
                 or labels.is_floating_point():
             raise ValueError(f"{name}_labels must be an integer (N,) tensor matching {name}_images "
                              f"({images.shape[0]} images)")
+    for alpha in weights:  # before the forward passes: a bad weight used to fail after the first ones
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 0.5:
+            raise ValueError(f"mixing weights must be numbers in (0, 0.5], got {alpha!r}")
     gen = torch.Generator().manual_seed(seed)
     splits = []
     for images, labels in ((train_images, train_labels), (test_images, test_labels)):
@@ -697,8 +779,6 @@ def imae_separability(model: torch.nn.Module, train_images: torch.Tensor, train_
     result = {key: [] for key in ("r2", "r2_sub", "r2_dom", "ridge", "probe_sub", "probe_dom")}
     result["weights"] = [float(w) for w in weights]
     for alpha in weights:
-        if not 0.0 < alpha <= 0.5:
-            raise ValueError(f"mixing weights must be in (0, 0.5], got {alpha}")
         mix = [features_of_images(model, alpha * s["x"] + (1 - alpha) * s["x"][s["partner"]], pool,
                                   batch_size) for s in splits]
         train, test = splits
@@ -743,14 +823,30 @@ def finetune(model: torch.nn.Module, train_loader: Iterable, test_loader: Iterab
              epochs: int = 3, lr: float = 5e-4, weight_decay: float = 0.05, pool: str = "cls",
              device: torch.device | str | None = None, seed: int = 0) -> dict:
     """A short end-to-end fine-tune of a copy of the encoder plus a linear head (the model itself is left
-    untouched): AdamW, cosine decay, cross-entropy, no augmentation. Returns dict(acc, train_loss)."""
+    untouched): AdamW, cosine decay, cross-entropy, no augmentation. Returns dict(acc, train_loss).
+    Labels must be class ids in [0, num_classes); both loaders must yield at least one batch."""
+    check_positive_int("num_classes", num_classes)
+    check_positive_int("epochs", epochs)
+    _check_positive("lr", lr)
+    _check_positive("weight_decay", weight_decay, allow_zero=True)
+
+    def class_ids(labels) -> torch.Tensor:
+        labels = torch.as_tensor(labels).long()
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"labels must be class ids in [0, num_classes = {num_classes}), got "
+                             f"{int(labels.min())}..{int(labels.max())}")
+        return labels
+
     torch.manual_seed(seed)
     net = copy.deepcopy(model)
     if device is not None:
         net = net.to(device)
     dev = _device_of(net)
     with torch.no_grad(), _eval_mode(net):
-        imgs, _ = next(iter(train_loader))
+        first = next(iter(train_loader), None)
+        if first is None:
+            raise ValueError("train_loader yielded no samples")
+        imgs = first[0]
         width = net.forward_features(model_input(net, imgs[:1]), pool=pool).shape[-1]
     head = torch.nn.Linear(width, num_classes).to(dev)
     torch.nn.init.zeros_(head.bias)
@@ -765,7 +861,7 @@ def finetune(model: torch.nn.Module, train_loader: Iterable, test_loader: Iterab
         for _ in range(epochs):
             for imgs, labels in train_loader:
                 logits = head(net.forward_features(model_input(net, imgs), pool=pool))
-                loss = F.cross_entropy(logits, torch.as_tensor(labels).long().to(dev))
+                loss = F.cross_entropy(logits, class_ids(labels).to(dev))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -775,10 +871,12 @@ def finetune(model: torch.nn.Module, train_loader: Iterable, test_loader: Iterab
     with torch.no_grad(), _eval_mode(net):
         for imgs, labels in test_loader:
             pred = head(net.forward_features(model_input(net, imgs), pool=pool)).argmax(1).cpu()
-            correct += int((pred == torch.as_tensor(labels).long()).sum())
+            correct += int((pred == class_ids(labels)).sum())
             count += pred.shape[0]
+    if count == 0:
+        raise ValueError("test_loader yielded no samples")
     tail = losses[-max(1, len(losses) // 10):]
-    return dict(acc=correct / max(count, 1), train_loss=sum(tail) / len(tail))
+    return dict(acc=correct / count, train_loss=sum(tail) / len(tail))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -136,6 +136,107 @@ def test_metric_arguments_are_checked():
     assert all(math.isnan(v) for v in rates.values())
 
 
+def test_regression_and_analysis_inputs_are_checked():
+    """Each used to broadcast, return a number outside its range, or fail deep inside torch."""
+    y = torch.randn(10, 1)
+    cases = [
+        # (N, 1) against (N,) broadcast to (N, N): an exact prediction scored -19
+        (lambda: ev.r2_score(y, y[:, 0]), ValueError, "pred"),
+        (lambda: ev.r2_score(torch.randn(10, 2), torch.randn(10, 1)), ValueError, "same shape"),
+        (lambda: ev.r2_score([1.0, 2.0], [1.0, 2.0]), TypeError, "y"),
+        (lambda: ev.ridge_fit(torch.randn(10, 3), torch.randn(9, 2)), ValueError, "rows"),
+        (lambda: ev.ridge_fit(torch.randn(10, 3), torch.randn(10, 2), ridge=-1.0), ValueError, "ridge"),
+        (lambda: ev.select_ridge(torch.randn(10, 3), torch.randn(10, 2), grid=()), ValueError, "grid"),
+        (lambda: ev.select_ridge(torch.randn(10, 3), torch.randn(10, 2), val_frac=1.0), ValueError,
+         "val_frac"),
+        (lambda: ev.select_ridge(torch.randn(1, 3), torch.randn(1, 2)), ValueError, "2 pairs"),
+        (lambda: ev.exploitation_rates(torch.full((1, 5, 5), 0.2), torch.zeros(1, 4)), ValueError, "attn"),
+        (lambda: ev.exploitation_rates(torch.full((1, 1, 5, 6), 0.2), torch.zeros(1, 4)), ValueError,
+         "square"),
+        # num_prefix -1 gave visible = -1 and mask = 1.2; integer attention rates summing to 5
+        (lambda: ev.exploitation_rates(torch.full((1, 1, 5, 5), 0.2), torch.ones(1, 6), num_prefix=-1),
+         ValueError, "num_prefix"),
+        (lambda: ev.exploitation_rates(torch.ones(1, 1, 5, 5, dtype=torch.long), torch.ones(1, 4)),
+         TypeError, "attn"),
+        (lambda: ev.exploitation_rates(torch.full((1, 1, 5, 5), 0.2), [[1, 0, 1, 0]]), TypeError, "mask"),
+        (lambda: ev.attention_distance(torch.eye(5).view(1, 1, 5, 5), (2,)), ValueError, "grid"),
+        (lambda: ev.attention_distance(torch.eye(5).view(1, 1, 5, 5), (-2, -2)), ValueError, "grid"),
+        (lambda: ev.attention_distance([[1.0]], (1, 1)), TypeError, "attn"),
+        (lambda: ev.intra_inter_gap([[[1.0]]], torch.ones(1, 1, dtype=torch.bool)), TypeError, "similarity"),
+        (lambda: ev.relation_kl(torch.rand(3), torch.rand(3)), ValueError, "relations"),
+        (lambda: ev.relation_kl([[1.0]], [[1.0]]), TypeError, "p"),
+        # NaN features used to pass silently through the patch metrics
+        (lambda: ev.feature_variance(torch.full((1, 3, 2), math.nan)), ValueError, "finite"),
+        (lambda: ev.similarity_variance(torch.full((1, 3, 2), math.inf)), ValueError, "finite"),
+        # a fractional or NaN mask value counted as True
+        (lambda: ev.mask_iou(torch.tensor([[0.4, 0.0]]), torch.tensor([[1.0, 0.0]])), ValueError, "pred"),
+        (lambda: ev.mask_iou(torch.zeros(1, 2), torch.tensor([[math.nan, 0.0]])), ValueError, "target"),
+        (lambda: ev.patch_object_mask(torch.full((4, 4), 2.0), 2), ValueError, "object_mask"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_r2_of_vectors_and_ridge_selection_on_one_validation_pair():
+    y = torch.randn(10, dtype=torch.float64)
+    assert ev.r2_score(y, y) == 1.0
+    assert ev.r2_score(y, torch.full_like(y, float(y.mean()))) == pytest.approx(0.0, abs=1e-12)
+    # four pairs validate on one: R^2 of one pair is undefined (1 or 0), so the scores tied and the first
+    # (smallest) ridge won on noise; the squared error ranks the same as R^2 on more pairs
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    assert ev.select_ridge(x, x @ w) <= 1e-4
+    # XOR on the unit square: whichever corner is held out, the affine map through the other three
+    # predicts it 2 off, and their mean at most 2/3 off, so the strong penalty must win
+    corners = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    xor = torch.tensor([[0.0], [1.0], [1.0], [0.0]], dtype=torch.float64)
+    assert ev.select_ridge(corners, xor, grid=(1e-8, 10.0)) == 10.0  # R^2 of the one pair tied: 1e-8
+    # one train pair: "auto" has nothing to validate on and uses ridge_fit's default
+    one = ev.separability_r2(x[:1], x[:1], x[:1], x, x, x)
+    assert one["ridge"] == 1e-3 and math.isfinite(one["r2"])
+
+
+def test_a_dimension_constant_on_the_train_set_is_dropped():
+    """standardize divided its zero spread by 1e-6: test noise of 0.01 became 1e4, and the probe's
+    untrained weight on it (no gradient on a constant) decided the test logits."""
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(50, 3, generator=g), torch.randn(20, 3, generator=g)
+    train[:, 1] = 0.7
+    z_train, z_test = ev.standardize(train, test)
+    assert (z_train[:, 1] == 0).all() and (z_test[:, 1] == 0).all()
+    torch.testing.assert_close(z_train[:, 0].std(unbiased=False), torch.tensor(1.0), rtol=1e-4, atol=0)
+    xt, xs = torch.randn(200, 8, generator=g), torch.randn(100, 8, generator=g)
+    w = torch.randn(8, 3, generator=g)
+    yt, ys = (xt @ w).argmax(1), (xs @ w).argmax(1)
+    clean = ev.linear_probe(xt, yt, xs, ys, epochs=50)["acc"]
+    dead = ev.linear_probe(torch.cat([xt, torch.zeros(200, 1)], 1), yt,
+                           torch.cat([xs, 0.01 * torch.randn(100, 1, generator=g)], 1), ys, epochs=50)["acc"]
+    assert dead == clean  # was 0.43 against 0.83
+
+
+def test_attention_distance_leaves_out_queries_with_no_patch_attention():
+    # cls + 2 x 2 patches; query 0 attends uniformly to the patches, queries 1-3 only to the cls token
+    attn = torch.zeros(1, 1, 5, 5)
+    attn[0, 0, :, 0] = 1.0
+    attn[0, 0, 1] = torch.tensor([0.0, 0.25, 0.25, 0.25, 0.25])
+    uniform = (0 + 1 + 1 + math.sqrt(2)) / 4  # from patch (0, 0) to the four patch centres
+    assert ev.attention_distance(attn, (2, 2)).item() == pytest.approx(uniform)  # was uniform / 4
+    attn[0, 0, 1] = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])
+    assert math.isnan(ev.attention_distance(attn, (2, 2)).item())
+
+
+def test_integer_object_masks_and_masks_of_ones():
+    png = torch.zeros(4, 4, dtype=torch.uint8)
+    png[:2, :2] = 255  # a 0/255 mask: one object pixel of four used to make the whole patch object
+    png[2, 2] = 255
+    want = ev.patch_object_mask(png.bool(), 2)
+    assert torch.equal(ev.patch_object_mask(png, 2), want) and want.tolist() == [[True, False, False, False]]
+    pred, target = torch.tensor([[1, 0, 1, 0]]), torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert ev.mask_iou(pred, target).item() == pytest.approx(1 / 3)
+
+
 def test_knn_small_temperature_does_not_overflow():
     """exp(cos / 1e-3) overflowed to inf for every neighbour: the votes tied and argmax took class 0."""
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
@@ -430,6 +531,16 @@ def test_clustering_metrics_on_a_model(micro_mae, synthetic):
     for v, m in zip(out["exploitation_visible"], out["exploitation_mask"]):
         assert 0 <= v <= 1 and 0 <= m <= 1 and v + m <= 1 + 1e-6
     assert 0 <= out["fg_iou"] <= 1 and 0 <= out["mask_object_coverage"] <= 1
+    # coverage of an image without object patches is 0 / 0: left out of the mean (it counted as 0)
+    masks = train.object_masks()[:8].clone()
+    masks[:4] = False
+    emptied = ev.clustering_metrics(micro_mae, train.images[:8], masks, batch_size=4)
+    masked = ev.decoder_maps(micro_mae, train.images[:8], batch_size=4)["mask"].bool()[4:]
+    obj = ev.patch_object_mask(masks[4:], micro_mae.patch_size)
+    want = ((masked & obj).sum(1) / obj.sum(1)).mean().item()
+    assert emptied["mask_object_coverage"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="object_masks"):  # named pred / target before
+        ev.clustering_metrics(micro_mae, train.images[:8], train.object_masks()[:7], batch_size=4)
     assert out["informed"] is False
     snap = ev.relation_snapshot(micro_mae, train.images[:4])
     assert len(snap) == 4
@@ -448,11 +559,23 @@ def test_separability_and_finetune_on_a_model(micro_mae, synthetic, tmp_path):
                        ((train.images[0], train.labels, test.images, test.labels), "train_images")]:
         with pytest.raises(ValueError, match=name):  # was a RuntimeError from deep inside
             ev.imae_separability(micro_mae, *args)
+    with pytest.raises(ValueError, match="mixing weights"):
+        ev.imae_separability(micro_mae, train.images, train.labels, test.images, test.labels,
+                             weights=(0.1, 0.7))
     before = {k: v.clone() for k, v in micro_mae.state_dict().items()}
     loader = torch.utils.data.DataLoader(train, batch_size=30)
     test_loader = torch.utils.data.DataLoader(test, batch_size=40)
     out = ev.finetune(micro_mae, loader, test_loader, num_classes=10, epochs=1)
     assert 0 <= out["acc"] <= 1 and math.isfinite(out["train_loss"])
+    empty = torch.utils.data.DataLoader(torch.utils.data.Subset(test, []), batch_size=4)
+    for kwargs, loaders, error, match in [
+            (dict(epochs=0), (loader, test_loader), ValueError, "epochs"),  # was a ZeroDivisionError
+            (dict(epochs=1.5), (loader, test_loader), TypeError, "epochs"),
+            (dict(num_classes=2), (loader, test_loader), ValueError, "class ids"),  # was an IndexError
+            (dict(), (loader, empty), ValueError, "test_loader"),  # was acc = 0
+            (dict(), (empty, test_loader), ValueError, "train_loader")]:
+        with pytest.raises(error, match=match):
+            ev.finetune(micro_mae, *loaders, **{"num_classes": 10, "epochs": 1, **kwargs})
     assert all(torch.equal(before[k], v) for k, v in micro_mae.state_dict().items())  # the copy was trained
 
 
