@@ -16,7 +16,7 @@ from torch import nn
 from .ops import NCut, ncut_bipartition, num_kept
 from .ops._validate import REFERENCE_DTYPES, check_positive_int, check_probability, check_tensor
 from .ops.ncut import check_graph_args
-from .ops.random_masking import uniform_noise
+from .ops.random_masking import noise_device, uniform_noise
 
 
 class Masks(NamedTuple):
@@ -62,7 +62,7 @@ def random_masks(batch: int, length: int, mask_ratio: float, device=None,
     check_positive_int("batch", batch)
     check_positive_int("length", length)
     keep = _kept(length, mask_ratio)
-    noise = uniform_noise(batch, length, device, generator)
+    noise = uniform_noise(batch, length, noise_device(device, generator), generator)
     return masks_from_scores(noise, keep)
 
 
@@ -94,9 +94,11 @@ class InformedMasking(nn.Module):
         self.mask_ratio = check_probability("mask_ratio", mask_ratio, high_open=True)
         self.hint_ratio = check_probability("hint_ratio", hint_ratio)
         check_graph_args(tau, eps)
+        if not isinstance(center_features, bool):  # "no" would be True
+            raise TypeError(f"center_features must be a bool, got {type(center_features).__name__}")
         self.tau = tau
         self.eps = eps
-        self.center_features = bool(center_features)
+        self.center_features = center_features
 
     def extra_repr(self) -> str:
         return (f"mask_ratio={self.mask_ratio}, hint_ratio={self.hint_ratio}, tau={self.tau}, "
@@ -106,7 +108,10 @@ class InformedMasking(nn.Module):
         """feats: (B, L, D) features of all L patches (no gradient is taken) -> ``InformedMask``."""
         check_tensor("feats", feats, ndim=3, dtypes=REFERENCE_DTYPES, what="(B, L, D)")
         b, length, _ = feats.shape
+        if b == 0:  # the cut takes an empty batch; a model's loss over it would be a silent NaN
+            raise ValueError("feats must hold at least one sample (B >= 1)")
         keep = _kept(length, self.mask_ratio)
+        noise_device(feats.device, generator)  # a generator of another device, or not a generator
         num_masked = length - keep
         feats = feats.detach()
         if self.center_features:
@@ -117,7 +122,9 @@ class InformedMasking(nn.Module):
         rank = _ranks(torch.argsort(ncut.score, dim=1, descending=True))  # 0 = most object-like
         would_mask = rank < num_masked
         candidates = would_mask & ncut.foreground
-        num_hints = (candidates.sum(dim=1, keepdim=True) * self.hint_ratio).floor().long().clamp(max=keep)
+        # in float64, as Python's int(n * hint_ratio) (float32 made 100 * 0.29 29, not 28)
+        num_hints = (candidates.sum(dim=1, keepdim=True).double() * self.hint_ratio).floor().long()
+        num_hints = num_hints.clamp(max=keep)
         # a random pick among the candidates: random keys, everything else sorted behind them
         keys = uniform_noise(b, length, feats.device, generator).masked_fill(~candidates, 2.0)
         hints = _ranks(torch.argsort(keys, dim=1)) < num_hints

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maskedssl.masking import InformedMasking, masks_from_scores, random_masks
-from maskedssl.ops import ncut_bipartition, patchify, random_masking
+from maskedssl.ops import NCut, ncut_bipartition, patchify, random_masking
 
 
 def _check_masks(masks, length, keep):
@@ -89,9 +89,33 @@ def test_hints_stay_visible_and_the_ratio_is_unchanged():
     _check_masks(informed.masks, 64, 16)
 
 
+def test_hint_count_rounds_as_python_does(monkeypatch):
+    """floor(hint_ratio * candidates) was taken in float32: 100 candidates at 0.29 gave 29 hints, where
+    int(0.29 * 100) (the float64 product, as num_kept rounds) is 28."""
+    length, n = 256, 100
+    score = torch.linspace(1, -1, length)[None]  # patch i ranks i-th: the first 100 are the object
+    foreground = torch.arange(length)[None] < n
+    monkeypatch.setattr("maskedssl.masking.ncut_bipartition",
+                        lambda feats, tau, eps: NCut(score, foreground, score))
+    for ratio in (0.29, 0.57, 0.58):  # (hints are at most K = 64)
+        informed = InformedMasking(mask_ratio=0.75, hint_ratio=ratio)(torch.randn(1, length, 4))
+        assert informed.hints.sum().item() == int(ratio * n)
+        assert informed.masks.mask.sum().item() == length - 64
+
+
 def test_informed_masking_validates():
     with pytest.raises(ValueError, match="hint_ratio"):
         InformedMasking(hint_ratio=1.5)
+    with pytest.raises(TypeError, match="center_features"):  # "no" was taken as True
+        InformedMasking(center_features="no")
+    with pytest.raises(TypeError, match="generator"):  # was torch.rand's overload message
+        InformedMasking()(torch.randn(2, 16, 4), generator=0)
+    with pytest.raises(TypeError, match="generator"):
+        random_masks(2, 16, 0.5, generator=0)
+    with pytest.raises(ValueError, match="generator is on"):
+        random_masks(2, 16, 0.5, device="meta", generator=torch.Generator())
+    with pytest.raises(ValueError, match="at least one sample"):
+        InformedMasking()(torch.randn(0, 16, 4))
     with pytest.raises(ValueError, match="feats"):
         InformedMasking()(torch.randn(64, 8))
     # the graph arguments fail at construction, not at the first informed step

@@ -3,12 +3,16 @@ phase, backends, torch.compile, checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 from test_accelerate import PlainMAE
 
 from maskedssl.models import (IMAE, MAE, PRESETS, IMAEConfig, MAEConfig, ModelConfig, ModelOutput,
                               SelfGuidedMAE, build_model)
+from maskedssl.models.sgmae import SGMAEConfig
 from maskedssl.ops import normalize_rows, patchify
 
 SMALL = [name for name in PRESETS if not name.startswith(("vit_base", "vit_large"))]
@@ -469,6 +473,30 @@ def test_model_config_is_a_frozen_dataclass():
     assert isinstance(model.config.arch, ModelConfig)
     with pytest.raises(Exception):
         model.config.mask_ratio = 0.5
+    # a list of statistics is kept as a tuple: the frozen config stays hashable (hash() raised)
+    arch = ModelConfig(img_size=32, patch_size=4, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    assert arch.std == (0.25, 0.25, 0.25) and hash(arch) == hash(dataclasses.replace(arch))
+    config = MAEConfig(mask_ratio=np.float32(0.75))  # a numpy ratio, stored as a float
+    assert type(config.mask_ratio) is float and config.mask_ratio == 0.75
+
+
+def test_a_config_of_the_wrong_kind_is_a_type_error():
+    """Each failed later with an AttributeError ('arch', 'hint_ratio', or 'lam_alpha' at the first step)."""
+    for make, match in [(lambda: MAE("micro"), "MAEConfig"), (lambda: MAE(PRESETS["micro"]), "MAEConfig"),
+                        (lambda: IMAE(MAEConfig()), "IMAEConfig"),
+                        (lambda: SelfGuidedMAE(MAEConfig()), "SGMAEConfig"),
+                        (lambda: SelfGuidedMAE(IMAEConfig()), "SGMAEConfig"),
+                        (lambda: MAEConfig(arch="micro"), "arch")]:
+        with pytest.raises(TypeError, match=match):
+            make()
+    assert type(MAE(SGMAEConfig())) is MAE  # a subclass config is still an MAE config
+
+
+def test_an_empty_batch_is_a_value_error_in_every_phase():
+    empty = torch.randn(0, 3, 32, 32)
+    for method, progress in (("mae", 0.0), ("imae", 0.0), ("sgmae", 0.0), ("sgmae", 1.0)):
+        with pytest.raises(ValueError):  # the informed phase returned a NaN loss
+            build_model(method, "micro")(empty, progress=progress)
 
 
 @pytest.mark.gpu

@@ -81,7 +81,7 @@ class IMAE(MaskedViT):
     config_class = IMAEConfig
 
     def __init__(self, config: IMAEConfig | None = None, teacher: MaskedViT | None = None):
-        config = config or IMAEConfig()
+        config = IMAEConfig() if config is None else config
         super().__init__(config, with_decoder_embed=False)
         d, dd = config.arch.embed_dim, config.arch.decoder_embed_dim
         self.sub_head = nn.Linear(d, dd)

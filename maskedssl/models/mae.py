@@ -37,7 +37,7 @@ class MAE(MaskedViT):
     config_class = MAEConfig
 
     def __init__(self, config: MAEConfig | None = None):
-        super().__init__(config or MAEConfig())
+        super().__init__(MAEConfig() if config is None else config)
 
     def make_masks(self, imgs: torch.Tensor, progress: float) -> tuple[Masks, dict]:
         """The masks of one step and what to log about them; random for MAE."""

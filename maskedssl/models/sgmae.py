@@ -65,7 +65,7 @@ class SelfGuidedMAE(MAE):
     config_class = SGMAEConfig
 
     def __init__(self, config: SGMAEConfig | None = None):
-        config = config or SGMAEConfig()
+        config = SGMAEConfig() if config is None else config
         super().__init__(config)
         self.informed_masking = InformedMasking(config.mask_ratio, config.hint_ratio, config.tau, config.eps,
                                                 config.center_features)

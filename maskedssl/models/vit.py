@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,7 @@ class ModelConfig:
             if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
                 raise TypeError(f"{name} must be a sequence of floats, got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))  # a list would make it unhashable
             if len(value) != self.in_chans:
                 raise ValueError(f"{name} must have in_chans={self.in_chans} entries, got {value}")
             # the models skip mix_patchify's value checks (one sync per step), so they are made here once:
@@ -151,8 +153,12 @@ class MAEConfig:
     norm_pix_loss: bool = True
 
     def __post_init__(self):
-        if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)):
+        if not isinstance(self.arch, ModelConfig):
+            raise TypeError(f"arch must be a ModelConfig (e.g. PRESETS['micro'] or resolve_arch('micro')), "
+                            f"got {type(self.arch).__name__}")
+        if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, numbers.Real):
             raise TypeError(f"mask_ratio must be a float, got {type(self.mask_ratio).__name__}")
+        object.__setattr__(self, "mask_ratio", float(self.mask_ratio))  # numpy scalars too
         if not isinstance(self.norm_pix_loss, bool):
             raise TypeError(f"norm_pix_loss must be a bool, got {type(self.norm_pix_loss).__name__}")
         # the encoder needs a visible patch, and the loss is a mean over the masked ones: with none masked
@@ -240,8 +246,13 @@ class MaskedViT(nn.Module):
     ``decoder_embed`` for models that map encoder width to decoder width their own way (i-MAE's heads).
     """
 
+    config_class = MAEConfig
+
     def __init__(self, config: MAEConfig, with_decoder_embed: bool = True):
         super().__init__()
+        if not isinstance(config, self.config_class):  # a preset name or a ModelConfig failed much later
+            raise TypeError(f"config must be a {self.config_class.__name__} (build_model(method, preset, "
+                            f"...) makes one from a preset), got {type(config).__name__}")
         self.config = config
         arch = config.arch
         self.patch_size = arch.patch_size

@@ -42,6 +42,27 @@ def uniform_noise(batch: int, length: int, device=None, generator: torch.Generat
     return torch.rand(batch, length, device=device, generator=generator)
 
 
+def noise_device(device, generator: torch.Generator | None) -> torch.device | None:
+    """The device random masks are drawn on: ``generator``'s when given (``device``, if also given, must
+    name the same one), else ``device`` (None: the default)."""
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must name a torch device, got {device!r}") from err
+    if generator is None:
+        return device
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    drawn_on = generator.device
+    # "cuda" without an index names the generator's GPU; a CPU generator has no index, so "cpu:0"
+    # (the only CPU) is its device too
+    if device is not None and (device.type != drawn_on.type or (
+            None not in (device.index, drawn_on.index) and device.index != drawn_on.index)):
+        raise ValueError(f"generator is on {drawn_on} but device is {device}")
+    return drawn_on
+
+
 def random_masking(batch: int, length: int, mask_ratio: float, device=None,
                    generator: torch.Generator | None = None):
     """Random per-sample masks with MAE semantics.
@@ -60,21 +81,7 @@ def random_masking(batch: int, length: int, mask_ratio: float, device=None,
     keep = num_kept(length, mask_ratio)
     if keep < 1:
         raise ValueError(f"mask_ratio={mask_ratio} keeps no token of length={length}")
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device must name a torch device, got {device!r}") from err
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        drawn_on = generator.device
-        # "cuda" without an index names the generator's GPU; a CPU generator has no index, so "cpu:0"
-        # (the only CPU) is its device too
-        if device is not None and (device.type != drawn_on.type or (
-                None not in (device.index, drawn_on.index) and device.index != drawn_on.index)):
-            raise ValueError(f"generator is on {drawn_on} but device is {device}")
-        device = drawn_on
+    device = noise_device(device, generator)
     noise = uniform_noise(batch, length, device, generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
