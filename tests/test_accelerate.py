@@ -168,3 +168,70 @@ def test_accelerated_forward_compiles_without_graph_breaks():
     ref = _seeded(lambda: fast(imgs, 0.75))
     torch.testing.assert_close(loss, ref[0], atol=1e-5, rtol=1e-5)
     loss.backward()
+
+
+class OfficialPatchEmbed(nn.Module):
+    """timm 0.3.2's PatchEmbed, the one the official MAE code runs with: a Conv2d and no ``norm``."""
+
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=96):
+        super().__init__()
+        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def test_accelerate_takes_a_patch_embed_without_norm():
+    plain = PlainMAE()
+    plain.patch_embed = OfficialPatchEmbed()  # the fused encoder called patch_embed.norm: AttributeError
+    fast = maskedssl.accelerate(copy.deepcopy(plain))
+    imgs = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_seeded(lambda: fast(imgs)[0]), _seeded(lambda: plain(imgs)[0]),
+                               atol=1e-5, rtol=1e-5)
+
+
+class L1MAE(PlainMAE):
+    def forward_loss(self, imgs, pred, mask):
+        return ((pred - self.patchify(imgs)).abs().mean(-1) * mask).sum() / mask.sum()
+
+
+def test_accelerate_refuses_what_it_would_compute_differently():
+    # an override of one method: the fused forward computed its own MSE (1.79 where the model's L1 gave 1.07)
+    with pytest.raises(TypeError, match="forward_loss.*bypass the overrides"):
+        maskedssl.accelerate(L1MAE())
+    model = PlainMAE()
+    model.decoder_pos_embed = nn.Parameter(model.decoder_pos_embed[:, 1:])  # no cls slot
+    with pytest.raises(ValueError, match="decoder_pos_embed of shape"):
+        maskedssl.accelerate(model)
+    fast = maskedssl.accelerate(PlainMAE())
+    with pytest.raises(TypeError, match="floating point"):  # uint8 was divided by 255; the official conv
+        fast(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_accelerated_models_copy_pickle_and_replicate_as_themselves(tmp_path):
+    """The methods were bound to the instance: a pickle did not load back ('no attribute _forward'), and
+    copy.copy / DataParallel replicas ran with the original's weights."""
+    fast = maskedssl.accelerate(PlainMAE(depth=1, decoder_depth=1))
+    assert maskedssl.accelerate(fast) is fast and type(fast).__name__ == "PlainMAE"
+    assert isinstance(fast, PlainMAE)
+    imgs = torch.randn(2, 3, 32, 32)
+    want = _seeded(lambda: fast(imgs)[0])
+    torch.save(fast, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded) is type(fast)
+    torch.testing.assert_close(_seeded(lambda: loaded(imgs)[0]), want)
+    for other in (copy.copy(fast), fast._replicate_for_data_parallel()):
+        assert other.forward.__self__ is other
+
+
+def test_accelerated_forward_gives_the_images_their_gradient():
+    plain = PlainMAE(depth=1, decoder_depth=1)
+    fast = maskedssl.accelerate(copy.deepcopy(plain))
+    grads = []
+    for model in (plain, fast):
+        imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        _seeded(lambda: model(imgs)[0]).backward()  # mix_patchify has none: imgs.grad stayed None
+        grads.append(imgs.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
