@@ -99,7 +99,9 @@ def _run(peaks: dict, quick: bool) -> list[dict]:
         mean, std = (t["mean"], t["std"]) if uint8 else (None, None)
         args = (t["imgs"], t["partner"], t["lam"], t["ids_keep"], t["ids_masked"], t["mean"], t["std"],
                 case["patch"])
-        compiled = torch.compile(reference)
+        # afresh per case and static: a second image size would otherwise recompile with symbolic sizes
+        torch._dynamo.reset()
+        compiled = torch.compile(reference, dynamic=False)
         impls = {"reference": lambda: reference(*args), "compile": lambda: compiled(*args)}
         for backend in backends:
             impls[backend] = (lambda backend=backend: ops.mix_patchify(

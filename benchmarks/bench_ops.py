@@ -19,13 +19,16 @@ from benchmarks.common import add_speedups, format_table, measure_peaks, require
 
 # Not per-op modules: this driver and the end-to-end training benchmark.
 NOT_OPS = {"ops", "train", "dispatch"}
+FIRST = ("token_gather", "mix_patchify", "ncut")
 
 
 def op_modules() -> list[str]:
     """Names ``<op>`` of the ``bench_<op>.py`` files next to this one, sorted."""
     here = [str(Path(__file__).resolve().parent)]
     names = (m.name for m in pkgutil.iter_modules(here) if m.name.startswith("bench_"))
-    return sorted(n.removeprefix("bench_") for n in names if n.removeprefix("bench_") not in NOT_OPS)
+    found = [n.removeprefix("bench_") for n in names if n.removeprefix("bench_") not in NOT_OPS]
+    # the headline op first: a time-boxed GPU session that runs out of time loses the others
+    return sorted(found, key=lambda op: (op not in FIRST, FIRST.index(op) if op in FIRST else 0, op))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -80,8 +81,9 @@ def device_info() -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # a copy of the tree without .git (a lent GPU machine) is told its commit by MASKEDSSL_COMMIT
+        "commit": _git("rev-parse", "HEAD") or os.environ.get("MASKEDSSL_COMMIT") or None,
+        "dirty": _dirty(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if torch.cuda.is_available():
@@ -91,6 +93,24 @@ def device_info() -> dict:
         info["capability"] = f"{props.major}.{props.minor}"
         info["driver"] = _nvidia_smi("driver_version")
     return info
+
+
+def _dirty() -> bool | None:
+    """Whether tracked files differ from the commit; None when git cannot tell (no .git here)."""
+    if _git("rev-parse", "HEAD") is None:
+        return None
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
+def _finite(value):
+    """``value`` with every NaN / inf float replaced by None: strict JSON parsers refuse NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _nvidia_smi(field: str) -> str | None:
@@ -184,7 +204,7 @@ def make_row(op: str, case: dict, impl: str, ms: float, bytes_moved: int, flops:
     bandwidth = peaks["copy_gbps"] * 1e9
     rate = peaks["matmul_tflops"] * 1e12
     floor_ms = max(bytes_moved / bandwidth, flops / rate) * 1e3
-    gbps = bytes_moved / seconds / 1e9 if bytes_moved else 0.0
+    gbps = bytes_moved / seconds / 1e9 if bytes_moved and seconds > 0 else 0.0
     return {
         "op": op,
         "case": dict(case),
@@ -193,7 +213,7 @@ def make_row(op: str, case: dict, impl: str, ms: float, bytes_moved: int, flops:
         "bytes": int(bytes_moved),
         "flops": int(flops),
         "gbps": gbps,
-        "tflops": flops / seconds / 1e12 if flops else 0.0,
+        "tflops": flops / seconds / 1e12 if flops and seconds > 0 else 0.0,
         "floor_ms": floor_ms,
         "pct_of_floor": floor_ms / ms * 100 if ms > 0 else 0.0,
         "pct_of_bandwidth": gbps / peaks["copy_gbps"] * 100 if bytes_moved else 0.0,
@@ -284,7 +304,7 @@ def write_results(name: str, rows: list[dict], peaks: dict, extra: dict | None =
     payload = {"name": name, "device_info": info, "peaks": peaks, "rows": rows}
     if extra:
         payload["extra"] = extra
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    path.write_text(json.dumps(_finite(payload), indent=1, default=str, allow_nan=False) + "\n")
     _plot(rows, path.with_suffix(".png"), f"{name} on {info['device']} ({(info['commit'] or '?')[:8]})")
     return path
 
