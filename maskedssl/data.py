@@ -218,7 +218,7 @@ def _unpickle(path: Path, name: str) -> dict:
                            f"({type(err).__name__}: {err})") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{name}: {path} is not a CIFAR python pickle (holds a {type(obj).__name__})")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
 def load_cifar(name: str, path: str, train: bool) -> TensorImages:
@@ -233,6 +233,7 @@ def load_cifar(name: str, path: str, train: bool) -> TensorImages:
     if missing:
         raise DatasetError(f"{name}: {root} lacks {', '.join(missing)} (expected the python-pickle "
                            f"folder {inner}/ from https://www.cs.toronto.edu/~kriz/cifar.html)")
+    num_classes = 10 if name == "cifar10" else 100
     images, labels = [], []
     for f in files:
         batch = _unpickle(root / f, name)
@@ -242,16 +243,30 @@ def load_cifar(name: str, path: str, train: bool) -> TensorImages:
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise DatasetError(f"{name}: {root / f} 'data' must be uint8 (N, 3072), "
                                f"got {data.dtype} {data.shape}")
-        if len(batch[label_key]) != data.shape[0]:
-            raise DatasetError(f"{name}: {root / f} has {data.shape[0]} images "
-                               f"but {len(batch[label_key])} labels")
+        try:
+            label = np.asarray(batch[label_key])
+        except (TypeError, ValueError):  # ragged lists and the like
+            label = np.asarray([None])
+        if label.ndim == 1 and label.size == 0:  # np.asarray([]) is float64
+            label = label.astype(np.int64)
+        if label.ndim != 1 or label.dtype.kind not in "iu":
+            raise DatasetError(f"{name}: {root / f} '{label_key}' must be a list of integer class ids")
+        if label.shape[0] != data.shape[0]:
+            raise DatasetError(f"{name}: {root / f} has {data.shape[0]} images but {label.shape[0]} labels")
+        if label.size and not (0 <= label.min() and label.max() < num_classes):
+            raise DatasetError(f"{name}: {root / f} has labels outside [0, {num_classes}): "
+                               f"{label.min()}..{label.max()}")
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
-        labels.append(torch.as_tensor(batch[label_key], dtype=torch.long))
-    num_classes = 10 if name == "cifar10" else 100
+        labels.append(torch.from_numpy(label.astype(np.int64)))
     classes = [str(i) for i in range(num_classes)]
     if (root / meta_file).is_file():
         meta = _unpickle(root / meta_file, name)
-        classes = list(meta.get(names_key, classes))
+        names = meta.get(names_key, classes)
+        if (not isinstance(names, (list, tuple)) or len(names) != num_classes
+                or not all(isinstance(n, (str, bytes)) for n in names)):
+            raise DatasetError(f"{name}: {root / meta_file} '{names_key}' must list {num_classes} "
+                               f"class names")
+        classes = [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
     return TensorImages(torch.cat(images), torch.cat(labels), classes)
 
 
@@ -269,8 +284,10 @@ def _tiny_imagenet_val(root: Path, class_to_idx: dict) -> list[tuple[str, int]] 
 
 
 def load_imagefolder(path: str, train: bool, img_size: int, augment: bool | None = None):
-    """``PATH/train`` (or ``PATH`` itself) when ``train``, else ``PATH/val``; ``augment`` (default:
-    ``train``): MAE's random resized crop and flip, else the resize and centre crop of evaluation."""
+    """``PATH/train`` (or ``PATH`` itself, holding the class folders) when ``train``, else ``PATH/val``
+    (``PATH/train`` or ``PATH`` when there is no val/: the test split is then the training images);
+    ``augment`` (default: ``train``): MAE's random resized crop and flip, else the resize and centre crop
+    of evaluation. Class ids are those of the training folders, val/'s matched by class name."""
     from torchvision import datasets
     from torchvision.transforms import v2
 
@@ -278,9 +295,11 @@ def load_imagefolder(path: str, train: bool, img_size: int, augment: bool | None
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DatasetError(f"imagefolder: {root} is not a directory")
-    split = root / ("train" if train else "val")
-    train_root = root / "train" if (root / "train").is_dir() else root
-    folder = split if split.is_dir() else root
+    has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
+    if has_val and not has_train:  # PATH itself would be the training set, with val/ one of its classes
+        raise DatasetError(f"imagefolder: {root} has val/ but no train/ (expected {root}/train/<class>/...)")
+    train_root = root / "train" if has_train else root
+    folder = root / "val" if has_val and not train else train_root
     if augment:
         # MAE's recipe; on the CPU workers because decoding happens there anyway.
         transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(img_size, scale=(0.2, 1.0),
@@ -299,8 +318,14 @@ def load_imagefolder(path: str, train: bool, img_size: int, augment: bool | None
         if val is not None:
             if not val:
                 raise DatasetError(f"imagefolder: {folder}/val_annotations.txt names no known class")
-            dataset.samples = dataset.imgs = val
-            dataset.targets = [t for _, t in val]
+        else:  # val/'s own folder order numbers its classes: renumber them as train/'s, by name
+            unknown = sorted(set(dataset.classes) - set(classes_from.class_to_idx))
+            if unknown:
+                raise DatasetError(f"imagefolder: {folder} has classes that {train_root} lacks: "
+                                   f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+            val = [(p, classes_from.class_to_idx[dataset.classes[t]]) for p, t in dataset.samples]
+        dataset.samples = dataset.imgs = val
+        dataset.targets = [t for _, t in val]
         dataset.classes, dataset.class_to_idx = classes_from.classes, classes_from.class_to_idx
     dataset.transform = transform
     dataset.num_classes = len(dataset.classes)
@@ -471,7 +496,12 @@ class SeededItems(torch.utils.data.Dataset):
     def _load(self, i):
         try:
             return self.dataset[i]
-        except OSError as err:  # PIL's UnidentifiedImageError, a truncated or vanished file
+        except Exception as err:
+            from PIL import Image
+
+            # PIL's UnidentifiedImageError, a truncated or vanished file, an image too large to decode
+            if not isinstance(err, (OSError, Image.DecompressionBombError)):
+                raise
             path = getattr(self.dataset, "samples", None)
             name = path[i][0] if path is not None else f"item {i}"
             raise DatasetError(f"cannot read image {name}: {err}") from None

@@ -271,6 +271,23 @@ def save_atomic(obj, path: Path) -> None:
             tmp.unlink()
 
 
+def keep_records_until(path: Path, step: int) -> None:
+    """Drop the records of ``path`` (JSON lines) logged after ``step``, and a line torn by a crash."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -406,6 +423,8 @@ def validate(cfg: TrainConfig) -> None:
         if value is not None and not (low <= value < math.inf):
             raise ConfigError(f"{name} must be >= {low}{' and finite' if value == math.inf else ''}, "
                               f"got {value}")
+    if not 0 <= r.seed < 2**31:  # numpy seeds must fit in 32 bits, and each process adds its rank
+        raise ConfigError(f"seed must be in [0, 2**31), got {r.seed}")
     if o.clip_grad is not None and not 0 < o.clip_grad < math.inf:
         # a negative max norm makes clip_grad_norm_ scale every gradient by a negative factor
         raise ConfigError(f"clip_grad must be positive and finite (or None), got {o.clip_grad}")
@@ -528,16 +547,24 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
         resume = str(ckpt_path) if ckpt_path.is_file() else None
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        if "model" not in ckpt or "optimizer" not in ckpt:
-            raise ConfigError(f"{resume} is not a maskedssl training checkpoint (no model/optimizer state)")
-        saved = ckpt.get("config", {}).get("method", {})
+        needed = ("model", "optimizer", "scaler", "epoch", "step", "step_in_epoch", "rng")
+        if not isinstance(ckpt, dict) or not all(k in ckpt for k in needed):
+            have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ConfigError(f"{resume} is not a maskedssl training checkpoint (it needs "
+                              f"{', '.join(needed)}; has {have})")
+        saved = ckpt.get("config")
+        saved = saved.get("method") if isinstance(saved, dict) else None
+        saved = saved if isinstance(saved, dict) else {}
         does_not_fit = (f"{resume} holds a {saved.get('method')}/{saved.get('model')} model that does not "
                         f"fit {cfg.method.method}/{cfg.method.model}")
         if saved.get("method", cfg.method.method) != cfg.method.method:
             # MAE and Self-guided MAE share their weights' layout, not their run: a resume continues one run
             raise ConfigError(does_not_fit + " (a resume continues the same method's run)")
         load_state(model, ckpt["model"], does_not_fit)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ConfigError(f"{resume}: its optimizer state does not fit this model ({err})") from None
         # load_state_dict restores the saved hyperparameters; lr is set every step, weight decay here,
         # so a resumed run uses this config's
         for group, fresh in zip(optimizer.param_groups, param_groups(model, o.weight_decay)):
@@ -550,8 +577,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
             # no step would run and the epoch would never end (a hang)
             epoch, step_in_epoch = epoch + 1, 0
         rngs = ckpt["rng"]
+        if not isinstance(rngs, (list, tuple)):
+            raise ConfigError(f"{resume}: its 'rng' entry is not a list of random states")
         if len(rngs) == d.world_size:
-            set_rng_state(rngs[d.rank], aug_gen)
+            try:
+                set_rng_state(rngs[d.rank], aug_gen)
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                raise ConfigError(f"{resume}: its random state cannot be restored ({err})") from None
         elif d.main:
             print(f"resuming on {d.world_size} processes from a run on {len(rngs)}: random streams restart",
                   file=sys.stderr)
@@ -573,6 +605,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
         except OSError as err:
             raise ConfigError(f"cannot create the output folder {out}: {err.strerror}") from None
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if resume is not None:  # an interrupted run logged steps past its checkpoint: they run again
+            keep_records_until(out / "metrics.jsonl", step)
         metrics_file = open(out / "metrics.jsonl", "a" if resume is not None else "w")
         if r.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +115,19 @@ def test_cifar_bad_paths(tmp_path):
         pickle.dump({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}, fh)
     with pytest.raises(DatasetError, match=r"uint8 \(N, 3072\)"):
         build_dataset(f"cifar10:{tmp_path}", train=False)
+    # labels were taken as they came: 10 or -1 in CIFAR-10, floats truncated, 2-D lists
+    for labels, match in (([0, 10], r"outside \[0, 10\)"), ([0, -1], "outside"), ([0.5, 1.0], "integer"),
+                          ([[0], [1]], "integer"), (["a", "b"], "integer")):
+        with open(tmp_path / "test_batch", "wb") as fh:
+            pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": labels}, fh)
+        with pytest.raises(DatasetError, match=match):
+            build_dataset(f"cifar10:{tmp_path}", train=False)
+    with open(tmp_path / "test_batch", "wb") as fh:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 9]}, fh)
+    with open(tmp_path / "batches.meta", "wb") as fh:  # 3 names for 10 classes set num_classes = 3
+        pickle.dump({"label_names": ["a", "b", "c"]}, fh)
+    with pytest.raises(DatasetError, match="must list 10 class names"):
+        build_dataset(f"cifar10:{tmp_path}", train=False)
 
 
 # ---------------------------------------------------------------------------------------------- ImageFolder
@@ -170,6 +184,32 @@ def test_imagefolder_without_splits_and_tiny_imagenet_val(tmp_path):
         "v0.png\tn02\t0\t0\t8\t8\nv1.png\tn01\t0\t0\t8\t8\nv2.png\tn02\t0\t0\t8\t8\n")
     val = build_dataset(f"imagefolder:{tmp_path / 'tiny'}", train=False, img_size=8)
     assert [val[i][1] for i in range(3)] == [1, 0, 1]
+
+
+def test_imagefolder_val_classes_take_the_train_ids_by_name(tmp_path):
+    """val/ numbered its classes by its own folders: with train {ant, bee, cat} and val {bee, cat}, bee
+    images were labelled ant and cat images bee; a class train/ lacks got some other class's id."""
+    _write_images(tmp_path / "a" / "train", classes=("ant", "bee", "cat"), per_class=1)
+    _write_images(tmp_path / "a" / "val", classes=("bee", "cat"), per_class=1)
+    val = build_dataset(f"imagefolder:{tmp_path / 'a'}", train=False, img_size=8)
+    assert val.classes == ["ant", "bee", "cat"]
+    assert [(Path(p).parent.name, t) for p, t in val.samples] == [("bee", 1), ("cat", 2)]
+    assert [val[i][1] for i in range(2)] == [1, 2]
+    _write_images(tmp_path / "b" / "train", classes=("ant", "bee"), per_class=1)
+    _write_images(tmp_path / "b" / "val", classes=("bee", "zebra"), per_class=1)
+    with pytest.raises(DatasetError, match="zebra"):
+        build_dataset(f"imagefolder:{tmp_path / 'b'}", train=False, img_size=8)
+
+
+def test_imagefolder_with_train_but_no_val_tests_on_train(tmp_path):
+    """PATH/train alone: the test split fell back to PATH, whose one 'class' was train/ (every label 0)."""
+    _write_images(tmp_path / "train", classes=("ant", "bee"), per_class=2)
+    train = build_dataset(f"imagefolder:{tmp_path}", train=True, img_size=8)
+    test = build_dataset(f"imagefolder:{tmp_path}", train=False, img_size=8)
+    assert test.classes == train.classes == ["ant", "bee"] and test.targets == [0, 0, 1, 1]
+    _write_images(tmp_path / "only_val" / "val", per_class=1)  # val/ would have been a training class
+    with pytest.raises(DatasetError, match="no train/"):
+        build_dataset(f"imagefolder:{tmp_path / 'only_val'}", train=True, img_size=8)
 
 
 def test_seeded_loading_of_a_subset_in_workers(tmp_path):

@@ -225,6 +225,8 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, method):
     T.train(tiny_config(tmp_path / "cut", method, max_steps=4))
     part = load_state(tmp_path / "cut" / T.CHECKPOINT_NAME)
     assert (part["epoch"], part["step"], part["step_in_epoch"]) == (1, 4, 1)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a step logged after the checkpoint, and a
+        f.write('{"kind": "train", "step": 5, "loss": 1.0}\n{"kind": "tr')  # line torn by the interruption
     T.train(tiny_config(tmp_path / "cut", method, resume="auto"))
     a = load_state(tmp_path / "whole" / T.CHECKPOINT_NAME)
     b = load_state(tmp_path / "cut" / T.CHECKPOINT_NAME)
@@ -233,9 +235,31 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, method):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k, state in a["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
-    # the metrics file continues instead of restarting
+    # the metrics file continues instead of restarting, without the steps the interrupted run logged past
+    # its checkpoint (they were logged twice)
     records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_from_files_that_are_not_training_checkpoints(tmp_path):
+    """A bare tensor was a RuntimeError, a dict without the scaler a KeyError: now one line each."""
+    T.train(tiny_config(tmp_path / "run", max_steps=1))
+    good = load_state(tmp_path / "run" / T.CHECKPOINT_NAME)
+    for name, obj, match in [("tensor.pt", torch.zeros(2), "not a maskedssl training checkpoint"),
+                             ("partial.pt", {"model": good["model"], "optimizer": good["optimizer"]},
+                              "it needs model, optimizer, scaler"),
+                             ("rng.pt", {**good, "rng": 5}, "'rng' entry")]:
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(T.ConfigError, match=match) as err:
+            T.train(tiny_config(tmp_path / "run", resume=str(tmp_path / name)))
+        assert "\n" not in str(err.value)
+
+
+def test_seed_out_of_range_is_a_config_error():
+    for seed in (-1, 2**32):  # numpy's seed check raised from inside the run
+        cfg = tiny_config("unused", seed=seed)
+        with pytest.raises(T.ConfigError, match="seed"):
+            T.validate(cfg)
 
 
 def test_resume_into_shorter_epochs_finishes_instead_of_hanging(tmp_path):
