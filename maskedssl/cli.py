@@ -130,7 +130,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> dict:
 
 
 def read_config_file(path: str) -> dict:
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     toml = p.suffix.lower() == ".toml"
@@ -247,7 +247,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     from .data import build_dataset
 
     start = time.perf_counter()
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
     for name in ("epochs", "max_epochs", "train_size", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -405,6 +405,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, length: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  pair_labels: torch.Tensor | None = None):
+        for name, value, low in (("length", length, 0), ("batch_size", batch_size, 1),
+                                 ("world_size", world_size, 1), ("rank", rank, 0)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if rank >= world_size:  # rank 5 of 2 took a share overlapping rank 1's
+            raise ValueError(f"rank must be in [0, world_size = {world_size}), got {rank}")
         self.length, self.batch_size = length, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.skip = 0, 0
@@ -421,6 +429,8 @@ class EpochSampler(torch.utils.data.Sampler):
         self.pair_labels = pair_labels
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        if not 0 <= skip_batches <= self.num_batches:  # past the end the length went negative
+            raise ValueError(f"skip_batches must be in [0, {self.num_batches}], got {skip_batches}")
         self.epoch, self.skip = epoch, skip_batches * self.batch_size
 
     def __iter__(self):
@@ -545,9 +555,17 @@ def make_loader(dataset, sampler: EpochSampler, num_workers: int, device: torch.
 # ----------------------------------------------------------------------------------------------------
 # Device-side augmentation and normalisation
 
+def _check_uint8_batch(imgs) -> None:
+    # float images in [0, 1] were divided by 255 once more and came out nearly constant
+    if not isinstance(imgs, torch.Tensor) or imgs.dtype != torch.uint8 or imgs.dim() != 4:
+        what = f"{imgs.dtype} of shape {tuple(imgs.shape)}" if isinstance(imgs, torch.Tensor) else type(imgs)
+        raise TypeError(f"imgs must be a uint8 (B, C, H, W) batch, got {what}")
+
+
 def normalize_batch(imgs: torch.Tensor, img_size: int | None = None, mean=IMAGENET_MEAN,
                     std=IMAGENET_STD) -> torch.Tensor:
     """uint8 (B,C,H,W) -> float32 normalised, resized to ``img_size`` when it differs."""
+    _check_uint8_batch(imgs)
     x = imgs.float().div_(255)
     if img_size is not None and x.shape[-2:] != (img_size, img_size):
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
@@ -581,6 +599,7 @@ def augment_batch(imgs: torch.Tensor, img_size: int, generator: torch.Generator,
                   flip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """MAE's augmentation on a uint8 batch where it lives: RandomResizedCrop + horizontal flip as one
     bilinear ``grid_sample`` per batch, then normalisation. Returns float32 (B, C, img_size, img_size)."""
+    _check_uint8_batch(imgs)
     b, _, height, width = imgs.shape
     box = random_resized_crop_params(b, height, width, generator, scale)
     flips = (torch.rand(b, generator=generator) < 0.5) if flip else torch.zeros(b, dtype=torch.bool)

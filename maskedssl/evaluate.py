@@ -1013,7 +1013,7 @@ def main(args: argparse.Namespace) -> int:
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
-        out = pathlib.Path(args.out)
+        out = pathlib.Path(args.out).expanduser()
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text + "\n")

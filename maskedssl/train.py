@@ -289,7 +289,7 @@ def keep_records_until(path: Path, step: int) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
@@ -461,9 +461,11 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 < d.crop_scale_min <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
     try:
-        torch.device(r.device if r.device != "auto" else "cpu")
+        kind = torch.device(r.device if r.device != "auto" else "cpu").type
     except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {r.device!r}") from None
+        kind = None
+    if kind not in ("cpu", "cuda"):  # meta, mps, ... passed, then failed with a traceback
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {r.device!r}")
 
 
 def train(cfg: TrainConfig, model: torch.nn.Module | None = None) -> dict:
@@ -490,7 +492,7 @@ def train(cfg: TrainConfig, model: torch.nn.Module | None = None) -> dict:
 
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Module | None) -> dict:
     o, r = cfg.optim, cfg.run
-    out = Path(r.out)
+    out = Path(r.out).expanduser()  # "~/runs" from a config file made a folder named ~
     ckpt_path = out / CHECKPOINT_NAME
     amp_dtype = pick_precision(r.precision, device)
 
@@ -587,7 +589,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
         elif d.main:
             print(f"resuming on {d.world_size} processes from a run on {len(rngs)}: random streams restart",
                   file=sys.stderr)
-    last_good = ckpt_path if resume is not None and Path(resume) == ckpt_path else None
+    last_good = ckpt_path if resume is not None and Path(resume).expanduser() == ckpt_path else None
 
     # ---- wrap: compile, then DDP (DDP's optimizer splits the compiled graph at its buckets)
     raw_model = model

@@ -259,6 +259,15 @@ def test_epoch_sampler_shards_and_skips():
     assert list(s) != shards[0]
     with pytest.raises(DatasetError, match="fewer than one global batch"):
         data.EpochSampler(5, batch_size=4, world_size=2)
+    # rank 5 of 2 took a share overlapping rank 1's; batch 0 divided by zero; a skip past the end made
+    # the length negative
+    for kwargs, error, match in ((dict(rank=5, world_size=2), ValueError, "rank"),
+                                 (dict(batch_size=0), ValueError, "batch_size"),
+                                 (dict(batch_size=4.0), TypeError, "batch_size")):
+        with pytest.raises(error, match=match):
+            data.EpochSampler(50, **{"batch_size": 4, **kwargs})
+    with pytest.raises(ValueError, match="skip_batches"):
+        data.EpochSampler(50, batch_size=4).set_epoch(0, skip_batches=13)
 
 
 def test_class_paired_order_pairs_each_class_within_itself():
@@ -327,6 +336,16 @@ def test_augment_identity_crop_is_normalisation():
     x = data.augment_batch(imgs, 16, gen, scale=(1.0, 1.0), flip=False)
     torch.testing.assert_close(x, data.normalize_batch(imgs), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(data.denormalize(x) * 255, imgs.float(), atol=1e-3, rtol=0)
+
+
+def test_augment_and_normalize_take_uint8_batches_only():
+    """Float images in [0, 1] were divided by 255 again and came out nearly constant."""
+    gen = torch.Generator().manual_seed(0)
+    for imgs in (torch.rand(2, 3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.uint8)):
+        with pytest.raises(TypeError, match="uint8"):
+            data.normalize_batch(imgs)
+        with pytest.raises(TypeError, match="uint8"):
+            data.augment_batch(imgs, 8, gen)
 
 
 def test_augment_shapes_crops_and_flips():

@@ -255,11 +255,23 @@ def test_resume_from_files_that_are_not_training_checkpoints(tmp_path):
         assert "\n" not in str(err.value)
 
 
-def test_seed_out_of_range_is_a_config_error():
+def test_seed_and_device_out_of_range_are_config_errors():
     for seed in (-1, 2**32):  # numpy's seed check raised from inside the run
-        cfg = tiny_config("unused", seed=seed)
         with pytest.raises(T.ConfigError, match="seed"):
-            T.validate(cfg)
+            T.validate(tiny_config("unused", seed=seed))
+    for device in ("meta", "nonsense"):  # meta passed, then failed with a traceback
+        with pytest.raises(T.ConfigError, match="device"):
+            T.validate(tiny_config("unused", device=device))
+
+
+def test_paths_starting_with_a_tilde_are_in_home(tmp_path, monkeypatch):
+    """--out '~/run' (or "out": "~/run" in a config file) made a folder named ~ here."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    T.train(tiny_config("~/run", max_steps=1))
+    assert (tmp_path / "home" / "run" / T.CHECKPOINT_NAME).is_file() and not (tmp_path / "~").exists()
+    summary = T.train(tiny_config("~/run", max_steps=2, resume="~/run/" + T.CHECKPOINT_NAME))
+    assert summary["step"] == 2
 
 
 def test_resume_into_shorter_epochs_finishes_instead_of_hanging(tmp_path):
