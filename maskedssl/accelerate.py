@@ -54,6 +54,8 @@ def _check_images(model, imgs: torch.Tensor) -> None:
 
 
 def _masks(model, imgs: torch.Tensor, mask_ratio: float) -> Masks:
+    if isinstance(mask_ratio, torch.Tensor) and mask_ratio.numel() == 1:  # the official code takes one too
+        mask_ratio = float(mask_ratio)
     return random_masks(imgs.shape[0], model.pos_embed.shape[1] - 1, mask_ratio, device=imgs.device)
 
 

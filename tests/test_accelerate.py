@@ -206,6 +206,8 @@ def test_accelerate_refuses_what_it_would_compute_differently():
     with pytest.raises(ValueError, match="decoder_pos_embed of shape"):
         maskedssl.accelerate(model)
     fast = maskedssl.accelerate(PlainMAE())
+    imgs = torch.randn(2, 3, 32, 32)  # a 0-d tensor ratio, as the official int(L * (1 - ratio)) takes
+    assert torch.equal(_seeded(lambda: fast(imgs, torch.tensor(0.5))[2]), _seeded(lambda: fast(imgs, 0.5)[2]))
     with pytest.raises(TypeError, match="floating point"):  # uint8 was divided by 255; the official conv
         fast(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
