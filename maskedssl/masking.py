@@ -85,7 +85,8 @@ class InformedMasking(nn.Module):
     cut. Early in training a ViT's patch features share one large component (cosines near 0.99 between
     all patches), which leaves the scores' ranking to noise; measured on the embedded synthetic data with
     the demo's 3-epoch micro model, centring raised the share of object patches masked from about 0.80 to
-    0.99 (random masks: 0.76) at every layer. ``False`` gives TokenCut's plain cosine graph.
+    0.99 (random masks: 0.76) at every layer. ``False`` cuts the features as they are: RECIPES.md's
+    graph (clamped cosine, or TokenCut's binary graph with ``tau``), as the paper builds it.
     """
 
     def __init__(self, mask_ratio: float = 0.75, hint_ratio: float = 0.05, tau: float | None = None,

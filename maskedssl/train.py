@@ -648,6 +648,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
               f"({len(train_set)} images) | {d.world_size} x {device} | "
               f"{o.epochs} epochs x {steps_per_epoch} steps | "
               f"batch {eff_batch} | lr {base_lr:.3g}", file=sys.stderr)
+        if cfg.method.method == "imae" and cfg.method.teacher is None:
+            print("i-MAE without --teacher: no distillation terms, the heads start untrained (the paper's "
+                  "ablation without the teacher)", file=sys.stderr)
     viz_batch = _viz_batch(cfg, train_set) if d.main else None
     model.train()
     stopped, status = False, "done"

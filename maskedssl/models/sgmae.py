@@ -30,7 +30,7 @@ class SGMAEConfig(MAEConfig):
     tau: None for the clamped-cosine affinity, else TokenCut's binary graph threshold (TokenCut: 0.2);
     eps: the affinity floor;
     center_features: subtract each sample's mean patch feature before the cut (our choice, default on;
-    see ``maskedssl.masking.InformedMasking``; False gives TokenCut's plain cosine graph).
+    see ``maskedssl.masking.InformedMasking``; False cuts the features as they are, the recipe's graph).
     """
 
     warmup_frac: float = 0.1
