@@ -283,11 +283,13 @@ def _tiny_imagenet_val(root: Path, class_to_idx: dict) -> list[tuple[str, int]] 
     return samples
 
 
-def load_imagefolder(path: str, train: bool, img_size: int, augment: bool | None = None):
+def load_imagefolder(path: str, train: bool, img_size: int, augment: bool | None = None,
+                     crop_scale_min: float = 0.2):
     """``PATH/train`` (or ``PATH`` itself, holding the class folders) when ``train``, else ``PATH/val``
     (``PATH/train`` or ``PATH`` when there is no val/: the test split is then the training images);
-    ``augment`` (default: ``train``): MAE's random resized crop and flip, else the resize and centre crop
-    of evaluation. Class ids are those of the training folders, val/'s matched by class name."""
+    ``augment`` (default: ``train``): MAE's random resized crop (areas ``crop_scale_min`` to 1) and flip,
+    else the resize and centre crop of evaluation. Class ids are those of the training folders, val/'s
+    matched by class name."""
     from torchvision import datasets
     from torchvision.transforms import v2
 
@@ -302,7 +304,7 @@ def load_imagefolder(path: str, train: bool, img_size: int, augment: bool | None
     folder = root / "val" if has_val and not train else train_root
     if augment:
         # MAE's recipe; on the CPU workers because decoding happens there anyway.
-        transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(img_size, scale=(0.2, 1.0),
+        transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0),
                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                                 v2.RandomHorizontalFlip()])
     else:
@@ -334,12 +336,12 @@ def load_imagefolder(path: str, train: bool, img_size: int, augment: bool | None
 
 
 def build_dataset(spec: str, train: bool = True, img_size: int | None = None, seed: int = 0,
-                  augment: bool | None = None):
+                  augment: bool | None = None, crop_scale_min: float = 0.2):
     """The dataset named by ``spec`` (see the module docstring); ``img_size`` sets the synthetic images'
     size and the ImageFolder crop (default 32 and 224); CIFAR images stay 32 px (resampled on the device).
     ``augment`` (default: ``train``) gives an ImageFolder the training crops and flips on the CPU; the
     evaluation reads the train split without them (the other datasets are augmented on the device, by the
-    trainer, and ignore it).
+    trainer, and ignore it; ``crop_scale_min`` is the ImageFolder crops' smallest area fraction).
     """
     name, _, arg = spec.partition(":")
     name = name.strip().lower()
@@ -358,7 +360,7 @@ def build_dataset(spec: str, train: bool = True, img_size: int | None = None, se
     if name == "imagefolder":
         if not arg:
             raise DatasetError("imagefolder needs a path: --data imagefolder:PATH")
-        return load_imagefolder(arg, train, img_size or 224, augment)
+        return load_imagefolder(arg, train, img_size or 224, augment, crop_scale_min)
     raise DatasetError(f"unknown dataset {spec!r}: use synthetic[:N], cifar10:PATH, cifar100:PATH "
                        "or imagefolder:PATH")
 

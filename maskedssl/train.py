@@ -512,7 +512,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
 
     # ---- data
     try:
-        train_set = data_lib.build_dataset(cfg.data.data, train=True, img_size=img_size, seed=r.seed)
+        train_set = data_lib.build_dataset(cfg.data.data, train=True, img_size=img_size, seed=r.seed,
+                                           crop_scale_min=cfg.data.crop_scale_min)
     except data_lib.DatasetError as err:
         raise ConfigError(str(err)) from None
     # torchvision's ImageFolder loader converts every image to RGB

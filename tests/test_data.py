@@ -201,6 +201,14 @@ def test_imagefolder_val_classes_take_the_train_ids_by_name(tmp_path):
         build_dataset(f"imagefolder:{tmp_path / 'b'}", train=False, img_size=8)
 
 
+def test_imagefolder_crops_take_crop_scale_min(tmp_path):
+    """The ImageFolder crop was fixed at areas 0.2-1 whatever --crop-scale-min said."""
+    _write_images(tmp_path / "train", per_class=1)
+    dataset = build_dataset(f"imagefolder:{tmp_path}", img_size=8, crop_scale_min=0.5)
+    crops = [t for t in dataset.transform.transforms if type(t).__name__ == "RandomResizedCrop"]
+    assert [tuple(c.scale) for c in crops] == [(0.5, 1.0)]
+
+
 def test_imagefolder_with_train_but_no_val_tests_on_train(tmp_path):
     """PATH/train alone: the test split fell back to PATH, whose one 'class' was train/ (every label 0)."""
     _write_images(tmp_path / "train", classes=("ant", "bee"), per_class=2)
