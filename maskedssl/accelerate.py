@@ -80,7 +80,9 @@ def _decode(model, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Ten
     b = x.shape[0]
     # cls joins as visible slot 0 at position 0: one scatter call, no concatenation
     restore = torch.cat([ids_restore.new_zeros(b, 1), ids_restore + 1], dim=1)
-    x = scatter_tokens(x, restore, model.mask_token.to(x.dtype), model.decoder_pos_embed[0].to(x.dtype))
+    # (the masks are random_masks', valid by construction: no range checks, each a device->host sync)
+    x = scatter_tokens(x, restore, model.mask_token.to(x.dtype), model.decoder_pos_embed[0].to(x.dtype),
+                       check_indices=False)
     for block in model.decoder_blocks:
         x = block(x)
     return model.decoder_pred(model.decoder_norm(x))[:, 1:]
@@ -94,24 +96,25 @@ def _forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
     masks = _masks(self, imgs, mask_ratio)
     if imgs.requires_grad:  # mix_patchify has no gradient: the same rows and targets from autograd ops
         patches = patchify(imgs, _patch_size(self))
-        rows = gather_tokens(patches, masks.ids_keep).to(self.patch_embed.proj.weight.dtype)
-        target = gather_tokens(patches, masks.ids_masked).float()
+        rows = gather_tokens(patches, masks.ids_keep, check_indices=False)
+        rows = rows.to(self.patch_embed.proj.weight.dtype)
+        target = gather_tokens(patches, masks.ids_masked, check_indices=False).float()
         if self.norm_pix_loss:
             target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
         target = target.to(rows.dtype)
     else:
         rows, (target,) = mix_patchify(imgs, _patch_size(self), ids_keep=masks.ids_keep,
                                        ids_masked=masks.ids_masked, norm_pix=bool(self.norm_pix_loss),
-                                       out_dtype=self.patch_embed.proj.weight.dtype)
+                                       out_dtype=self.patch_embed.proj.weight.dtype, check_indices=False)
     pred = _decode(self, _encode(self, rows, masks.ids_keep), masks.ids_restore)
-    loss = mse(gather_tokens(pred, masks.ids_masked), target)
+    loss = mse(gather_tokens(pred, masks.ids_masked, check_indices=False), target)
     return loss, pred, masks.mask
 
 
 def _forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
     _check_images(self, imgs)
     masks = _masks(self, imgs, mask_ratio)
-    rows = gather_tokens(patchify(imgs, _patch_size(self)), masks.ids_keep)
+    rows = gather_tokens(patchify(imgs, _patch_size(self)), masks.ids_keep, check_indices=False)
     rows = rows.to(self.patch_embed.proj.weight.dtype)
     return _encode(self, rows, masks.ids_keep), masks.mask, masks.ids_restore
 
@@ -122,7 +125,7 @@ def _forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor):
 
 def _random_masking(self, x: torch.Tensor, mask_ratio: float):
     masks = random_masks(x.shape[0], x.shape[1], mask_ratio, device=x.device)
-    return gather_tokens(x, masks.ids_keep), masks.mask, masks.ids_restore
+    return gather_tokens(x, masks.ids_keep, check_indices=False), masks.mask, masks.ids_restore
 
 
 def _patchify(self, imgs: torch.Tensor):

@@ -995,7 +995,8 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     # the clustering metrics read the decoder too (exploitation rates, its attention distance and sigma_F):
     # an encoder-only checkpoint would leave it at its random initialisation, and them meaningless
-    needs = ("decoder_embed.weight", "decoder_pred.weight") if "clustering" in metrics else ()
+    # (decoder_norm, decoder_pred: every method has them; i-MAE has heads where the others have decoder_embed)
+    needs = ("decoder_norm.weight", "decoder_pred.weight") if "clustering" in metrics else ()
     model = load_model(args.ckpt, map_location=device, required=needs)
     # the train split's images whole (resized and centre-cropped), as the test split's: features of random
     # crops would make every metric noisier and differ from run to run

@@ -48,7 +48,8 @@ class DataConfig:
     """What to train on and how to feed it."""
 
     data: str = opt("synthetic", "synthetic[:N] | cifar10:PATH | cifar100:PATH | imagefolder:PATH")
-    num_workers: int = opt(-1, "DataLoader workers (ImageFolder only); -1: one per CPU core, at most 8")
+    num_workers: int = opt(-1, "DataLoader workers (ImageFolder only); -1: this process's share of the "
+                           "CPU cores less one, at most 8")
     crop_scale_min: float = opt(0.2, "RandomResizedCrop's smallest area fraction (MAE: 0.2)")
     pairing: str = opt("labels", "i-MAE partners by: labels | kmeans (cluster ids of the current features)")
     same_prob: float = opt(1.0, "i-MAE: probability that a partner shares the sample's class (or cluster); "

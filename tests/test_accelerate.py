@@ -228,6 +228,17 @@ def test_accelerated_models_copy_pickle_and_replicate_as_themselves(tmp_path):
         assert other.forward.__self__ is other
 
 
+def test_accelerated_forward_makes_no_index_check_syncs(monkeypatch):
+    """Its masks are random_masks', valid by construction: the op calls made 4 range checks (syncs)."""
+    fast = maskedssl.accelerate(PlainMAE(depth=1, decoder_depth=1))
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t.shape) or real(t))
+    fast(torch.randn(2, 3, 32, 32))[0].backward()
+    fast.forward_encoder(torch.randn(2, 3, 32, 32), 0.75)
+    assert calls == []
+
+
 def test_accelerated_forward_gives_the_images_their_gradient():
     plain = PlainMAE(depth=1, decoder_depth=1)
     fast = maskedssl.accelerate(copy.deepcopy(plain))

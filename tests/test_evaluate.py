@@ -604,6 +604,17 @@ def test_evaluate_subcommand(micro_mae, tmp_path, capsys):
     base = ["evaluate", "--ckpt", str(encoder), "--data", "synthetic:50", "--pool", "mean", "--k", "5"]
     assert cli.main([*base, "--metrics", "knn"]) == 0
     assert cli.main([*base, "--metrics", "clustering", "--cluster-images", "4"]) == 2
-    assert "has no decoder_embed.weight" in capsys.readouterr().err
+    assert "has no decoder_norm.weight" in capsys.readouterr().err
+    # an i-MAE checkpoint has heads instead of decoder_embed: its clustering metrics were refused as if it
+    # had no decoder
+    from maskedssl.models import build_model
+
+    torch.manual_seed(0)
+    imae = tmp_path / "imae.pt"
+    torch.save({"config": TrainConfig(method=MethodConfig(method="imae", model="micro")).to_dict(),
+                "model": build_model("imae", "micro").state_dict()}, imae)
+    assert cli.main(["evaluate", "--ckpt", str(imae), "--data", "synthetic:50", "--metrics", "clustering",
+                     "--cluster-images", "4", "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["clustering"]["exploitation_mask"]) == 2
     assert cli.main(["evaluate", "--ckpt", str(ckpt), "--mix-weights", "0.7"]) == 2
     assert "mix-weights" in capsys.readouterr().err

@@ -6,8 +6,9 @@ a name in ``PRESETS`` (vit_tiny, vit_small, vit_base, vit_large: 224 px patch 16
 patch 4, width 96, depth 4, decoder 64 x 2) or a ``ModelConfig``; ``options`` are the method config's
 fields (``MAEConfig``: mask_ratio, norm_pix_loss; ``IMAEConfig``: + rec_sub_weight, rec_dom_weight,
 distill_sub_weight, distill_dom_weight, lam_mode, lam_alpha; ``SGMAEConfig``: + warmup_frac, sg_layer,
-hint_ratio, tau, eps) and any ``ModelConfig`` field overriding the preset (img_size, in_chans, depth, ...);
-i-MAE also takes ``teacher`` (an MAE; None: no distillation). Unknown options raise TypeError.
+hint_ratio, tau, eps, center_features) and any ``ModelConfig`` field overriding the preset (img_size,
+in_chans, depth, ...); i-MAE also takes ``teacher`` (an MAE; None: no distillation). Unknown options raise
+TypeError.
 
 Every model: ``model(imgs, *, partner=None, lam=None, progress=0.0) -> ModelOutput(loss, losses, mask,
 extras)``; ``forward_features(imgs, pool=None|"cls"|"mean")``; ``reconstruct(imgs, *, partner=None,
@@ -17,11 +18,11 @@ architecture), ``method``, ``patch_size``, ``img_size``, ``in_chans``, ``num_pat
 ``to_pixels``. ``MAE.from_official(path, preset=None, *, strict=True, **options)`` loads a
 facebookresearch/mae checkpoint.
 
-Deviations from CONTRACTS.md (small): ``model.config`` is the method's config holding the architecture
-as ``.arch`` (one dataclass per concern); ``reconstruct`` also accepts ``progress`` (Self-guided MAE's
-masks depend on it); i-MAE's ``lam`` is the weight of ``imgs[b]`` in [0, 1], drawn from Beta(alpha, alpha)
-without folding: the subordinate is whichever image weighs less (see imae.py); i-MAE's extras also hold
-``partner``, Self-guided MAE's ``hints``.
+Notes: ``model.config`` is the method's config holding the architecture as ``.arch`` (one dataclass per
+concern); ``reconstruct`` also accepts ``progress`` (Self-guided MAE's masks depend on it); i-MAE's ``lam``
+is the weight of ``imgs[b]`` in [0, 1], drawn from Beta(alpha, alpha) without folding: the subordinate is
+whichever image weighs less (see imae.py); i-MAE's extras also hold ``partner``, Self-guided MAE's
+``hints``.
 """
 
 from __future__ import annotations

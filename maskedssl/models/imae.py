@@ -26,6 +26,7 @@ from torch import nn
 
 from ..masking import random_masks
 from ..ops import gather_tokens, mix_patchify
+from ..ops._validate import INDEX_DTYPES, check_index_range, check_tensor, index_checks_enabled
 from .vit import MAEConfig, MaskedViT, ModelOutput, init_weights, mse
 
 
@@ -134,8 +135,21 @@ class IMAE(MaskedViT):
         return partner, draws.expand(batch).contiguous()
 
     def _mixing(self, imgs, partner, lam):
-        """(partner, lam (B,) float32): the caller's, else drawn. ``mix_patchify`` range-checks a caller's
-        partner and lam values; lam's type and shape are checked here, before ``lam >= 0.5`` reads it."""
+        """(partner, lam (B,) float32): the caller's, checked here (a tensor's values with one
+        device->host sync each, unless MASKEDSSL_CHECK_INDICES=0), else drawn."""
+        b = imgs.shape[0]
+        if partner is not None:
+            check_tensor("partner", partner, shape=(b,), dtypes=INDEX_DTYPES, what="(B,) indices")
+            check_index_range("partner", partner, b)
+        given_lam = isinstance(lam, torch.Tensor)
+        partner, lam = self._caller_mixing(imgs, partner, lam)
+        if given_lam and index_checks_enabled():
+            lo, hi = torch.stack(torch.aminmax(lam)).tolist()
+            if not (0.0 <= lo and hi <= 1.0):  # NaN fails too
+                raise ValueError(f"lam must hold weights in [0, 1], found {lo if not 0.0 <= lo else hi}")
+        return partner, lam
+
+    def _caller_mixing(self, imgs, partner, lam):
         b = imgs.shape[0]
         if partner is None and lam is None:
             return self.sample_mixing(b, imgs.device)
@@ -144,6 +158,8 @@ class IMAE(MaskedViT):
         if lam is None:
             return partner, self.sample_mixing(b, imgs.device)[1]
         if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
+            if not 0.0 <= lam <= 1.0:  # checked here, without a device->host sync
+                raise ValueError(f"lam must be in [0, 1], got {lam}")
             # zeros + lam, not torch.full: torch.compile keeps a Python float symbolic in arithmetic
             return partner, torch.zeros(b, device=imgs.device) + float(lam)
         if not isinstance(lam, torch.Tensor) or not lam.is_floating_point():
@@ -160,14 +176,13 @@ class IMAE(MaskedViT):
         weight of ``imgs[b]`` in its mixture, a float or (B,) in [0, 1]. ``progress`` is unused."""
         self.check_images(imgs)
         self.check_progress(progress)
-        # a caller's partner/lam are range-checked once, in the first op; the masks are ours
-        check = None if partner is not None or lam is not None else False
+        # the masks, the pixel statistics and _mixing's partner and lam are valid: no value checks below
         partner, lam = self._mixing(imgs, partner, lam)
         masks = random_masks(imgs.shape[0], self.num_patches, self.config.mask_ratio, device=imgs.device)
         pixel = self.pixel_options(imgs)
         inputs, (own, other) = mix_patchify(imgs, self.patch_size, partner=partner, lam=lam,
                                             ids_keep=masks.ids_keep, ids_masked=masks.ids_masked,
-                                            norm_pix=self.config.norm_pix_loss, check_indices=check, **pixel)
+                                            norm_pix=self.config.norm_pix_loss, check_indices=False, **pixel)
         partner_is_sub = lam >= 0.5
         target_sub, target_dom = subordinate_first(partner_is_sub, own, other)
 
@@ -207,11 +222,10 @@ class IMAE(MaskedViT):
         "recon_sub", "recon_dom" (each branch's prediction at every patch)."""
         self.check_images(imgs)
         self.check_progress(progress)
-        check = None if partner is not None or lam is not None else False
         partner, lam = self._mixing(imgs, partner, lam)
         masks = random_masks(imgs.shape[0], self.num_patches, self.config.mask_ratio, device=imgs.device)
         mixture, (own, other) = mix_patchify(imgs, self.patch_size, partner=partner, lam=lam, norm_pix=False,
-                                             check_indices=check, **self.pixel_options(imgs))
+                                             check_indices=False, **self.pixel_options(imgs))
         sub, dom = subordinate_first(lam >= 0.5, own, other)
         latent = self.encode(gather_tokens(mixture, masks.ids_keep, check_indices=False), masks.ids_keep)
         branches = torch.cat([self.sub_head(latent), self.dom_head(latent)])

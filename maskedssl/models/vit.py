@@ -323,8 +323,8 @@ class MaskedViT(nn.Module):
         self.check_images(imgs)
         # no target rows (mix_patchify would otherwise write a second copy of every row, unused here)
         no_rows = torch.empty(imgs.shape[0], 0, dtype=torch.long, device=imgs.device)
-        rows, _ = mix_patchify(imgs, self.patch_size, ids_masked=no_rows, norm_pix=False,
-                               **self.pixel_options(imgs))
+        rows, _ = mix_patchify(imgs, self.patch_size, ids_masked=no_rows, norm_pix=False, check_indices=False,
+                               **self.pixel_options(imgs))  # (the config checked the statistics)
         return rows
 
     # ---------------------------------------------------------------- encoder

@@ -1,7 +1,8 @@
 """Backend selection shared by every op: ``torch`` (reference), ``triton`` (kernels/), ``cuda`` (csrc/).
 
 The choice comes from the op's ``backend=`` argument, else ``MASKEDSSL_BACKEND``, else ``auto``.
-``auto`` picks the op's fastest available backend for CUDA tensors and ``torch`` for CPU tensors.
+``auto`` picks the first available backend of the op's preference order for CUDA tensors (an order
+to be set from GPU benchmarks; none has run yet) and ``torch`` for CPU tensors.
 A backend that was asked for but cannot run here (extension not built, CPU tensors without the Triton
 interpreter) falls back to the next one in the op's preference order, saying so once in a log line.
 """
@@ -103,7 +104,8 @@ def resolve_backend(op: str, backend: str | None, device: torch.device,
                     dtype: torch.dtype | None = None) -> str:
     """The concrete backend ``op`` runs with on ``device``.
 
-    ``auto_order`` is the op's preference on CUDA tensors, fastest first (from its benchmarks).
+    ``auto_order`` is the op's preference on CUDA tensors, the expected fastest first (to be confirmed by
+    its GPU benchmarks, which have not run yet).
     float64 data (gradchecks, float64 references) always runs the torch backend: the kernels serve the
     training dtypes.
     """

@@ -161,11 +161,11 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
     Returns ``inputs`` (B, K, p*p*C) and ``targets``, a tuple of one (B, M, p*p*C) tensor per unmixed
     image: ``(imgs,)``, or ``(imgs, imgs[partner])`` when mixing.
 
-    Backends: ``torch`` (reference), ``triton`` (kernels/mix_patchify.py) and ``cuda``
-    (csrc/mix_patchify.cu) each compute it in one pass over the pixels, reading only the patches the rows
-    need. The value checks (partner, lam and row index ranges, finite mean and positive std) cost one
-    device->host sync each (``check_indices=False`` or ``MASKEDSSL_CHECK_INDICES=0`` skips them;
-    ``torch.compile`` always does).
+    Backends: ``torch`` (the reference, in plain passes: patchify, mix, gather, normalise), ``triton``
+    (kernels/mix_patchify.py) and ``cuda`` (csrc/mix_patchify.cu), the kernels in one pass over the pixels,
+    reading only the patches the rows need. The value checks (partner, lam and row index ranges, finite
+    mean and positive std) cost one device->host sync each (``check_indices=False`` or
+    ``MASKEDSSL_CHECK_INDICES=0`` skips them; ``torch.compile`` always does).
     """
     check_tensor("imgs", imgs, ndim=4, dtypes=IMAGE_DTYPES, what="(B, C, H, W)")
     b, c, height, width = imgs.shape
