@@ -19,6 +19,7 @@ standing in for labels when the data has none).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import pickle
 from pathlib import Path
@@ -636,8 +637,9 @@ def sample_partners(labels: torch.Tensor, same_prob: float, generator: torch.Gen
     """(B,) partner index per sample, never itself (unless B == 1): with probability ``same_prob`` a sample
     of the same class, else one of another class, uniformly; when the batch holds no such sample, any
     other sample. Random draws on ``generator``'s device (CPU by default); result on ``labels``' device."""
-    if isinstance(same_prob, bool) or not isinstance(same_prob, (int, float)):
+    if isinstance(same_prob, bool) or not isinstance(same_prob, numbers.Real):  # numpy scalars too
         raise TypeError(f"same_prob must be a number in [0, 1], got {type(same_prob).__name__}")
+    same_prob = float(same_prob)
     if not 0.0 <= same_prob <= 1.0:
         raise ValueError(f"same_prob must be in [0, 1], got {same_prob}")
     if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex()
@@ -669,7 +671,7 @@ def kmeans(feats: torch.Tensor, k: int, iters: int = 10, generator: torch.Genera
     if feats.dim() != 2 or feats.shape[0] == 0:
         raise ValueError(f"feats must be a non-empty (N, D) tensor, got shape {tuple(feats.shape)}")
     for name, value, low in (("k", k, 1), ("iters", iters, 0)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers too
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -677,7 +679,7 @@ def kmeans(feats: torch.Tensor, k: int, iters: int = 10, generator: torch.Genera
         raise ValueError("feats must be finite: found NaN or inf")
     x = F.normalize(feats.float(), dim=1)
     n = x.shape[0]
-    k = min(k, n)
+    k, iters = min(int(k), n), int(iters)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     first = torch.randint(n, (1,), generator=generator, device=gen_device).to(x.device)
     centers = x[first]

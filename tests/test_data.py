@@ -425,6 +425,10 @@ def test_sample_partners_and_kmeans_argument_errors():
             partner = data.sample_partners(labels, same_prob, torch.Generator().manual_seed(0))
             assert (partner != torch.arange(5)).all()
     assert data.kmeans(torch.ones(6, 4), 3, generator=torch.Generator().manual_seed(0)).shape == (6,)
+    # numpy scalars (np.float32 is not a float, np.int64 not an int) were TypeErrors
+    g = torch.Generator().manual_seed(0)
+    assert data.sample_partners(torch.tensor([0, 1, 0, 1]), np.float32(1.0), g).tolist() == [2, 3, 0, 1]
+    assert data.kmeans(torch.randn(6, 4), np.int64(2), iters=np.int64(3)).shape == (6,)
 
 
 def test_sample_partners_statistics():
