@@ -74,6 +74,7 @@ def device_info() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    head = _git("rev-parse", "HEAD")
     info = {
         "device": device_name(),
         "device_slug": device_slug(),
@@ -81,9 +82,10 @@ def device_info() -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        # a copy of the tree without .git (a lent GPU machine) is told its commit by MASKEDSSL_COMMIT
-        "commit": _git("rev-parse", "HEAD") or os.environ.get("MASKEDSSL_COMMIT") or None,
-        "dirty": _dirty(),
+        # a copy of the tree without .git (a lent GPU machine) is told its commit by MASKEDSSL_COMMIT, and
+        # cannot tell whether it differs from it
+        "commit": head or os.environ.get("MASKEDSSL_COMMIT") or None,
+        "dirty": None if head is None else bool(_git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if torch.cuda.is_available():
@@ -93,13 +95,6 @@ def device_info() -> dict:
         info["capability"] = f"{props.major}.{props.minor}"
         info["driver"] = _nvidia_smi("driver_version")
     return info
-
-
-def _dirty() -> bool | None:
-    """Whether tracked files differ from the commit; None when git cannot tell (no .git here)."""
-    if _git("rev-parse", "HEAD") is None:
-        return None
-    return bool(_git("status", "--porcelain", "--untracked-files=no"))
 
 
 def _finite(value):

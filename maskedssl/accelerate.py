@@ -24,7 +24,7 @@ import math
 import torch
 
 from .masking import Masks, random_masks
-from .ops import embed_patches, gather_tokens, mix_patchify, patchify, scatter_tokens
+from .ops import embed_patches, gather_tokens, mix_patchify, normalize_rows, patchify, scatter_tokens
 
 REQUIRED = ("patchify", "random_masking", "forward_encoder", "forward_decoder", "forward_loss", "patch_embed",
             "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token", "decoder_pos_embed",
@@ -98,10 +98,8 @@ def _forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
         patches = patchify(imgs, _patch_size(self))
         rows = gather_tokens(patches, masks.ids_keep, check_indices=False)
         rows = rows.to(self.patch_embed.proj.weight.dtype)
-        target = gather_tokens(patches, masks.ids_masked, check_indices=False).float()
-        if self.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-        target = target.to(rows.dtype)
+        target = gather_tokens(patches, masks.ids_masked, check_indices=False)
+        target = (normalize_rows(target) if self.norm_pix_loss else target).to(rows.dtype)
     else:
         rows, (target,) = mix_patchify(imgs, _patch_size(self), ids_keep=masks.ids_keep,
                                        ids_masked=masks.ids_masked, norm_pix=bool(self.norm_pix_loss),
@@ -164,10 +162,11 @@ def _check_layout(model) -> None:
     # the official forward calls the other methods: a class that overrides only some of them (its own
     # loss or masking on top of the official model) would have them bypassed by the fused forward
     methods = (*FUSED, "forward_loss")
-    owners = {name: next(c for c in type(model).__mro__ if name in vars(c)).__qualname__ for name in methods}
+    owners = {name: next(c for c in type(model).__mro__ if name in vars(c)) for name in methods}
     if len(set(owners.values())) > 1:
+        where = {name: c.__qualname__ for name, c in owners.items()}
         raise TypeError(f"accelerate() replaces {sorted(FUSED)} of an official-style model, but "
-                        f"{type(model).__name__} defines them in different classes ({owners}): the fused "
+                        f"{type(model).__name__} defines them in different classes ({where}): the fused "
                         f"forward would bypass the overrides")
     length = getattr(model.patch_embed, "num_patches", None)
     if length is None:

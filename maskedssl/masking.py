@@ -112,7 +112,7 @@ class InformedMasking(nn.Module):
         if b == 0:  # the cut takes an empty batch; a model's loss over it would be a silent NaN
             raise ValueError("feats must hold at least one sample (B >= 1)")
         keep = _kept(length, self.mask_ratio)
-        noise_device(feats.device, generator)  # a generator of another device, or not a generator
+        device = noise_device(feats.device, generator)  # refuses a generator of another device
         num_masked = length - keep
         feats = feats.detach()
         if self.center_features:
@@ -127,7 +127,7 @@ class InformedMasking(nn.Module):
         num_hints = (candidates.sum(dim=1, keepdim=True).double() * self.hint_ratio).floor().long()
         num_hints = num_hints.clamp(max=keep)
         # a random pick among the candidates: random keys, everything else sorted behind them
-        keys = uniform_noise(b, length, feats.device, generator).masked_fill(~candidates, 2.0)
+        keys = uniform_noise(b, length, device, generator).masked_fill(~candidates, 2.0)
         hints = _ranks(torch.argsort(keys, dim=1)) < num_hints
         replacements = (rank >= num_masked) & (rank < num_masked + num_hints)
         masked = (would_mask & ~hints) | replacements

@@ -258,12 +258,17 @@ def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``: a crash
-    leaves either the old file or the new one, never a torn one."""
+    """``torch.save(obj)`` to ``path`` through ``write_atomic``."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(f)`` into a temporary file in the same folder, flush it to disk, then rename it over
+    ``path``: a crash leaves either the old file or the new one, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -284,9 +289,7 @@ def keep_records_until(path: Path, step: int) -> None:
             continue
         if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    tmp.replace(path)
+    write_atomic(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
 
 def load_checkpoint(path: str | Path) -> dict:
