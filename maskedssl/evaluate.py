@@ -576,11 +576,11 @@ def pooled_features(model: torch.nn.Module, images: torch.Tensor, pools: Sequenc
     norm, as ``forward_features(pool="cls")``) or "mean" (of the patch tokens)."""
     if set(pools) - {"cls", "mean"}:
         raise ValueError(f"pools must be 'cls' and/or 'mean', got {pools}")
-    out = {pool: [] for pool in pools}
+    out = {pool: [] for pool in pools}  # a pool named twice is one entry (it added each chunk twice)
     with _eval_mode(model):
         for chunk in _batches(images, batch_size):
             tokens = model.forward_features(model_input(model, chunk), pool=None).float().cpu()
-            for pool in pools:
+            for pool in out:
                 out[pool].append(tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1))
     return {pool: torch.cat(f) for pool, f in out.items()}
 
@@ -766,6 +766,8 @@ def imae_separability(model: torch.nn.Module, train_images: torch.Tensor, train_
                 or labels.is_floating_point():
             raise ValueError(f"{name}_labels must be an integer (N,) tensor matching {name}_images "
                              f"({images.shape[0]} images)")
+        if images.shape[0] < 2:  # one image is mixed with itself, and one pair scored R^2 = 1
+            raise ValueError(f"{name}_images must hold at least 2 images to mix, got {images.shape[0]}")
     for alpha in weights:  # before the forward passes: a bad weight used to fail after the first ones
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 0.5:
             raise ValueError(f"mixing weights must be numbers in (0, 0.5], got {alpha!r}")
@@ -900,6 +902,7 @@ def evaluate_model(model: torch.nn.Module, train_set, test_set, metrics: Sequenc
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    pools = tuple(dict.fromkeys(pools))  # each pool once, in order
     train_x, train_y = load_images(train_set, max_train)
     test_x, test_y = load_images(test_set, max_test)
     out: dict = dict(num_train=int(train_x.shape[0]), num_test=int(test_x.shape[0]))
@@ -924,8 +927,10 @@ def evaluate_model(model: torch.nn.Module, train_set, test_set, metrics: Sequenc
                                                 test_y[:half], weights=weights, pool=pools[0],
                                                 probe_epochs=probe_epochs, batch_size=batch_size, seed=seed)
     if "clustering" in metrics:
-        object_masks = test_set.object_masks()[:cluster_images] if hasattr(test_set, "object_masks") else None
-        out["clustering"] = clustering_metrics(model, test_x[:cluster_images], object_masks, layer=layer,
+        images = test_x[:cluster_images]  # (also at most max_test: the masks must be cut to the same images)
+        object_masks = (test_set.object_masks()[:images.shape[0]] if hasattr(test_set, "object_masks")
+                        else None)
+        out["clustering"] = clustering_metrics(model, images, object_masks, layer=layer,
                                                seed=seed, batch_size=min(batch_size, 64))
     return out
 

@@ -62,21 +62,27 @@ def loss_curve(metrics: Path, path: Path) -> Path | None:
     """Every logged loss (log scale) and the learning rate against epochs, from ``metrics.jsonl``."""
     if not metrics.is_file():
         return None
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r.get("kind") == "train"]
+    records = []
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a crash: the picture should not end the run
+            continue
+        if isinstance(record, dict) and record.get("kind") == "train" and "epoch" in record:
+            records.append(record)
     if not records:
         return None
     epochs = [r["epoch"] for r in records]
     fig = Figure(figsize=(8, 3.2), dpi=100)
     ax_loss, ax_lr = fig.subplots(1, 2)
     skip = {"kind", "epoch", "step", "lr", "img_per_s", "partner_same_class"}
-    for key in [k for k in records[-1] if k not in skip]:
+    for key in dict.fromkeys(k for r in records for k in r if k not in skip):  # every loss logged
         ax_loss.plot(epochs, [r.get(key, float("nan")) for r in records], label=key, lw=1.2)
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_title("training loss")
     ax_loss.legend(fontsize=8)
-    ax_lr.plot(epochs, [r["lr"] for r in records], color="tab:gray")
+    ax_lr.plot(epochs, [r.get("lr", float("nan")) for r in records], color="tab:gray")
     ax_lr.set_xlabel("epoch")
     ax_lr.set_title("learning rate")
     fig.tight_layout()

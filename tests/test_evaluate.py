@@ -562,6 +562,8 @@ def test_separability_and_finetune_on_a_model(micro_mae, synthetic, tmp_path):
     with pytest.raises(ValueError, match="mixing weights"):
         ev.imae_separability(micro_mae, train.images, train.labels, test.images, test.labels,
                              weights=(0.1, 0.7))
+    with pytest.raises(ValueError, match="at least 2 images"):  # one image with itself scored R^2 = 1
+        ev.imae_separability(micro_mae, train.images[:1], train.labels[:1], test.images, test.labels)
     before = {k: v.clone() for k, v in micro_mae.state_dict().items()}
     loader = torch.utils.data.DataLoader(train, batch_size=30)
     test_loader = torch.utils.data.DataLoader(test, batch_size=40)
@@ -616,5 +618,12 @@ def test_evaluate_subcommand(micro_mae, tmp_path, capsys):
     assert cli.main(["evaluate", "--ckpt", str(imae), "--data", "synthetic:50", "--metrics", "clustering",
                      "--cluster-images", "4", "--out", str(out)]) == 0
     assert len(json.loads(out.read_text())["clustering"]["exploitation_mask"]) == 2
+    # a pool named twice added each chunk twice (twice the rows of the labels); clustering with fewer test
+    # images than --cluster-images cut the object masks to the latter
+    assert cli.main(["evaluate", "--ckpt", str(ckpt), "--data", "synthetic:50", "--metrics", "knn,clustering",
+                     "--pool", "mean,mean", "--k", "5", "--max-test", "5", "--cluster-images", "8",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "knn_mean" in res and res["num_test"] == 5 and 0 <= res["clustering"]["fg_iou"] <= 1
     assert cli.main(["evaluate", "--ckpt", str(ckpt), "--mix-weights", "0.7"]) == 2
     assert "mix-weights" in capsys.readouterr().err

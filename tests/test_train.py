@@ -518,3 +518,14 @@ def test_weights_that_stopped_being_finite_are_never_saved(tmp_path, monkeypatch
         T.train(tiny_config(tmp_path))
     ckpt = load_state(tmp_path / T.CHECKPOINT_NAME)
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_loss_curve_skips_torn_and_foreign_lines(tmp_path):
+    """A torn line (JSONDecodeError), a line that is not an object (AttributeError) or a train record
+    without lr (KeyError) ended a finished run with a traceback from its last picture."""
+    from maskedssl import viz
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"kind": "train", "epoch": 0.5, "step": 1, "loss": 1.0, "lr": 0.1}\n[1, 2]\n'
+                       '{"kind": "train", "epoch": 1.0, "step": 2, "loss": 0.5}\n{"kind": "tr')
+    assert viz.loss_curve(metrics, tmp_path / "loss.png").stat().st_size > 0
