@@ -293,7 +293,12 @@ def keep_records_until(path: Path, step: int) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file, or a run's folder holding one (OUT/checkpoint.pt), loaded weights-only."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise ConfigError(f"{path} is a folder without a {CHECKPOINT_NAME}")
+        path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:

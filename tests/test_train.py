@@ -91,6 +91,11 @@ def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
 def test_checkpoint_load_errors(tmp_path):
     with pytest.raises(T.ConfigError, match="does not exist"):
         T.load_checkpoint(tmp_path / "none.pt")
+    # a run's folder: its checkpoint.pt (it said "does not exist"), or one line when it has none
+    with pytest.raises(T.ConfigError, match="folder without a checkpoint.pt"):
+        T.load_checkpoint(tmp_path)
+    torch.save({"step": 3}, tmp_path / T.CHECKPOINT_NAME)
+    assert T.load_checkpoint(tmp_path) == {"step": 3}
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(T.ConfigError, match="cannot be read"):
         T.load_checkpoint(tmp_path / "bad.pt")
