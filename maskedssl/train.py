@@ -584,10 +584,23 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
         if ckpt["scaler"]:  # empty when saved without fp16: a fresh scale then
             scaler.load_state_dict(ckpt["scaler"])
         epoch, step, step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
+        saved_per_step = ckpt.get("images_per_step", eff_batch)  # (checkpoints before it: the same)
+        if saved_per_step != eff_batch:
+            # another number of processes, batch size or accumulation: the saved step counts steps of
+            # another size, so the schedule and the sampler's skip would land elsewhere in training (1 ->
+            # 2 processes ran the second half at lr 0 and skipped twice the images read). Continue where
+            # the run was: the same epoch, after the images it had read (at most one step is read again;
+            # every process count reads a prefix of the same global order)
+            step_in_epoch = step_in_epoch * saved_per_step // eff_batch
         if step_in_epoch >= steps_per_epoch:
             # the saved epoch was longer (more images, smaller batches): here it is over. Left as it was,
             # no step would run and the epoch would never end (a hang)
             epoch, step_in_epoch = epoch + 1, 0
+        if saved_per_step != eff_batch:
+            step = epoch * steps_per_epoch + step_in_epoch
+            if d.main:
+                print(f"resuming with {eff_batch} images per step instead of {saved_per_step}: epoch "
+                      f"{epoch + 1}, step {step} of this run's {total_steps}", file=sys.stderr)
         rngs = ckpt["rng"]
         if not isinstance(rngs, (list, tuple)):
             raise ConfigError(f"{resume}: its 'rng' entry is not a list of random states")
@@ -649,6 +662,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
                 "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "rng": rngs,
+                "images_per_step": eff_batch,
             }, ckpt_path)
             last_good = ckpt_path
 

@@ -279,6 +279,19 @@ def test_paths_starting_with_a_tilde_are_in_home(tmp_path, monkeypatch):
     assert summary["step"] == 2
 
 
+def test_resume_with_another_step_size_continues_where_the_run_was(tmp_path):
+    """Steps of 32 images, resumed with steps of 16 (another accumulation here; another number of
+    processes alike): the saved step 4 counted 32-image steps, so the schedule restarted near its start
+    and the sampler skipped 16 images where 32 had been read. Now: epoch 2 after its first 32 images."""
+    T.train(tiny_config(tmp_path, max_steps=4))  # 3 steps of 2 x 16 per epoch: epoch 2, 1 step in
+    cfg = tiny_config(tmp_path, resume="auto")
+    cfg.optim.accum_iter = 1  # 6 steps of 16 per epoch, 12 in all
+    summary = T.train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 9, 10, 11, 12] and summary["step"] == 12  # (was 5 ... 9)
+
+
 def test_resume_into_shorter_epochs_finishes_instead_of_hanging(tmp_path):
     """Stopped 2 steps into a 3-step epoch, resumed on data with 1-step epochs: step_in_epoch 2 >= 1 ran
     no step and never closed the epoch (an endless loop). The saved epoch now counts as over."""
