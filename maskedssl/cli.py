@@ -49,9 +49,14 @@ MODEL_OPTION_HELP = {
 }
 
 
-def _error(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
+def _error(message: str, per_process: bool = False) -> None:
+    """Under torchrun a configuration error is every process's: process 0 says it once. An error that can
+    be one process's own (an image only it reads) is said by each process that meets it."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
         print(f"maskedssl: error: {message}", file=sys.stderr)
+    elif per_process:
+        print(f"maskedssl: error (process {rank}): {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,8 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetError) as err:
+    except ConfigError as err:
         _error(str(err))
+        return 2
+    except DatasetError as err:
+        _error(str(err), per_process=True)
         return 2
     except TrainingDiverged as err:
         _error(str(err))

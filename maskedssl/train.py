@@ -698,7 +698,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
                 try:
                     imgs, labels = next(batches)
                 except data_lib.DatasetError as err:  # an unreadable image; from a worker, with its traceback
-                    raise ConfigError(data_lib.error_line(err)) from None
+                    # (this process's own: under torchrun the others may not meet it: a DatasetError, which
+                    # the CLI reports from every process)
+                    raise data_lib.DatasetError(data_lib.error_line(err)) from None
                 imgs = imgs.to(device, non_blocking=True)
                 if train_set.augmented_on_cpu and imgs.shape[-2:] == (img_size, img_size):
                     # cropped on the CPU already: the model normalises the uint8 batch with the same

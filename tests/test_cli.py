@@ -168,6 +168,25 @@ def test_evaluate_on_an_image_folder(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1, err
 
 
+def test_under_torchrun_a_process_says_its_own_data_error(tmp_path, capsys, monkeypatch):
+    """Only process 0 printed errors, so an image that only process 1 read failed without a word (the user
+    saw process 0's lost-connection traceback). A config error stays one line, process 0's."""
+    from maskedssl.data import DatasetError
+
+    def unreadable(cfg):
+        raise DatasetError("cannot read image b/broken.png: cannot identify image file")
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(T, "train", unreadable)
+    assert cli.main(["pretrain", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "maskedssl: error (process 1): cannot read image b/broken.png: " \
+                                      "cannot identify image file\n"
+    monkeypatch.undo()
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["pretrain", "--epochs", "0", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ""
+
+
 def test_diverging_run_exits_1_with_the_checkpoint_named(tmp_path, capsys):
     # an absurd learning rate: the first update blows the weights up, a later loss is not finite
     code = cli.main(["pretrain", "--out", str(tmp_path), *QUIET, *TINY_FLAGS, "--epochs", "3",
