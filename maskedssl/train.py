@@ -55,7 +55,8 @@ class DataConfig:
     same_prob: float = opt(1.0, "i-MAE: probability that a partner shares the sample's class (or cluster); "
                                 "with labels, batches are made of same-class pairs so that one is there "
                                 "(the log's partner_same_class is the share reached)")
-    kmeans_k: int = opt(10, "i-MAE with --pairing kmeans: clusters per batch")
+    kmeans_k: int = opt(10, "i-MAE with --pairing kmeans: clusters of each process's batch (fewer than "
+                        "--batch-size)")
 
 
 @dataclass
@@ -467,6 +468,10 @@ def validate(cfg: TrainConfig) -> None:
                    if f.name in ("pairing", "same_prob", "kmeans_k") and getattr(d, f.name) != f.default]
     if set_options and m.method != "imae":
         raise ConfigError(f"{', '.join(set_options)} choose i-MAE's partners: they apply to method imae only")
+    if m.method == "imae" and d.pairing == "kmeans" and d.kmeans_k >= o.batch_size:
+        # each process clusters its own batch: with as many clusters as images, every image is alone
+        raise ConfigError(f"kmeans_k={d.kmeans_k} clusters of a batch of {o.batch_size} images leave each "
+                          f"image its own cluster (random partners): use kmeans_k < batch_size")
     if not 0 < d.crop_scale_min <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
     try:

@@ -406,6 +406,9 @@ def test_kmeans_pairing_runs(tmp_path):
     cfg = tiny_config(tmp_path, "imae", epochs=1)
     cfg.data.pairing, cfg.data.kmeans_k = "kmeans", 3
     assert T.train(cfg)["status"] == "done"
+    cfg.data.kmeans_k = cfg.optim.batch_size  # each image its own cluster: partners at random, silently
+    with pytest.raises(T.ConfigError, match="kmeans_k < batch_size"):
+        T.validate(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- image folders
