@@ -54,18 +54,30 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> float:
     return float(value)
 
 
+class DTypeError(TypeError, ValueError):
+    """A tensor of the wrong dtype: a TypeError, as the ops and the patch metrics raise for one, and a
+    ValueError, as the probe and separability checks raised before they told the two apart."""
+
+
+def _check_float_matrix(name: str, t) -> None:
+    """``t`` is a float (N, D) tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a float (N, D) tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise DTypeError(f"{name} must be a float (N, D) tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be a float (N, D) tensor, got shape {tuple(t.shape)}")
+
+
 def _check_features(name: str, feats: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-    if not isinstance(feats, torch.Tensor):
-        raise TypeError(f"{name}_feats must be a float (N, D) tensor, got {type(feats).__name__}")
-    if feats.ndim != 2 or not feats.is_floating_point():
-        raise ValueError(f"{name}_feats must be a float (N, D) tensor, got {feats.dtype} of shape "
-                         f"{tuple(feats.shape)}")
+    _check_float_matrix(f"{name}_feats", feats)
     if labels is not None and not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name}_labels must be an integer (N,) tensor, got {type(labels).__name__}")
     if feats.shape[0] == 0:
         raise ValueError(f"{name}_feats holds no samples (N = 0)")
-    if labels is not None and (labels.ndim != 1 or labels.shape[0] != feats.shape[0]
-                               or labels.is_floating_point()):
+    if labels is not None and (labels.is_floating_point() or labels.is_complex()):
+        raise DTypeError(f"{name}_labels must be an integer (N,) tensor of class ids, got {labels.dtype}")
+    if labels is not None and (labels.ndim != 1 or labels.shape[0] != feats.shape[0]):
         raise ValueError(f"{name}_labels must be an integer (N,) tensor matching {name}_feats")
     if labels is not None and int(labels.min()) < 0:  # class ids index the logits / vote columns
         raise ValueError(f"{name}_labels must be class ids >= 0, found {int(labels.min())}")
@@ -242,10 +254,7 @@ def separability_r2(train_mix: torch.Tensor, train_sub: torch.Tensor, train_dom:
     named = {"train_mix": train_mix, "train_sub": train_sub, "train_dom": train_dom, "test_mix": test_mix,
              "test_sub": test_sub, "test_dom": test_dom}
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a float (N, D) tensor, got {type(t).__name__}")
-        if t.ndim != 2 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a float (N, D) tensor, got {t.dtype} of shape {tuple(t.shape)}")
+        _check_float_matrix(name, t)
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} holds NaN or infinite values")
     for split in ("train", "test"):

@@ -178,6 +178,21 @@ def test_regression_and_analysis_inputs_are_checked():
             call()
 
 
+def test_a_wrong_dtype_is_a_type_error_everywhere():
+    """The probes and separability raised ValueError for integer features where the ops and the patch
+    metrics raise TypeError; their error is now both (a TypeError that is also the ValueError it was)."""
+    feats, labels = torch.randint(0, 5, (6, 3)), torch.tensor([0, 1, 0, 1, 0, 1])
+    calls = [lambda: ev.linear_probe(feats, labels, feats.float(), labels),
+             lambda: ev.knn_accuracy(feats.float(), labels.float(), feats.float(), labels),
+             lambda: ev.separability_r2(*([feats.float()] * 5), feats),
+             lambda: ev.feature_variance(feats[None])]
+    for call in calls:
+        with pytest.raises(TypeError, match="feats|labels|test_dom"):
+            call()
+    with pytest.raises(ValueError):
+        calls[0]()
+
+
 def test_r2_of_vectors_and_ridge_selection_on_one_validation_pair():
     y = torch.randn(10, dtype=torch.float64)
     assert ev.r2_score(y, y) == 1.0
