@@ -321,6 +321,42 @@ def test_compiles_with_embed_patches(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
+def test_compiled_value_checks_assert_on_device(backend):
+    # under torch.compile the eager checks (one sync each) were skipped: a partner or row index out of
+    # range reached the kernels, which read past the images (values like -6.9e25 and NaN came back)
+    torch._dynamo.reset()
+    imgs, kwargs = make_case("uint8+meanstd", b=2)
+
+    def step(imgs, partner, lam, ids_keep, ids_masked, mean, std):
+        return ops.mix_patchify(imgs, 4, partner=partner, lam=lam, ids_keep=ids_keep, ids_masked=ids_masked,
+                                mean=mean, std=std, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    names = ("partner", "lam", "ids_keep", "ids_masked", "mean", "std")
+    good = [kwargs[name] for name in names]
+    got, want = compiled(imgs, *good), step(imgs, *good)
+    assert torch.equal(got[0], want[0])
+    length = 15
+    for name, bad, message in (
+            ("partner", [0, 2], r"partner must hold indices in \[0, 2\)"),
+            ("partner", [-1, 0], r"partner must hold indices in \[0, 2\)"),
+            ("lam", [0.5, 1.5], r"lam must hold weights in \[0, 1\]"),
+            ("lam", [float("nan"), 0.5], r"lam must hold weights in \[0, 1\]"),
+            ("ids_keep", None, rf"ids_keep must hold indices in \[0, {length}\)"),
+            ("ids_masked", None, rf"ids_masked must hold indices in \[0, {length}\)"),
+            ("mean", [0.5, float("inf"), 0.5], "mean must be finite"),
+            ("std", [0.2, 0.0, 0.2], "std finite and positive")):
+        args = [t.clone() for t in good]
+        i = names.index(name)
+        if bad is None:
+            args[i][1, 0] = length
+        else:
+            args[i] = torch.tensor(bad, dtype=args[i].dtype)
+        with pytest.raises(RuntimeError, match=message):
+            compiled(imgs, *args)
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends()])
 def test_compiled_float_lam_does_not_recompile_per_value(backend):
     # i-MAE draws a new float lam every step; the op filled it into a tensor with torch.full, which made
     # dynamo specialise on its value: a recompile per step, and fullgraph failed at the recompile limit

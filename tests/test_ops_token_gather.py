@@ -338,6 +338,60 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(got, want)
 
 
+def _cpu_backends():
+    return ["torch", *(["triton"] if INTERPRET else []), *(["cuda"] if CUDA_EMULATED else [])]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_compiled_index_checks_assert_on_device(backend, dynamic):
+    # torch.compile cannot sync while it traces; the eager range checks were skipped there, and an index
+    # past L reached the kernels, which returned whatever memory held (a -1 the torch path took as L - 1)
+    torch._dynamo.reset()
+    x, pos = torch.randn(2, 6, 4), torch.randn(6, 4)
+    x_vis, token = torch.randn(2, 2, 4), torch.randn(4)
+    gather = torch.compile(lambda x, ids: ops.gather_tokens(x, ids, pos, backend=backend), fullgraph=True,
+                           backend="aot_eager", dynamic=dynamic)
+    scatter = torch.compile(lambda x, ids: ops.scatter_tokens(x, ids, token, pos, backend=backend),
+                            fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    good = torch.tensor([[0, 5], [3, 1]])
+    assert torch.equal(gather(x, good), ops.gather_tokens(x, good, pos))
+    restore = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    assert torch.equal(scatter(x_vis, restore), ops.scatter_tokens(x_vis, restore, token, pos))
+    for bad in (6, -1, 100):
+        ids = good.clone()
+        ids[1, 0] = bad
+        with pytest.raises(RuntimeError, match=r"ids_keep must hold indices in \[0, "):
+            gather(x, ids)
+        ids = restore.clone()
+        ids[0, 3] = bad
+        with pytest.raises(RuntimeError, match=r"ids_restore must hold indices in \[0, "):
+            scatter(x_vis, ids)
+
+
+def _compiled_graph_code(fn, *args):
+    codes = []
+
+    def keep_code(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, fullgraph=True, backend=keep_code)(*args)
+    return "\n".join(codes)
+
+
+def test_compiled_index_check_off_adds_nothing_to_the_graph(monkeypatch):
+    # the models pass check_indices=False for their own masks: a compiled step must carry no assertion
+    monkeypatch.delenv("MASKEDSSL_CHECK_INDICES", raising=False)
+    x, ids = torch.randn(2, 6, 4), torch.tensor([[0, 5], [3, 1]])
+    assert "_assert_async" in _compiled_graph_code(lambda x, i: ops.gather_tokens(x, i), x, ids)
+    assert "_assert_async" not in _compiled_graph_code(
+        lambda x, i: ops.gather_tokens(x, i, check_indices=False), x, ids)
+    monkeypatch.setenv("MASKEDSSL_CHECK_INDICES", "0")
+    assert "_assert_async" not in _compiled_graph_code(lambda x, i: ops.gather_tokens(x, i), x, ids)
+
+
 @pytest.mark.skipif(not cuda_extension_loaded(), reason="maskedssl._C not built (no nvcc, or not built yet)")
 def test_cuda_schemas_registered():
     for name in ("gather_tokens_cuda", "scatter_tokens_cuda", "gather_tokens_backward_cuda",

@@ -73,30 +73,59 @@ def check_positive_int(name: str, value: int) -> int:
     return value
 
 
-def index_checks_enabled(requested: bool | None = None) -> bool:
-    """Whether to run the data-dependent checks (index ranges, lam range, finite features).
+def checks_requested(requested: bool | None = None) -> bool:
+    """Whether the caller wants the data-dependent checks (index ranges, lam range, finite statistics).
 
-    Each costs one small reduction and one device->host sync per call. ``requested`` is the op's
-    ``check_indices`` argument: True/False decide; None (the default) means on unless
-    ``MASKEDSSL_CHECK_INDICES=0``. Callers whose indices are valid by construction (the models' own
-    masks) pass False, so a training step does not stall the GPU queue. Always skipped while
-    ``torch.compile`` traces (a data-dependent check would break the graph).
+    ``requested`` is the op's ``check_indices`` argument: True/False decide; None (the default) means on
+    unless ``MASKEDSSL_CHECK_INDICES=0``. Callers whose indices are valid by construction (the models' own
+    masks) pass False, so a training step does not stall the GPU queue.
     """
     if requested is not None and not isinstance(requested, bool):
         raise TypeError(f"check_indices must be a bool or None, got {requested!r}")
-    if torch.compiler.is_compiling():
-        return False
     if requested is not None:
-        return bool(requested)
+        return requested
     return os.environ.get("MASKEDSSL_CHECK_INDICES", "1") != "0"
+
+
+def index_checks_enabled(requested: bool | None = None) -> bool:
+    """Whether to run the data-dependent checks in eager mode: each costs one small reduction and one
+    device->host sync per call and raises ``ValueError``. False while ``torch.compile`` traces (a sync
+    would break the graph): there the checks that cost little become ``assert_on_device`` calls."""
+    return checks_requested(requested) and not torch.compiler.is_compiling()
+
+
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """The compiled form of a value check: ``condition`` (a bool tensor) is tested where it lives when the
+    graph runs, without a device->host sync, so a bad value never reaches a kernel unnoticed: a
+    ``RuntimeError`` with ``message`` on CPU, a device-side assertion on CUDA (which, like any, ends the
+    process's CUDA context). Costs one small reduction and, on CUDA, one tiny kernel."""
+    torch._assert_async(condition, message)
 
 
 def check_index_range(name: str, ids: torch.Tensor, high: int, requested: bool | None = None) -> None:
     """Every entry of ``ids`` lies in [0, high): out-of-range indices never reach a kernel. Meta tensors
-    hold no values to check."""
-    if not index_checks_enabled(requested) or ids.numel() == 0 or ids.device.type == "meta":
+    hold no values to check. Eager: ``ValueError`` after one sync; under ``torch.compile``: an assertion
+    evaluated on the device (``assert_on_device``)."""
+    if not checks_requested(requested) or ids.numel() == 0 or ids.device.type == "meta":
+        return
+    if torch.compiler.is_compiling():
+        bound = high if isinstance(high, int) else "its dimension"  # a SymInt under dynamic shapes
+        assert_on_device(((ids >= 0) & (ids < high)).all(), f"{name} must hold indices in [0, {bound})")
         return
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both bounds
     if lo < 0 or hi >= high:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} must hold indices in [0, {high}), found {bad}")
+
+
+def check_unit_interval(name: str, values: torch.Tensor, requested: bool | None = None) -> None:
+    """Every entry of ``values`` (mixing weights) lies in [0, 1]; NaN does not. As ``check_index_range``:
+    ``ValueError`` after one sync in eager mode, an assertion on the device under ``torch.compile``."""
+    if not checks_requested(requested) or values.numel() == 0 or values.device.type == "meta":
+        return
+    if torch.compiler.is_compiling():
+        assert_on_device(((values >= 0) & (values <= 1)).all(), f"{name} must hold weights in [0, 1]")
+        return
+    lo, hi = torch.stack(torch.aminmax(values)).tolist()  # NaN propagates, and fails both comparisons
+    if not (0.0 <= lo and hi <= 1.0):
+        raise ValueError(f"{name} must hold weights in [0, 1], found {lo if not 0.0 <= lo else hi}")

@@ -16,8 +16,8 @@ import numbers
 import torch
 
 from ._backend import cuda_extension_loaded, refuse_cuda, resolve_backend
-from ._validate import (INDEX_DTYPES, REFERENCE_DTYPES, check_index_range, check_same_device,
-                        check_tensor, index_checks_enabled)
+from ._validate import (INDEX_DTYPES, REFERENCE_DTYPES, assert_on_device, check_index_range,
+                        check_same_device, check_tensor, check_unit_interval, checks_requested)
 from .patchify import grid_size, patchify
 
 AUTO_ORDER = ("cuda", "triton", "torch")
@@ -126,22 +126,25 @@ def _check_rows(name, ids, b):
 def _check_values(b, length, partner, lam, ids_keep, ids_masked, mean, std, check_indices):
     """The checks that read values (one device->host sync each); ``check_indices`` decides, as for the
     other ops."""
+    if not checks_requested(check_indices):  # also refuses a check_indices that is not a bool or None
+        return
     for name, ids, high in (("partner", partner, b), ("ids_keep", ids_keep, length),
                             ("ids_masked", ids_masked, length)):
         if ids is not None:
             check_index_range(name, ids, high, check_indices)
-    if not index_checks_enabled(check_indices):
+    if lam is not None:
+        check_unit_interval("lam", lam, check_indices)
+    if mean is None:
         return
-    if lam is not None and lam.numel():
-        lo, hi = torch.stack(torch.aminmax(lam)).tolist()
-        if not (0.0 <= lo and hi <= 1.0):
-            raise ValueError(f"lam must hold weights in [0, 1], found {lo if not 0.0 <= lo else hi}")
-    if mean is not None:
-        ok = torch.stack([torch.isfinite(mean).all(), (torch.isfinite(std) & (std > 0)).all()]).tolist()
-        if not ok[0]:
-            raise ValueError(f"mean must be finite, got {mean.tolist()}")
-        if not ok[1]:
-            raise ValueError(f"std must be finite and positive, got {std.tolist()}")
+    if torch.compiler.is_compiling():
+        assert_on_device(torch.isfinite(mean).all() & (torch.isfinite(std) & (std > 0)).all(),
+                         "mean must be finite, and std finite and positive")
+        return
+    ok = torch.stack([torch.isfinite(mean).all(), (torch.isfinite(std) & (std > 0)).all()]).tolist()
+    if not ok[0]:
+        raise ValueError(f"mean must be finite, got {mean.tolist()}")
+    if not ok[1]:
+        raise ValueError(f"std must be finite and positive, got {std.tolist()}")
 
 
 def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor | None = None,
@@ -165,7 +168,8 @@ def mix_patchify(imgs: torch.Tensor, patch_size: int, *, partner: torch.Tensor |
     (kernels/mix_patchify.py) and ``cuda`` (csrc/mix_patchify.cu), the kernels in one pass over the pixels,
     reading only the patches the rows need. The value checks (partner, lam and row index ranges, finite
     mean and positive std) cost one device->host sync each (``check_indices=False`` or
-    ``MASKEDSSL_CHECK_INDICES=0`` skips them; ``torch.compile`` always does).
+    ``MASKEDSSL_CHECK_INDICES=0`` skips them); under ``torch.compile`` they are assertions the device
+    evaluates when the graph runs, without a sync (``_validate.assert_on_device``).
     """
     check_tensor("imgs", imgs, ndim=4, dtypes=IMAGE_DTYPES, what="(B, C, H, W)")
     b, c, height, width = imgs.shape

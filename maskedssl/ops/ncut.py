@@ -351,12 +351,13 @@ def ncut_bipartition(feats: torch.Tensor, tau: float | None = None, eps: float =
     eps in (0, 1]: the affinity floor (the kernels take at least ``KERNEL_MIN_EPS`` = 1e-10, which gives
     the result of any smaller eps to the solver's tolerance: see the comment there). No gradient flows
     through the result. The finiteness check costs one reduction and one device->host sync, like the ops'
-    index checks (``MASKEDSSL_CHECK_INDICES=0`` skips it); the same reduction finds rows whose entries are
-    all below 2^-50 or any above 2^50; each such row is scaled by a power of two first (without the check,
-    their fp32 norms underflow or overflow). On the cuda backend, and on the triton backend for N > 128
-    (its tiled path), the reduction runs over the rows' squared norms from the kernels' first launch (the
-    diagonal of the Gram matrix the cuda solver then uses; the norms the triton cosine kernel writes beside
-    the cosines), and over the features only where a norm is out of range.
+    index checks (``MASKEDSSL_CHECK_INDICES=0`` skips it, and so does ``torch.compile``); the same
+    reduction finds rows whose entries are all below 2^-50 or any above 2^50; each such row is scaled by a
+    power of two first (without the check, their fp32 norms underflow or overflow). On the cuda backend,
+    and on the triton backend for N > 128 (its tiled path), the reduction runs over the rows' squared norms
+    from the kernels' first launch (the diagonal of the Gram matrix the cuda solver then uses; the norms
+    the triton cosine kernel writes beside the cosines), and over the features only where a norm is out of
+    range.
     """
     feats, name, (gram, degrees) = _prepare(feats, tau, eps, backend, "ncut_bipartition", want_work=True)
     if feats.shape[0] == 0:

@@ -15,7 +15,8 @@ sums over the batch (grad_pos, grad_mask_token) use no float atomics, bitwise re
 atomics (no partials round trip).
 
 Index checks (``check_index_range``) cost one ``aminmax`` over the index and one device->host sync per
-call; ``MASKEDSSL_CHECK_INDICES=0`` turns them off, and ``torch.compile`` skips them.
+call; ``MASKEDSSL_CHECK_INDICES=0`` turns them off. Under ``torch.compile`` they are assertions the device
+evaluates when the graph runs (one small reduction, no sync).
 """
 
 from __future__ import annotations
