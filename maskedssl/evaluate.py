@@ -707,6 +707,10 @@ def clustering_metrics(model: torch.nn.Module, images: torch.Tensor, object_mask
     """
     from .ops import ncut_bipartition
 
+    depths = {"depth": len(model.blocks), "decoder_depth": len(getattr(model, "decoder_blocks", ()))}
+    if min(depths.values()) < 1:  # the metrics read encoder and decoder blocks (an IndexError deep inside)
+        raise ValueError(f"clustering_metrics needs a model with encoder and decoder blocks, got "
+                         f"depth={depths['depth']}, decoder_depth={depths['decoder_depth']}")
     if object_masks is not None:  # checked before the forward passes, and named as itself
         check_tensor("object_masks", object_masks, ndim=3, what="(N, H, W) pixel masks")
         if object_masks.shape != (images.shape[0], model.img_size, model.img_size):

@@ -557,6 +557,11 @@ def test_clustering_metrics_on_a_model(micro_mae, synthetic):
     with pytest.raises(ValueError, match="object_masks"):  # named pred / target before
         ev.clustering_metrics(micro_mae, train.images[:8], train.object_masks()[:7], batch_size=4)
     assert out["informed"] is False
+    from maskedssl.models import build_model
+
+    for depths in (dict(decoder_depth=0), dict(depth=0)):  # valid models; an IndexError deep inside before
+        with pytest.raises(ValueError, match="needs a model with encoder and decoder blocks"):
+            ev.clustering_metrics(build_model("mae", "micro", **depths), train.images[:2])
     snap = ev.relation_snapshot(micro_mae, train.images[:4])
     assert len(snap) == 4
     assert torch.allclose(ev.relation_kl(snap[-1], snap[-1]), torch.zeros(4, dtype=torch.float64))
