@@ -47,6 +47,11 @@ MODEL_OPTION_HELP = {
     "eps": "Self-guided MAE: affinity floor of the normalized cut",
     "center_features": "Self-guided MAE: subtract each image's mean patch feature before the cut",
 }
+ARCH_HELP = {
+    "mean": "per-channel mean that uint8 images are normalised with, comma-separated (none: ImageNet's for "
+            "3 channels, 0.5 otherwise)",
+    "std": "per-channel std that uint8 images are normalised with, comma-separated",
+}
 
 
 def _error(message: str, per_process: bool = False) -> None:
@@ -63,19 +68,23 @@ def _error(message: str, per_process: bool = False) -> None:
 # Flags from dataclass fields
 
 def _value_type(hint):
-    """(parser type, is_bool) for a field's type hint: int, float, str, bool and their Optionals."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args else hint
+    """(parser type, is_bool) for a field's type hint: int, float, str, bool, tuple[float, ...] (one
+    comma-separated flag value: ``--mean 0.5,0.5,0.5``) and their Optionals."""
     optional = type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     if base is bool:
         return None, True
+    item = typing.get_args(base)[0] if typing.get_origin(base) is tuple else None
 
     def parse(text: str):
         if optional and text.lower() in ("none", "null"):
             return None
+        if item is not None:
+            return tuple(item(v) for v in text.split(","))
         return base(text)
 
-    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    # argparse names the type in its error messages
+    parse.__name__ = f"comma-separated {item.__name__}" if item is not None else base.__name__
     return parse, False
 
 
@@ -128,9 +137,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> dict:
     group = parser.add_argument_group("architecture overrides (ModelConfig fields; default: the preset's)")
     hints = typing.get_type_hints(models.ModelConfig)
     for f in dataclasses.fields(models.ModelConfig):
-        if _value_type(hints[f.name])[0] is not None and typing.get_origin(hints[f.name]) is None:
-            _add_field(group, f"options.{f.name}", f.name, hints[f.name], "preset", f"architecture: {f.name}",
-                       flags)
+        _add_field(group, f"options.{f.name}", f.name, hints[f.name], "preset",
+                   ARCH_HELP.get(f.name, f"architecture: {f.name}"), flags)
     return {flag[2:].replace("-", "_"): dest for flag, dest in flags.items()}
 
 
@@ -279,6 +287,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         method=MethodConfig(method=args.method, model="micro"),
         optim=OptimConfig(epochs=args.epochs or 1, batch_size=args.batch_size, lr=args.lr, warmup_epochs=1.0),
         run=RunConfig(out=str(out), seed=args.seed, device=str(device), log_every=5))
+    train_lib.validate(cfg)  # before the timing steps below run the ops
     if args.epochs is None:
         step_s = _step_seconds(cfg, device)
         affordable = max(4, int(args.budget / step_s))  # optimizer steps that fit the budget

@@ -340,14 +340,15 @@ def load_model(path: str | Path, preset: str | None = None, method: str | None =
 
     ckpt = load_checkpoint(path)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    saved = ckpt["config"]["method"] if isinstance(ckpt, dict) and "config" in ckpt else None
+    if saved is not None and method is not None and method != saved["method"]:
+        # before the key check: an i-MAE checkpoint lacks the MAE keys a teacher needs, but that is not why
+        raise ConfigError(f"{path} holds a {saved['method']} model, not {method}")
     absent = [k for k in required if isinstance(state, dict) and k not in state]
     if absent:
         raise ConfigError(f"{path} has no {', '.join(absent)} (an encoder-only checkpoint?), which this use "
                           "of it needs")
-    if isinstance(ckpt, dict) and "config" in ckpt:
-        saved = ckpt["config"]["method"]
-        if method is not None and method != saved["method"]:
-            raise ConfigError(f"{path} holds a {saved['method']} model, not {method}")
+    if saved is not None:
         model = build_model(MethodConfig(saved["method"], saved["model"], saved["options"]))
         # an i-MAE teacher is frozen and loaded from its own file: not part of the model
         state = {k: v for k, v in ckpt["model"].items() if not k.startswith("teacher.")}
@@ -423,6 +424,15 @@ def validate(cfg: TrainConfig) -> None:
                 raise ConfigError(f"{f.name} must be {wanted}, got {getattr(section, f.name)!r}")
     if m.method not in ("mae", "imae", "sgmae"):
         raise ConfigError(f"method must be mae, imae or sgmae, got {m.method!r}")
+    from .ops._backend import BACKENDS, requested_backend
+
+    if r.backend is not None and r.backend not in BACKENDS:  # the flag has choices; a config file not
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {r.backend!r}")
+    if r.backend is None:
+        try:  # MASKEDSSL_BACKEND, checked before any work rather than at the first op
+            requested_backend(None)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     # `not value >= low` rather than `value < low`, so that NaN fails too
     for section, name, low in ((o, "epochs", 1), (o, "batch_size", 1), (o, "accum_iter", 1),
                                (o, "blr", 0), (o, "lr", 0), (o, "min_lr", 0), (o, "weight_decay", 0),
@@ -685,6 +695,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, model: torch.nn.Modu
     stopped, status = False, "done"
     if r.max_steps is not None and step >= r.max_steps:  # resumed from a run that already got there
         stopped, status = True, f"stopped at max_steps={r.max_steps}"
+        if d.main:  # its config.json keeps max_steps: a resume with it alone has nothing to do
+            print(f"the checkpoint is at step {step}, past max_steps={r.max_steps}: pass a larger "
+                  "--max-steps, or --max-steps none, to continue", file=sys.stderr)
     tic, seen, window = time.perf_counter(), 0, []
     run_start = time.perf_counter()
     while epoch < o.epochs and not stopped:

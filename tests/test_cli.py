@@ -43,6 +43,9 @@ def test_every_config_field_and_model_option_is_a_flag():
     assert cfg.method.options == {"lam_mode": "sample", "distill_sub_weight": 0.5}
     assert cfg.method.teacher == "t.pt" and cfg.data.same_prob == 0.7 and cfg.data.pairing == "kmeans"
     assert cfg.optim.clip_grad is None and cfg.optim.lr == 2e-4
+    # the architecture's tuples as one comma-separated value each
+    cfg = parse("--mean", "0.5,0.25,0", "--std", "none")
+    assert cfg.method.options == {"mean": (0.5, 0.25, 0.0), "std": None}
     # nothing given: the dataclass defaults
     assert parse() == T.TrainConfig()
 
@@ -75,9 +78,12 @@ def test_config_file_errors(tmp_path, capsys):
     (tmp_path / "list.json").write_text('[1, 2]')  # was an AttributeError traceback
     (tmp_path / "typed.json").write_text('{"optim": {"epochs": "two"}}')  # was a TypeError traceback
     toml_error = "cannot be parsed" if cli.tomllib is not None else "needs Python 3.11"
+    # the flag has choices; the file's value reached the first op (a traceback blaming MASKEDSSL_BACKEND)
+    (tmp_path / "backend.json").write_text('{"run": {"backend": "foo"}}')
     cases = ((tmp_path / "bad.toml", toml_error), (tmp_path / "unknown.json", "unknown key"),
              (tmp_path / "missing.json", "does not exist"), (tmp_path / "list.json", "table of keys"),
-             (tmp_path / "typed.json", "epochs must be an integer"))
+             (tmp_path / "typed.json", "epochs must be an integer"),
+             (tmp_path / "backend.json", "backend must be one of auto, torch, triton, cuda, got 'foo'"))
     for path, message in cases:
         assert cli.main(["pretrain", "--config", str(path)]) == 2
         err = capsys.readouterr().err
@@ -220,6 +226,17 @@ def test_demo_user_errors_are_one_line(tmp_path, capsys, argv, message):
     assert cli.main(["demo", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("maskedssl: error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["pretrain", "demo"])
+def test_bad_backend_variable_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, command):
+    # it failed at the first op, after the data and the model were built, with a traceback
+    monkeypatch.setenv("MASKEDSSL_BACKEND", "foo")
+    argv = [*QUIET, *TINY_FLAGS] if command == "pretrain" else ["--epochs", "1"]
+    assert cli.main([command, "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maskedssl: error: MASKEDSSL_BACKEND must be one of") and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
 
 
 def test_demo_writes_report_with_numbers_and_pictures(tmp_path):

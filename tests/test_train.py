@@ -388,6 +388,12 @@ def test_imae_teacher_from_an_mae_checkpoint(tmp_path):
     assert isinstance(student, models.IMAE) and student.teacher is None
     with pytest.raises(T.ConfigError, match="holds a mae model"):
         T.load_model(tmp_path / "mae" / T.CHECKPOINT_NAME, method="sgmae")
+    # an i-MAE run as the teacher: it lacks an MAE's keys, but the method is why (it was "an encoder-only
+    # checkpoint?")
+    cfg = tiny_config(tmp_path / "imae2", "imae", epochs=1)
+    cfg.method.teacher = str(tmp_path / "imae" / T.CHECKPOINT_NAME)
+    with pytest.raises(T.ConfigError, match="holds a imae model, not mae"):
+        T.train(cfg)
 
 
 def test_imae_reaches_its_same_class_share(tmp_path):
@@ -486,10 +492,13 @@ def test_resume_into_fewer_steps_than_were_taken(tmp_path):
     assert summary["status"] == "done" and summary["step"] == 5
 
 
-def test_resume_after_max_steps_takes_no_further_step(tmp_path):
+def test_resume_after_max_steps_takes_no_further_step(tmp_path, capsys):
     T.train(tiny_config(tmp_path, max_steps=2))
+    capsys.readouterr()
     summary = T.train(tiny_config(tmp_path, max_steps=2, resume="auto"))
     assert summary["step"] == 2 and summary["status"] == "stopped at max_steps=2"
+    # its config.json keeps max_steps: the README's resume command alone stops at once, and says how on
+    assert "pass a larger --max-steps, or --max-steps none, to continue" in capsys.readouterr().err
 
 
 def test_resume_as_another_method_is_a_config_error(tmp_path):
